@@ -1,0 +1,297 @@
+"""
+GPT-2 as in the paper (Radford et al. 2019), the model every optimizer in this repo trains.
+
+Pre-LayerNorm transformer blocks, fused QKV projection, causal attention through
+F.scaled_dot_product_attention (flash kernels on GPU), tanh-approximated GELU (GPT-2's `gelu_new`),
+tied input/output embeddings, GPT-2 initialisation. Module names follow HF's GPT2LMHeadModel so that
+GPT.from_hf / model.to_hf are a transpose of the Conv1D weights and nothing else.
+
+Also here: the FLOP count per token (PaLM appendix B), the peak FLOP/s of the device in use, and MFU.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the position embedding covers
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear and LayerNorm; GPT-2's own checkpoints have them
+    # GPT-2 medium/large in the paper: attention scores of layer i (0-based) also divided by (i + 1)
+    scale_attn_by_inverse_layer_idx: bool = False
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}; "
+                             f"pick n_embd as a multiple of n_head")
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        head_dim = config.n_embd // config.n_head
+        # softmax(q·k / sqrt(head_dim) / (layer_idx + 1)) with the paper's trick, as HF's GPT2Attention
+        self.scale = 1.0 / math.sqrt(head_dim)
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= float(layer_idx + 1)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's gelu_new
+        return self.dropout(self.c_proj(x))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding, as GPT-2
+
+        # GPT-2 init: N(0, 0.02) for weights, zero biases; the projections that write into the residual
+        # stream get std 0.02 / sqrt(2 * n_layer) so the residual's variance does not grow with depth.
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count. non_embedding=True leaves out the position embedding only: the token
+        embedding is also the output head, whose matmul is real compute (nanoGPT's convention)."""
+        n = sum(p.numel() for p in self.parameters())  # tied weight counted once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} > block_size {self.config.block_size}: "
+                             f"shorten the input or build the model with block_size >= {T}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab): every position, the GNB estimator samples from all
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    # ---------------------------------------------------------------- HF GPT2LMHeadModel conversion
+
+    # HF's Conv1D stores weights as (in, out), nn.Linear as (out, in)
+    _conv1d_suffixes = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_hf(cls, hf_model_or_path):
+        """Our GPT with the weights of a transformers GPT2LMHeadModel (in memory, or a local directory /
+        hub name for from_pretrained). GPT-2's own layout: biases on, vocab as in the HF config."""
+        from transformers import GPT2LMHeadModel
+        hf = hf_model_or_path
+        if not isinstance(hf, GPT2LMHeadModel):
+            hf = GPT2LMHeadModel.from_pretrained(hf_model_or_path)
+        hc = hf.config
+        if hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"HF activation {hc.activation_function!r} is not GPT-2's tanh GELU; "
+                             f"only gelu_new / gelu_pytorch_tanh convert exactly")
+        if not hc.scale_attn_weights or hc.n_inner not in (None, 4 * hc.n_embd):
+            raise ValueError("only the standard GPT-2 layout converts: scale_attn_weights=True, "
+                             "n_inner=None (4 * n_embd)")
+        if abs(hc.layer_norm_epsilon - 1e-5) > 1e-12:
+            raise ValueError(f"layer_norm_epsilon={hc.layer_norm_epsilon}: our LayerNorm uses 1e-5")
+        config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
+                           n_head=hc.n_head, n_embd=hc.n_embd, dropout=0.0, bias=True,
+                           scale_attn_by_inverse_layer_idx=hc.scale_attn_by_inverse_layer_idx)
+        model = cls(config)
+        hf_sd = hf.state_dict()
+        sd = model.state_dict()
+        with torch.no_grad():
+            for name, p in sd.items():
+                if name == "lm_head.weight":
+                    continue  # tied to transformer.wte.weight
+                src = hf_sd[name]
+                if name.endswith(cls._conv1d_suffixes):
+                    src = src.t()
+                p.copy_(src)
+        return model
+
+    def to_hf(self):
+        """A transformers GPT2LMHeadModel with the same weights (biases are zeros when bias=False)."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+        c = self.config
+        hc = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                        n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
+                        resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+                        layer_norm_epsilon=1e-5, scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
+                        tie_word_embeddings=True)
+        hf = GPT2LMHeadModel(hc)
+        sd = self.state_dict()
+        with torch.no_grad():
+            for name, p in hf.state_dict().items():
+                if name == "lm_head.weight":
+                    continue  # tied to transformer.wte.weight
+                if name not in sd:  # a bias our bias=False model does not have
+                    p.zero_()
+                    continue
+                src = sd[name]
+                if name.endswith(self._conv1d_suffixes):
+                    src = src.t()
+                p.copy_(src)
+        return hf.to(self.transformer.wte.weight.device)
+
+    # ---------------------------------------------------------------- FLOPs, MFU, optimizer groups
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token, PaLM appendix B: 6N + 12·L·H·Q·T.
+        N: parameters whose matmuls run per token = all but the position embedding (the tied token
+        embedding is the output head's matmul), as nanoGPT's estimate; L layers, H heads, Q head dim,
+        T the attended sequence length (block_size unless given: pass the length actually trained on)."""
+        c = self.config
+        T = c.block_size if seq_len is None else seq_len
+        N = self.num_params(non_embedding=True)
+        return 6 * N + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
+
+    def configure_optimizer_groups(self, weight_decay):
+        """Two param groups: every >=2-D tensor (matmul weights, embeddings) decays, biases and
+        LayerNorm weights do not. Used by every optimizer."""
+        params = [p for p in self.parameters() if p.requires_grad]  # the tied weight appears once
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------- device peak FLOP/s
+
+# Dense (no sparsity) peak FLOP/s from NVIDIA's datasheets, keyed by a lower-case substring of
+# torch.cuda.get_device_name(). "bf16" is the tensor-core figure (fp16 the same), "tf32" for fp32
+# matmuls with TF32 allowed, "fp32" for true fp32. Order matters: more specific names first.
+GPU_PEAK_FLOPS = [
+    ("h100 pcie", {"bf16": 756e12, "tf32": 378e12, "fp32": 51.2e12}),
+    ("h100 nvl", {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
+    ("h100", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),  # SXM
+    ("h200", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),
+    ("gh200", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),
+    ("a100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    ("a10g", {"bf16": 70e12, "tf32": 35e12, "fp32": 31.2e12}),
+    ("a10", {"bf16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
+    ("l40s", {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    ("l4", {"bf16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
+    ("v100", {"bf16": 125e12, "tf32": 15.7e12, "fp32": 15.7e12}),  # no bf16/TF32: fp16 tensor cores
+    ("rtx 4090", {"bf16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12}),
+    ("rtx 3090", {"bf16": 71e12, "tf32": 35.6e12, "fp32": 35.6e12}),
+    ("t4", {"bf16": 65e12, "tf32": 8.1e12, "fp32": 8.1e12}),
+]
+
+_cpu_peak_cache = {}
+
+
+def measure_cpu_matmul_flops(n=2048, repeats=5):
+    """Best achieved fp32 FLOP/s of an n x n matmul on this CPU with torch's current thread count."""
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    torch.mm(a, b)  # warm-up: thread pool, caches
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device, dtype, cpu_peak=None):
+    """Peak FLOP/s of the device a run uses: the GPU table above, or on CPU the given cpu_peak or one
+    measured by timing fp32 matmuls (once per process and thread count)."""
+    device = torch.device(device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, dtype)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for key, peaks in GPU_PEAK_FLOPS:
+            if key in name:
+                if dtype in (torch.bfloat16, torch.float16):
+                    return peaks["bf16"]
+                tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+                return peaks["tf32"] if tf32 else peaks["fp32"]
+        raise ValueError(f"unknown GPU {name!r} for the peak FLOP/s table: add it to model.GPU_PEAK_FLOPS")
+    if device.type == "cpu":
+        if cpu_peak is not None:
+            return float(cpu_peak)
+        key = torch.get_num_threads()
+        if key not in _cpu_peak_cache:
+            _cpu_peak_cache[key] = measure_cpu_matmul_flops()
+        return _cpu_peak_cache[key]
+    raise ValueError(f"no peak FLOP/s known for device type {device.type!r}; pass cpu_peak or use cpu/cuda")
+
+
+def estimate_mfu(tokens_per_s, flops_per_token, peak):
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak."""
+    return tokens_per_s * flops_per_token / peak
