@@ -143,7 +143,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab): every position, the GNB estimator samples from all
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     # ---------------------------------------------------------------- HF GPT2LMHeadModel conversion
@@ -184,15 +184,16 @@ class GPT(nn.Module):
                 p.copy_(src)
         return model
 
-    def to_hf(self):
-        """A transformers GPT2LMHeadModel with the same weights (biases are zeros when bias=False)."""
+    def to_hf(self, attn_implementation=None):
+        """A transformers GPT2LMHeadModel with the same weights (biases are zeros when bias=False).
+        attn_implementation: HF's choice ("eager", "sdpa", ...); None keeps HF's default."""
         from transformers import GPT2Config, GPT2LMHeadModel
         c = self.config
         hc = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
                         n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
                         resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
                         layer_norm_epsilon=1e-5, scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
-                        tie_word_embeddings=True)
+                        tie_word_embeddings=True, attn_implementation=attn_implementation)
         hf = GPT2LMHeadModel(hc)
         sd = self.state_dict()
         with torch.no_grad():
@@ -242,7 +243,7 @@ GPU_PEAK_FLOPS = [
     ("h200", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),
     ("gh200", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),
     ("a100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
-    ("a10g", {"bf16": 70e12, "tf32": 35e12, "fp32": 31.2e12}),
+    ("a10g", {"bf16": 70e12, "tf32": 35e12, "fp32": 31.2e12}),  # AWS's A10G datasheet, not the A10's
     ("a10", {"bf16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
     ("l40s", {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
     ("l4", {"bf16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),

@@ -1,0 +1,201 @@
+"""model.py against independent references: HF transformers' GPT2LMHeadModel (eager attention, fp32),
+F.cross_entropy, closed-form parameter and FLOP counts."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import model
+from model import GPT, GPTConfig
+
+SMALL = dict(n_layer=3, n_head=4, n_embd=64)  # tiny but with several layers, so layer_idx scaling shows
+
+
+def randomize_(module, generator):
+    """Every parameter random and O(0.1–1), so that a misplaced bias, LayerNorm weight or transpose
+    changes the logits (fresh inits have zero biases and unit LayerNorm weights)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(1.0 + 0.1 * noise if name.endswith("ln_1.weight") or name.endswith("ln_2.weight")
+                    or name.endswith("ln_f.weight") else 0.1 * noise)
+
+
+def hf_reference(scale_attn_by_inverse_layer_idx, vocab_size=50257, n_positions=64):
+    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, **SMALL,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        scale_attn_by_inverse_layer_idx=scale_attn_by_inverse_layer_idx,
+                        attn_implementation="eager")
+    hf = GPT2LMHeadModel(config)
+    randomize_(hf, torch.Generator().manual_seed(0))
+    return hf.eval()
+
+
+def assert_logits_close(ours, theirs):
+    # fp32 round-off: different matmul orders and SDPA vs eager softmax, nothing more
+    scale = theirs.abs().max().item()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5 * max(scale, 1.0))
+
+
+@pytest.mark.parametrize("scale_attn_by_inverse_layer_idx", [False, True])
+def test_from_hf_logits_match_hf(scale_attn_by_inverse_layer_idx):
+    hf = hf_reference(scale_attn_by_inverse_layer_idx)
+    ours = GPT.from_hf(hf).eval()
+    assert ours.config.vocab_size == 50257 and ours.config.bias
+    assert ours.config.scale_attn_by_inverse_layer_idx == scale_attn_by_inverse_layer_idx
+    idx = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = hf(idx).logits
+        logits, loss = ours(idx)
+    assert loss is None
+    assert logits.shape == (2, 48, 50257)
+    assert_logits_close(logits, theirs)
+
+
+def test_layer_scaling_changes_logits():
+    # the flag must really reach attention: the same weights with and without it disagree
+    hf = hf_reference(False)
+    plain = GPT.from_hf(hf).eval()
+    scaled = GPT(GPTConfig(block_size=64, vocab_size=50257, bias=True, scale_attn_by_inverse_layer_idx=True,
+                           **SMALL)).eval()
+    scaled.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (plain(idx)[0] - scaled(idx)[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bias,vocab_size,scale_attn", [(True, 50257, False), (True, 50257, True),
+                                                        (False, 50304, True)])
+def test_to_hf_logits_match_ours(bias, vocab_size, scale_attn):
+    ours = GPT(GPTConfig(block_size=64, vocab_size=vocab_size, bias=bias,
+                         scale_attn_by_inverse_layer_idx=scale_attn, **SMALL))
+    randomize_(ours, torch.Generator().manual_seed(3))
+    ours.eval()
+    hf = ours.to_hf(attn_implementation="eager").eval()
+    assert isinstance(hf, GPT2LMHeadModel)
+    assert hf.config.scale_attn_by_inverse_layer_idx == scale_attn
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # still tied
+    idx = torch.randint(0, vocab_size, (2, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert_logits_close(ours(idx)[0], hf(idx).logits)
+    # and back: from_hf(to_hf(m)) holds exactly the same numbers
+    back = GPT.from_hf(hf)
+    back_sd = back.state_dict()
+    for name, p in ours.state_dict().items():
+        torch.testing.assert_close(back_sd[name], p, rtol=0, atol=0)
+
+
+def test_loss_is_cross_entropy_of_logits_with_ignore_index():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=32, vocab_size=100, **SMALL))
+    idx = torch.randint(0, 100, (3, 20))
+    targets = torch.randint(0, 100, (3, 20))
+    logits, loss = m(idx, targets)
+    assert logits.shape == (3, 20, 100)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 100), targets.reshape(-1)))
+    # gradients of the loss as autograd gets them through F.cross_entropy on the returned logits
+    (ref_grad,) = torch.autograd.grad(F.cross_entropy(logits.reshape(-1, 100), targets.reshape(-1)),
+                                      m.lm_head.weight, retain_graph=True)
+    (grad,) = torch.autograd.grad(loss, m.lm_head.weight)
+    torch.testing.assert_close(grad, ref_grad)
+
+    # targets == -1 are left out of the mean: the same as the mean over the kept positions only
+    masked = targets.clone()
+    masked[0, :7] = -1
+    masked[2, 15:] = -1
+    logits, loss = m(idx, masked)
+    keep = masked.reshape(-1) != -1
+    expected = F.cross_entropy(logits.reshape(-1, 100)[keep], masked.reshape(-1)[keep])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_hf_loss_matches_on_shifted_labels():
+    # HF computes the LM loss itself (labels shifted inside); ours on pre-shifted targets must agree
+    hf = hf_reference(True)
+    ours = GPT.from_hf(hf).eval()
+    tokens = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        hf_loss = hf(tokens, labels=tokens).loss
+        _, loss = ours(tokens[:, :-1], tokens[:, 1:])
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_longer_than_block_size_is_a_clear_error():
+    m = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    m(torch.zeros(1, 16, dtype=torch.long))  # exactly block_size is fine
+    with pytest.raises(ValueError, match="block_size"):
+        m(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_gpt2_init_statistics():
+    torch.manual_seed(0)
+    n_layer = 8
+    m = GPT(GPTConfig(block_size=64, vocab_size=2048, n_layer=n_layer, n_head=4, n_embd=256, bias=True))
+    assert m.lm_head.weight is m.transformer.wte.weight  # tied
+    residual_std = 0.02 / math.sqrt(2 * n_layer)
+    for name, p in m.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert abs(p.std().item() - residual_std) < 0.05 * residual_std, name
+        elif name.endswith(("c_attn.weight", "c_fc.weight", "wte.weight", "wpe.weight")):
+            assert abs(p.std().item() - 0.02) < 0.05 * 0.02, name
+            assert abs(p.mean().item()) < 0.002, name
+        elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+            assert torch.all(p == 1), name
+        elif name.endswith("bias"):
+            assert torch.all(p == 0), name
+        else:
+            raise AssertionError(f"unexpected parameter {name}")
+
+
+def test_param_and_flop_count_by_hand():
+    V, T, L, H, C = 1000, 128, 2, 4, 64
+    m = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=H, n_embd=C, bias=False))
+    # per block: ln_1 (C), c_attn (3C·C), attn c_proj (C·C), ln_2 (C), c_fc (4C·C), mlp c_proj (4C·C)
+    per_block = C + 3 * C * C + C * C + C + 4 * C * C + 4 * C * C
+    non_embedding = V * C + L * per_block + C  # tied wte/head + blocks + ln_f; wpe left out
+    assert m.num_params(non_embedding=True) == non_embedding
+    assert m.num_params(non_embedding=False) == non_embedding + T * C
+    # PaLM appendix B: 6N + 12·L·H·Q·T, Q = C / H
+    assert m.flops_per_token() == 6 * non_embedding + 12 * L * H * (C // H) * T
+    assert m.flops_per_token(seq_len=32) == 6 * non_embedding + 12 * L * H * (C // H) * 32
+    # MFU is achieved model FLOP/s over peak
+    assert model.estimate_mfu(1000.0, m.flops_per_token(), 1e12) == pytest.approx(
+        1000.0 * m.flops_per_token() / 1e12)
+
+
+def test_gpu_peak_lookup(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert model.peak_flops("cuda", torch.bfloat16) == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert model.peak_flops("cuda", "bfloat16") == 756e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
+    assert model.peak_flops("cuda", torch.bfloat16) == 312e12
+    # fp32: true fp32 unless TF32 matmuls are allowed
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert model.peak_flops("cuda", torch.float32) == 19.5e12
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert model.peak_flops("cuda", torch.float32) == 156e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    with pytest.raises(ValueError, match="GPU_PEAK_FLOPS"):
+        model.peak_flops("cuda", torch.bfloat16)
+
+
+def test_cpu_peak_given_or_measured():
+    assert model.peak_flops("cpu", torch.float32, cpu_peak=123e9) == 123e9
+    measured = model.peak_flops("cpu", torch.float32)
+    assert measured > 1e8  # any CPU of this century does > 0.1 GFLOP/s in an fp32 matmul
+    assert model.peak_flops("cpu", torch.float32) == measured  # cached: measured once per process
+
+
+def test_optimizer_groups_cover_every_parameter_once():
+    m = GPT(GPTConfig(block_size=32, vocab_size=100, bias=True, **SMALL))
+    decay, no_decay = m.configure_optimizer_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(m.parameters()))
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert any(p is m.transformer.wte.weight for p in decay["params"])
