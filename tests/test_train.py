@@ -1,0 +1,206 @@
+"""train.py end to end, as users run it: real processes, the real Shakespeare bins, tiny models.
+
+References: an uninterrupted second run (resume), one process with gradient accumulation (DDP), and a
+hand-written step with torch's own AdamW (the loop)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+
+# a small model and batch: a step takes a few milliseconds, a run a few seconds (mostly start-up)
+TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+        "total_batch_size=4", "micro_batch_size=2", "eval_interval=4", "eval_steps=2",
+        "log_interval=1", "ckpt_interval=4", "warmup_steps=2", "cpu_peak_flops=1e11"]
+
+
+def run_train(args, out_dir, check=True, launcher=(sys.executable,), env=None):
+    cmd = [*launcher, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out_dir}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, env=env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def by_step(records, key):
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shakespeare_bins():
+    """The embedded corpus, prepared once (train.py would do it too; doing it here keeps timings honest)."""
+    from data.shakespeare.prepare import prepare
+    prepare()
+
+
+@pytest.mark.parametrize("optim", ["adamw", "sophiag", "sophiah", "lion"])
+def test_resume_continues_exactly(tmp_path, optim):
+    """Stop after 4 of 8 steps, run the same command again: the losses equal an uninterrupted run's."""
+    common = [f"optim={optim}", "max_steps=8", "optim.hess_interval=2"] if optim.startswith("sophia") \
+        else [f"optim={optim}", "max_steps=8"]
+    run_train(common, tmp_path / "whole")
+    # the schedule depends on lr_decay_steps, not on where a run stops: stop at 4 with the same schedule
+    run_train(common + ["max_steps=4", "lr_decay_steps=8"], tmp_path / "split")
+    first_half = read_metrics(tmp_path / "split")
+    assert max(r["step"] for r in first_half) == 4
+    resumed = run_train(common + ["lr_decay_steps=8"], tmp_path / "split")
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+
+    whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
+    for key in ("train/loss", "val/loss", "grad_norm", "lr"):
+        assert by_step(split, key) == pytest.approx(by_step(whole, key), rel=1e-6, abs=1e-7), key
+    # each step logged once, resume point included
+    steps = [r["step"] for r in split if "train/loss" in r]
+    assert steps == list(range(1, 9))
+    if optim.startswith("sophia"):
+        assert by_step(split, "optim/hessian_norm") == pytest.approx(by_step(whole, "optim/hessian_norm"), rel=1e-6)
+
+    # the final weights are the same too
+    a = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=1e-6, atol=1e-7)
+
+
+def test_sigusr1_checkpoints_and_the_rerun_finishes(tmp_path):
+    """SLURM's preemption notice: the run checkpoints, exits 0, and the same command picks it up."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out}", "max_steps=400",
+           "optim=adamw"]
+    proc = subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and any('"train/loss"' in l for l in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "stop signal received" in output
+    saved = torch.load(out / "ckpt.pt", weights_only=False)
+    assert 0 < saved["step"] < 400
+    assert max(r["step"] for r in read_metrics(out)) == saved["step"]
+
+    run_train(["max_steps=400", "optim=adamw"], out)
+    steps = [r["step"] for r in read_metrics(out) if "train/loss" in r]
+    assert steps == list(range(1, 401))
+
+
+def test_two_ranks_equal_one_process_with_accumulation(tmp_path):
+    """torchrun with 2 gloo ranks sees the samples one process sees over two micro-batches."""
+    args = ["optim=sophiag", "max_steps=4", "optim.hess_interval=2", "total_batch_size=4", "micro_batch_size=2"]
+    run_train(args, tmp_path / "one")
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    ddp = run_train(args, tmp_path / "two", launcher=launcher)
+    assert "2 rank(s) x 1 micro-batch(es)" in ddp.stdout
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for key in ("train/loss", "val/loss", "grad_norm", "optim/hessian_norm", "optim/win_rate"):
+        assert by_step(two, key) == pytest.approx(by_step(one, key), rel=1e-4), key
+    # only rank 0 wrote, into the one directory
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ckpt.pt", "config.yaml", "metrics.jsonl"]
+
+
+def test_one_step_equals_torch_adamw_by_hand(tmp_path):
+    """The loop's first step, rebuilt by hand from the same pieces with torch's reference AdamW."""
+    run_train(["optim=adamw", "max_steps=1", "grad_clip=0.05", "optim.lr=1e-2"], tmp_path)
+    trained = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+
+    import train
+    from data.common import open_split
+    from model import GPT, GPTConfig
+    torch.manual_seed(1337)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
+    stream = train.SequenceStream(open_split(REPO_DIR / "data" / "shakespeare", "train"), 32, 1337)
+    x, y = stream.batch(0, 4, torch.device("cpu"))
+    _, loss = model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    lr = 1e-2 * 1 / 2  # warmup step 0 of 2
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    opt.step()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(trained[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lr_schedule_matches_torch_schedulers():
+    import train
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.create({"warmup_steps": 5, "min_lr": 1e-4, "optim": {"lr": 1e-3}})
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1e-3)
+    warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / 5, end_factor=1.0, total_iters=4)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20 - 5, eta_min=1e-4)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [warmup, cosine], milestones=[5])
+    for step in range(20):
+        assert train.get_lr(step, cfg, 20) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9), step
+        opt.step()
+        sched.step()
+    assert train.get_lr(25, cfg, 20) == 1e-4
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A crash while writing leaves the previous checkpoint in place, whole."""
+    import train
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(path, {"step": 1, "weights": torch.ones(3)})
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, {"step": 2, "weights": torch.zeros(3)})
+    assert torch.load(path, weights_only=False)["step"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["config=no_such_preset"], "no_such_preset"),
+    (["total_batch_size=5", "micro_batch_size=2"], "pick a micro_batch_size that divides"),
+    (["data=openwebtext", "data.dir=/nonexistent/owt"], "prepare.py"),
+    (["optim.lr=-1"], "learning rate must be positive"),
+    (["optim=sophiag", "optim.rho=0"], "rho must be positive"),
+    (["optim=sophiag", "optim.hess_interval=0"], "hess_interval"),
+    (["optim=sophiag", "optim.betas=[0.9,1.0]"], "betas"),
+    (["optim=sophiag", "optim.hess_batch_size=3"], "hess_batch_size"),
+    (["optim=sophiag", "optim.hess_batch_size=1000000"], "exceed"),
+    (["dtype=float16"], "bfloat16"),
+    (["model.block_size=2000000"], "lower model.block_size"),
+    (["no_such_knob=1"], "no_such_knob"),
+])
+def test_bad_input_stops_before_training(tmp_path, args, message):
+    result = run_train(["max_steps=2"] + args, tmp_path / "run", check=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint")
+    result = run_train(["max_steps=2"], out, check=False)
+    assert result.returncode == 2 and "cannot read the checkpoint" in result.stderr
+    # a checkpoint of another model size
+    (out / "ckpt.pt").unlink()
+    run_train(["max_steps=2", "optim=adamw"], out)
+    result = run_train(["max_steps=4", "optim=adamw", "model.n_embd=64"], out, check=False)
+    assert result.returncode == 2 and "model.n_embd" in result.stderr
