@@ -1,0 +1,93 @@
+"""The presets, composed by Hydra exactly as train.py composes them.
+
+Fairness: the presets of one model size may differ in the optimizer block (and its min_lr) alone, so that
+Sophia, AdamW and Lion share model, data order, batch, schedule, seed, loss scaling and evaluation."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+OPTIMIZERS = ["adamw", "lion", "sophiag", "sophiah"]
+SIZES = {"small": (12, 12, 768, False), "medium": (24, 16, 1024, True), "large": (36, 20, 1280, True)}
+
+# reference.md's table of the official configurations: lr, min_lr, weight decay, betas, rho
+OFFICIAL = {
+    ("small", "sophiag"): (6e-4, 1.5e-5, 0.2, [0.965, 0.99], 0.05),
+    ("medium", "sophiag"): (7e-4, 1e-5, 0.2, [0.965, 0.99], 0.08),
+    ("large", "sophiag"): (3e-4, 1e-5, 0.2, [0.965, 0.99], 0.05),
+    ("small", "adamw"): (6e-4, 3e-5, 0.1, [0.9, 0.95], None),
+    ("medium", "adamw"): (3e-4, 6e-5, 0.1, [0.9, 0.95], None),
+    ("large", "adamw"): (2e-4, 1e-5, 0.1, [0.9, 0.95], None),
+}
+LION_LR = {"small": 1e-4, "medium": 1e-4, "large": 8e-5}
+
+
+def composed(preset, overrides=()):
+    with initialize_config_dir(config_dir=str(REPO_DIR / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"config={preset}", *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def flatten(tree, prefix=""):
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_presets_of_one_size_differ_only_in_the_optimizer(size):
+    configs = {opt: flatten(composed(f"gpt2_{size}_{opt}")) for opt in OPTIMIZERS}
+    reference = configs["adamw"]
+    for opt, flat in configs.items():
+        differing = {k for k in set(flat) | set(reference) if flat.get(k) != reference.get(k)}
+        assert all(k.startswith("optim.") or k == "min_lr" for k in differing), (opt, sorted(differing))
+        n_layer, n_head, n_embd, inverse_layer_scaling = SIZES[size]
+        assert (flat["model.n_layer"], flat["model.n_head"], flat["model.n_embd"]) == (n_layer, n_head, n_embd)
+        assert flat["model.scale_attn_by_inverse_layer_idx"] is inverse_layer_scaling
+        assert flat["model.vocab_size"] == 50304 and flat["model.bias"] is False and flat["model.dropout"] == 0
+        assert flat["total_batch_size"] == 480 and flat["model.block_size"] == 1024
+        assert flat["max_steps"] == 100_000 and flat["warmup_steps"] == 2000 and flat["grad_clip"] == 1.0
+        assert flat["data.name"] == "openwebtext" and flat["optim.name"] == opt
+        # the batch splits over 8 and over 10 GPUs
+        assert all(480 % (flat["micro_batch_size"] * gpus) == 0 for gpus in (8, 10))
+
+
+@pytest.mark.parametrize("size, opt", list(OFFICIAL))
+def test_presets_carry_the_official_hyperparameters(size, opt):
+    cfg = composed(f"gpt2_{size}_{opt}")
+    lr, min_lr, wd, betas, rho = OFFICIAL[(size, opt)]
+    assert (cfg["optim"]["lr"], cfg["min_lr"], cfg["optim"]["weight_decay"], cfg["optim"]["betas"]) == \
+        (lr, min_lr, wd, betas)
+    if rho is not None:
+        assert cfg["optim"]["rho"] == rho and cfg["optim"]["hess_interval"] == 10
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_lion_presets_use_the_paper_learning_rate(size):
+    cfg = composed(f"gpt2_{size}_lion")
+    assert cfg["optim"]["lr"] == LION_LR[size] and cfg["optim"]["betas"] == [0.95, 0.98]
+
+
+def test_shakespeare_presets_differ_only_in_the_optimizer():
+    sophia, adamw = flatten(composed("shakespeare_sophiag")), flatten(composed("shakespeare_adamw"))
+    differing = {k for k in set(sophia) | set(adamw) if sophia.get(k) != adamw.get(k)}
+    assert differing and all(k.startswith("optim.") for k in differing), sorted(differing)
+    # python train.py runs the Sophia preset
+    assert flatten(composed("shakespeare_sophiag")) == flatten(
+        OmegaConf.to_container(_default_config(), resolve=True))
+
+
+def _default_config():
+    with initialize_config_dir(config_dir=str(REPO_DIR / "configs"), version_base="1.3"):
+        return compose(config_name="train")
+
+
+def test_command_line_overrides_beat_the_preset():
+    cfg = composed("gpt2_small_sophiag", ["optim.hess_interval=3", "optim.lr=1e-3", "model=tiny"])
+    assert cfg["optim"]["hess_interval"] == 3 and cfg["optim"]["lr"] == 1e-3 and cfg["model"]["n_layer"] == 4
