@@ -1,0 +1,562 @@
+"""
+Compare training runs: validation-loss curves side by side, and how many steps (and seconds) each
+run needs to reach a target loss, with the speed-up against a baseline.
+
+    python scripts/compare.py out/shakespeare_adamw* out/shakespeare_sophiag* --out compare.png
+    python scripts/compare.py multirun_out/ --best --baseline adamw      # tuned vs tuned from a sweep
+    python scripts/compare.py --wandb ENTITY/PROJECT --group my_experiment --out compare.png
+
+Runs whose configs are identical except for `seed`, `out_dir`, `run_name`, `resume` and `wandb.*` are
+seeds of one group; a group's curve is the mean over its seeds. The target loss defaults to the
+baseline's final validation loss (mean over its seeds); the baseline is the first group unless
+--baseline names another. The markdown table printed at the end explains itself in its footnotes.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from functools import reduce
+
+import numpy as np
+import yaml
+
+# config keys that do not change what a run computes: runs differing only in these are seeds of one group
+IGNORED_CONFIG_KEYS = ("seed", "out_dir", "run_name", "resume")
+IGNORED_CONFIG_PREFIXES = ("wandb.", "hydra.", "_")
+# the keys an eval event carries (metrics.jsonl and W&B history alike)
+EVAL_KEYS = ["step", "tokens", "val/loss", "time/elapsed_s"]
+
+
+class CompareError(Exception):
+    """Bad input: main() prints the message and exits with status 2."""
+
+
+@dataclass
+class Run:
+    name: str                # run directory (or W&B run name)
+    config: dict             # flat: {"optim.name": "sophiag", "optim.lr": 0.0006, "seed": 1, ...}
+    steps: np.ndarray        # (E,) optimizer steps at each eval, strictly increasing
+    tokens: np.ndarray       # (E,) training tokens consumed by then (NaN where not logged)
+    elapsed_s: np.ndarray    # (E,) wall-clock seconds since the run started (NaN where not logged)
+    val_loss: np.ndarray     # (E,) validation loss (NaN if the run diverged)
+    path: str | None = None  # absolute run directory, None for W&B runs
+
+
+@dataclass
+class Group:
+    runs: list               # list[Run], the seeds of one setting
+    settings: dict           # the shared config without the ignored keys
+    label: str = ""
+    # filled by analyse():
+    stats: dict = field(default_factory=dict)
+
+
+# -----------------------------------------------------------------------------
+# reading runs
+
+def flatten(config, prefix=""):
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}; already-dotted keys (W&B) stay as they are."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def run_from_events(name, config, events, path=None):
+    """Build a Run from logged events (dicts). Only eval events (those with a val/loss) are kept.
+    A resumed run may log a step twice: the later event wins."""
+    by_step = {}
+    for event in events:
+        if event.get("val/loss") is None:
+            continue
+        if event.get("step") is None:
+            raise CompareError(f"{name}: an eval event has no 'step': {event}")
+        by_step[int(event["step"])] = event
+    if not by_step:
+        keys = sorted({k for e in events for k in e})
+        raise CompareError(f"{name}: no 'val/loss' in its {len(events)} logged events (keys seen: {keys}); "
+                           "compare.py needs eval events: does the run evaluate (eval_interval <= max_steps)?")
+    steps = sorted(by_step)
+
+    def column(key):  # (E,) float array, NaN where the key is missing
+        values = [by_step[s].get(key) for s in steps]
+        return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+    run = Run(name=name, config=flatten(config), steps=np.array(steps, dtype=np.float64),
+              tokens=column("tokens"), elapsed_s=column("time/elapsed_s"), val_loss=column("val/loss"), path=path)
+    clock = run.elapsed_s[np.isfinite(run.elapsed_s)]
+    if np.any(np.diff(clock) < 0):
+        print(f"warning: {name}: time/elapsed_s goes backwards (a resumed run that restarted its clock?); "
+              "its wall-clock numbers are not meaningful", file=sys.stderr)
+    return run
+
+
+def read_metrics(path):
+    """metrics.jsonl -> list of dicts. A broken LAST line (a run killed mid-write) is skipped with a warning;
+    a broken line anywhere else is an error."""
+    with open(path) as f:
+        lines = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
+    if not lines:
+        raise CompareError(f"{path} is empty: the run logged nothing yet")
+    events = []
+    for number, line in lines:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == lines[-1][0]:
+                print(f"warning: {path}: ignoring a partial last line (the run was killed while writing?)",
+                      file=sys.stderr)
+                break
+            raise CompareError(f"{path} line {number} is not valid JSON ({e}); only a partial last line is tolerated")
+        if not isinstance(event, dict):
+            raise CompareError(f"{path} line {number} is not a JSON object")
+        events.append(event)
+    return events
+
+
+def load_run_dir(run_dir):
+    config_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise CompareError(f"{run_dir} has metrics.jsonl but no config.yaml, which compare.py needs to group "
+                           "seeds and label runs: is it a train.py run directory?")
+    with open(config_path) as f:
+        config = yaml.safe_load(f) or {}
+    events = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    return run_from_events(run_dir, config, events, path=os.path.realpath(run_dir))
+
+
+def natural_key(text):
+    """'run10' after 'run9': Hydra multirun job dirs are numbered 0, 1, ..., 10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def find_run_dirs(paths):
+    """Each path is a run directory, its metrics.jsonl, or a directory searched recursively for run dirs."""
+    run_dirs = []
+    for path in paths:
+        if os.path.basename(path) == "metrics.jsonl" and os.path.isfile(path):
+            found = [os.path.dirname(path) or "."]
+        elif not os.path.isdir(path):
+            raise CompareError(f"{path}: no such directory")
+        elif os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            found = [path]
+        else:
+            found = []
+            for root, dirs, files in os.walk(path):
+                dirs.sort(key=natural_key)  # os.walk visits dirs in this order
+                if "metrics.jsonl" in files:
+                    found.append(root)
+            if not found:
+                raise CompareError(f"{path}: no metrics.jsonl in it or below it; pass train.py run directories "
+                                   "(out_dir), or a directory that contains them")
+        for run_dir in found:
+            if os.path.realpath(run_dir) not in [os.path.realpath(d) for d in run_dirs]:
+                run_dirs.append(run_dir)
+    return run_dirs
+
+
+def run_from_wandb(wandb_run):
+    """A wandb.apis.public.Run (or anything shaped like it: .name, .config, .scan_history) -> Run.
+    scan_history reads every row (history() samples 500 rows, which could drop eval points); with keys
+    it returns only rows holding all of them, i.e. the eval events. If train.py logged the eval keys
+    at different rows, fall back to every row and use W&B's own _step / _runtime where ours are missing."""
+    rows = list(wandb_run.scan_history(keys=EVAL_KEYS))
+    if not rows:
+        rows = [row for row in wandb_run.scan_history() if row.get("val/loss") is not None]
+    events = []
+    for row in rows:
+        events.append({
+            "step": row.get("step", row.get("_step")),
+            "tokens": row.get("tokens"),
+            "val/loss": row.get("val/loss"),
+            "time/elapsed_s": row.get("time/elapsed_s", row.get("_runtime")),
+        })
+    config = {k: v for k, v in dict(wandb_run.config).items() if not k.startswith("_")}
+    return run_from_events(wandb_run.name, config, events)
+
+
+def load_wandb_runs(project, group):
+    try:
+        import wandb
+        api = wandb.Api(timeout=60)
+        wandb_runs = list(api.runs(project, filters={"group": group}, order="+created_at"))
+        runs = [run_from_wandb(r) for r in wandb_runs]
+    except CompareError:
+        raise
+    except Exception as e:  # no network, not logged in, unknown entity/project: wandb raises many kinds
+        raise CompareError(f"could not read W&B runs of {project} (group {group!r}): {type(e).__name__}: {e}\n"
+                           "  check the network, `wandb login` (or WANDB_API_KEY), and the entity/project/group "
+                           "names; or pass the run directories instead") from e
+    if not runs:
+        raise CompareError(f"W&B project {project} has no runs in group {group!r}")
+    return runs
+
+
+# -----------------------------------------------------------------------------
+# grouping and labels
+
+def settings_of(run):
+    return {k: v for k, v in run.config.items()
+            if k not in IGNORED_CONFIG_KEYS and not k.startswith(IGNORED_CONFIG_PREFIXES)}
+
+
+def group_runs(runs):
+    """Seeds of one setting -> one Group; groups in order of first appearance."""
+    groups = {}
+    for run in runs:
+        settings = settings_of(run)
+        key = json.dumps(settings, sort_keys=True, default=str)
+        if key not in groups:
+            groups[key] = Group(runs=[], settings=settings)
+        groups[key].runs.append(run)
+    return list(groups.values())
+
+
+def format_value(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def label_groups(groups):
+    """Label = optimizer + the settings that tell this group apart: optim.* keys that differ among groups
+    of the same optimizer, other keys that differ among all groups. Without optim.name: the run name
+    without its seed."""
+    for g in groups:
+        same_optimizer = [h for h in groups if h.settings.get("optim.name") == g.settings.get("optim.name")]
+        keys = []
+        for k in g.settings:
+            peers = same_optimizer if k.startswith("optim.") else groups
+            if k != "optim.name" and len({json.dumps(h.settings.get(k), default=str) for h in peers}) > 1:
+                keys.append(k)
+        short = {k: k.split(".")[-1] for k in keys}
+        if len(set(short.values())) < len(short):
+            short = {k: k for k in keys}
+        parts = [f"{short[k]}={format_value(g.settings[k])}" for k in keys]
+        if "optim.name" in g.settings:
+            g.label = " ".join([str(g.settings["optim.name"])] + parts)
+        else:
+            first = g.runs[0]
+            stem = str(first.config.get("run_name") or os.path.basename(os.path.normpath(first.name)))
+            g.label = " ".join([re.sub(r"[_,\-]?seed[=_\-]?\d+", "", stem)] + parts)
+    for i, g in enumerate(groups):  # identical labels (odd formatting collisions): number them
+        if sum(h.label == g.label for h in groups) > 1:
+            g.label = f"{g.label} #{i + 1}"
+
+
+def final_losses(group):
+    return np.array([run.val_loss[-1] for run in group.runs])
+
+
+def mean_final_loss(group):
+    value = float(np.mean(final_losses(group)))
+    return value if math.isfinite(value) else math.inf  # a diverged group never wins
+
+
+def pick_best(groups):
+    """--best: per optimizer, the group with the lowest mean final val/loss. Returns the winners and a
+    line per optimizer saying which settings won."""
+    by_optimizer = {}
+    for g in groups:
+        by_optimizer.setdefault(g.settings.get("optim.name", g.label), []).append(g)
+    winners, lines = [], []
+    for optimizer, sweep in by_optimizer.items():
+        best = min(sweep, key=mean_final_loss)
+        winners.append(best)
+        varied = [k for k in best.settings if len({json.dumps(h.settings.get(k), default=str) for h in sweep}) > 1]
+        won = ", ".join(f"{k}={format_value(best.settings[k])}" for k in varied) or "its only setting"
+        lines.append(f"best {optimizer}: {won} (final val loss {format_mean_std(final_losses(best), '.4f')} "
+                     f"over {len(best.runs)} seed(s); {len(sweep)} setting(s) tried)")
+    return winners, lines
+
+
+def find_baseline(groups, name):
+    """--baseline: a group label, an optimizer name, a run directory, or a (W&B) run name."""
+    if name is None:
+        return groups[0]
+    matches = [g for g in groups if g.label == name]
+    matches = matches or [g for g in groups if g.settings.get("optim.name") == name]
+    matches = matches or [g for g in groups for r in g.runs
+                          if r.name == name or (r.path and r.path == os.path.realpath(name))]
+    if len(matches) != 1:
+        why = "matches several groups" if matches else "matches no group"
+        labels = ", ".join(repr(g.label) for g in groups)
+        raise CompareError(f"--baseline {name!r} {why}; give one of the labels {labels} or a run directory")
+    return matches[0]
+
+
+# -----------------------------------------------------------------------------
+# statistics
+
+def first_crossing(x, loss, target):
+    """x at which loss first gets to <= target, linearly interpolated between the eval points around the
+    crossing; None if it never does. x: (E,) steps or seconds, loss: (E,)."""
+    reached = np.nonzero(loss <= target)[0]
+    if len(reached) == 0:
+        return None
+    i = reached[0]
+    if i == 0:
+        return float(x[0])
+    fraction = (loss[i - 1] - target) / (loss[i - 1] - loss[i])
+    return float(x[i - 1] + fraction * (x[i] - x[i - 1]))
+
+
+def mean_curve(group):
+    """Seed-averaged curve on the eval steps every seed has: (steps, tokens, elapsed_s, val_loss), each (C,)."""
+    common = reduce(np.intersect1d, [run.steps for run in group.runs])
+    picked = [np.searchsorted(run.steps, common) for run in group.runs]
+
+    def mean(column):  # (C,) average over seeds
+        return np.mean([getattr(run, column)[idx] for run, idx in zip(group.runs, picked)], axis=0)
+
+    return common, mean("tokens"), mean("elapsed_s"), mean("val_loss")
+
+
+def std(values):
+    """Sample standard deviation over seeds (ddof=1); None for a single seed."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def to_target(group, column, target):
+    """Steps (column="steps") or seconds (column="elapsed_s") a group needs to reach the target.
+    how = "seeds": every seed got there, value = mean over seeds, std = their sample std;
+    how = "mean curve": some seed did not, value = where the seed-averaged curve crosses the target;
+    how = "not reached": value = the last x of the mean curve, a lower bound."""
+    per_seed = [first_crossing(getattr(run, column), run.val_loss, target) for run in group.runs]
+    per_seed = [None if v is None or not math.isfinite(v) else v for v in per_seed]
+    reached = [v for v in per_seed if v is not None]
+    result = {"per_seed": per_seed, "reached": len(reached), "seeds": len(per_seed), "std": None}
+    if len(reached) == len(per_seed):
+        return {**result, "how": "seeds", "value": float(np.mean(reached)), "std": std(reached)}
+    steps, tokens, elapsed_s, val_loss = mean_curve(group)
+    x = steps if column == "steps" else elapsed_s
+    crossing = first_crossing(x, val_loss, target)
+    if crossing is not None and math.isfinite(crossing):
+        return {**result, "how": "mean curve", "value": crossing}
+    finite = x[np.isfinite(x)]
+    return {**result, "how": "not reached", "value": float(finite[-1]) if len(finite) else None}
+
+
+def speedup(base, other):
+    """base / other steps-to-target. With every seed of `other` at the target: the mean ± sample std of the
+    per-seed ratios base.value / seed value (the baseline taken as exact). bound: "=" a value, ">" a lower
+    bound (the baseline never got there), "<" an upper bound (`other` never got there), "n/a"."""
+    if base["value"] is None or other["value"] is None or (base["how"] == other["how"] == "not reached"):
+        return {"value": None, "std": None, "bound": "n/a"}
+    if base["how"] == "not reached":
+        return {"value": base["value"] / other["value"], "std": None, "bound": ">"}
+    if other["how"] == "not reached":
+        return {"value": base["value"] / other["value"], "std": None, "bound": "<"}
+    if other["how"] == "mean curve":
+        return {"value": base["value"] / other["value"], "std": None, "bound": "="}
+    ratios = [base["value"] / v for v in other["per_seed"]]
+    return {"value": float(np.mean(ratios)), "std": std(ratios), "bound": "=", "per_seed": ratios}
+
+
+def analyse(groups, baseline, target):
+    for g in groups:
+        g.stats = {"steps": to_target(g, "steps", target), "time": to_target(g, "elapsed_s", target)}
+        finals = final_losses(g)
+        g.stats["final_loss"] = {"value": float(np.mean(finals)), "std": std(finals), "per_seed": finals.tolist()}
+    for g in groups:
+        g.stats["speedup_steps"] = speedup(baseline.stats["steps"], g.stats["steps"])
+        g.stats["speedup_time"] = speedup(baseline.stats["time"], g.stats["time"])
+
+
+# -----------------------------------------------------------------------------
+# output: markdown table, JSON, PNG
+
+def format_mean_std(values, spec):
+    values = np.asarray(values, dtype=np.float64)
+    s = std(values)
+    return format(float(np.mean(values)), spec) + ("" if s is None else " ± " + format(s, spec))
+
+
+def time_unit(seconds):
+    """(divisor, name) that shows `seconds` readably."""
+    return (3600, "h") if seconds >= 7200 else (60, "min") if seconds >= 120 else (1, "s")
+
+
+def format_to_target(stats, unit):
+    """unit: "steps" or "seconds"."""
+    value = stats["value"]
+    if value is None:
+        return "n/a"
+    divisor, suffix, spec = (1, "", ".0f") if unit == "steps" else (*time_unit(value), ".3g")
+    text = format(value / divisor, spec)
+    if stats["how"] == "seeds" and stats["std"] is not None:
+        text += " ± " + format(stats["std"] / divisor, spec)
+    text += f" {suffix}" if suffix else ""
+    if stats["how"] == "mean curve":
+        text += f" (mean curve; {stats['reached']}/{stats['seeds']} seeds reached)"
+    if stats["how"] == "not reached":
+        text = f"not reached (> {text})"
+    return text
+
+
+def format_speedup(stats):
+    if stats["bound"] == "n/a" or stats["value"] is None or not math.isfinite(stats["value"]):
+        return "n/a"
+    text = f"{stats['value']:.2f}" + ("" if stats["std"] is None else f" ± {stats['std']:.2f}") + "×"
+    return text if stats["bound"] == "=" else f"{stats['bound']} {text}"
+
+
+def markdown_table(groups, baseline, target, target_source):
+    rows = ["| run | seeds | steps to target | speed-up (steps) | time to target | speed-up (time) | final val loss |",
+            "|---|---|---|---|---|---|---|"]
+    for g in groups:
+        name = g.label + (" (baseline)" if g is baseline else "")
+        final = g.stats["final_loss"]
+        final_text = f"{final['value']:.4f}" + ("" if final["std"] is None else f" ± {final['std']:.4f}")
+        rows.append(f"| {name} | {len(g.runs)} | {format_to_target(g.stats['steps'], 'steps')} | "
+                    f"{format_speedup(g.stats['speedup_steps'])} | {format_to_target(g.stats['time'], 'seconds')} | "
+                    f"{format_speedup(g.stats['speedup_time'])} | {final_text} |")
+    notes = [
+        f"Target val loss {target:.4f} ({target_source}). Steps / time to target: the first eval at or below it, "
+        "linearly interpolated with the eval before; resolution is the eval interval. Time is the logged "
+        "time/elapsed_s: compare it only between runs on the same hardware.",
+        "a ± b: mean ± sample std (ddof=1) over seeds. Where some seed never reached the target, the group's value "
+        "is where its seed-averaged curve (on the eval steps all seeds share) crosses it, without a spread (with the "
+        "default target this is usual for the baseline: its seeds that end above their own mean never reach it).",
+        f"Speed-up = the baseline's value ({baseline.label}) / each seed's value, then mean ± sample std of those "
+        "per-seed ratios; the baseline's value counts as exact (its own seed spread shows in its row). "
+        "'< x': the run never reached the target within its last eval, so x (baseline / that last point) is an "
+        "upper bound; '> x': the baseline never reached it, so x is a lower bound; 'n/a': neither did.",
+        "Final val loss: the last eval of each seed, mean ± sample std.",
+    ]
+    return "\n".join(rows) + "\n\n" + "\n".join(f"{i + 1}. {note}" for i, note in enumerate(notes))
+
+
+def clean(value):
+    """JSON has no NaN: NaN/inf -> null; numpy arrays/floats -> lists/floats."""
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [clean(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def table_json(groups, baseline, target, target_source):
+    return clean({
+        "target_loss": target, "target_source": target_source, "baseline": baseline.label,
+        "groups": [{"label": g.label, "runs": [r.name for r in g.runs], "seeds": [r.config.get("seed") for r in g.runs],
+                    "steps_to_target": g.stats["steps"], "speedup_steps": g.stats["speedup_steps"],
+                    "seconds_to_target": g.stats["time"], "speedup_time": g.stats["speedup_time"],
+                    "final_val_loss": g.stats["final_loss"], "settings": g.settings} for g in groups],
+    })
+
+
+def plot(groups, baseline, target, target_source, out_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, ScalarFormatter
+
+    max_seconds = max((np.nanmax(r.elapsed_s) for g in groups for r in g.runs if np.isfinite(r.elapsed_s).any()),
+                      default=0.0)
+    divisor, unit = time_unit(max_seconds)
+    panels = [("steps", "optimizer steps", 1.0), ("tokens", "training tokens", 1.0),
+              ("elapsed_s", f"wall-clock ({unit})", 1.0 / divisor)]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5), sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    all_losses = np.concatenate([r.val_loss for g in groups for r in g.runs])
+    all_losses = all_losses[np.isfinite(all_losses)]
+    for ax, (column, xlabel, scale) in zip(axes, panels):
+        drawn = False
+        for i, g in enumerate(groups):
+            color = colors[i % len(colors)]
+            for run in g.runs:
+                ok = np.isfinite(getattr(run, column)) & np.isfinite(run.val_loss)
+                ax.plot(getattr(run, column)[ok] * scale, run.val_loss[ok], color=color, alpha=0.3, lw=0.8)
+                drawn = drawn or ok.any()
+            curve = dict(zip(("steps", "tokens", "elapsed_s", "val_loss"), mean_curve(g)))
+            ok = np.isfinite(curve[column]) & np.isfinite(curve["val_loss"])
+            name = g.label + (" (baseline)" if g is baseline else "") + f", {len(g.runs)} seed" + "s" * (len(g.runs) > 1)
+            ax.plot(curve[column][ok] * scale, curve["val_loss"][ok], color=color, lw=2, label=name)
+        ax.axhline(target, color="black", ls="--", lw=1, alpha=0.7, label=f"target {target:.3f}")
+        if not drawn:
+            ax.text(0.5, 0.5, f"no '{column}' logged", transform=ax.transAxes, ha="center", color="gray")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+        if column == "tokens":
+            ax.xaxis.set_major_formatter(EngFormatter())
+    axes[0].set_ylabel("validation loss")
+    if len(all_losses) and all_losses.max() / all_losses.min() > 1.5:  # the early drop would hide the end
+        axes[0].set_yscale("log")
+        for axis_formatter in (axes[0].yaxis.set_major_formatter, axes[0].yaxis.set_minor_formatter):
+            formatter = ScalarFormatter()
+            formatter.set_scientific(False)
+            axis_formatter(formatter)
+    axes[0].legend(loc="upper right", fontsize=9)
+    fig.suptitle(f"validation loss; faint: single seeds, bold: mean over seeds; target = {target_source}")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", help="run directories, or directories holding run directories")
+    parser.add_argument("--out", default="compare.png", help="PNG to write (default: compare.png)")
+    parser.add_argument("--target-loss", type=float, help="default: the baseline's final val loss, mean over seeds")
+    parser.add_argument("--baseline", help="group label, optimizer name or run directory (default: the first group)")
+    parser.add_argument("--best", action="store_true", help="per optimizer, keep only its best setting of a sweep")
+    parser.add_argument("--json", help="also write the table's numbers to this JSON file")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from W&B instead of (or as well as) dirs")
+    parser.add_argument("--group", help="the W&B group to read (with --wandb)")
+    args = parser.parse_args(argv)
+    try:
+        if not args.runs and not args.wandb:
+            raise CompareError("nothing to compare: pass run directories, or --wandb ENTITY/PROJECT --group G")
+        if args.wandb and not args.group:
+            raise CompareError("--wandb needs --group G (the W&B group of the runs to compare)")
+        if not args.out.lower().endswith(".png"):
+            raise CompareError(f"--out {args.out}: give a .png file name")
+        if args.target_loss is not None and not math.isfinite(args.target_loss):
+            raise CompareError("--target-loss must be a finite number")
+
+        runs = [load_run_dir(d) for d in find_run_dirs(args.runs)]
+        if args.wandb:
+            runs += load_wandb_runs(args.wandb, args.group)
+        groups = group_runs(runs)
+        label_groups(groups)
+        if args.best:
+            groups, lines = pick_best(groups)
+            print("\n".join(lines) + "\n")
+        baseline = find_baseline(groups, args.baseline)
+        if args.target_loss is not None:
+            target, target_source = args.target_loss, "--target-loss"
+        else:
+            target = float(np.mean(final_losses(baseline)))
+            target_source = f"final val loss of the baseline {baseline.label}, mean over {len(baseline.runs)} seed(s)"
+            if not math.isfinite(target):
+                raise CompareError(f"the baseline {baseline.label}'s final val loss is {target} (diverged?); "
+                                   "pass --target-loss or another --baseline")
+        analyse(groups, baseline, target)
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    print(markdown_table(groups, baseline, target, target_source))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    plot(groups, baseline, target, target_source, args.out)
+    print(f"\nwrote {args.out}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(table_json(groups, baseline, target, target_source), f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""scripts/compare.py against closed forms: synthetic run directories whose loss curves cross the target at
+steps known in closed form, several seeds (mean/std against numpy), and the bad inputs it must survive."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("compare", os.path.join(REPO, "scripts", "compare.py"))
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+EVAL_STEPS = np.arange(100, 1001, 100)  # evals every 100 steps up to 1000
+TOKENS_PER_STEP = 1024
+
+
+def make_run(path, optimizer, seed, loss_fn, seconds_per_step=0.5, lr=1e-3, rho=None, steps=EVAL_STEPS):
+    """A train.py-like run directory: config.yaml (nested, as OmegaConf writes it) and metrics.jsonl with
+    training events between the eval events. loss_fn(step) -> val loss."""
+    os.makedirs(path, exist_ok=True)
+    optim = {"name": optimizer, "lr": lr, "betas": [0.9, 0.95]}
+    if rho is not None:
+        optim["rho"] = rho
+    config = {"seed": seed, "run_name": f"{optimizer}_seed={seed}", "out_dir": str(path), "max_steps": int(steps[-1]),
+              "optim": optim, "model": {"n_layer": 2}, "wandb": {"enabled": False, "project": "x"}}
+    with open(os.path.join(path, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for step in steps:
+            step = int(step)
+            f.write(json.dumps({"step": step - 1, "tokens": (step - 1) * TOKENS_PER_STEP, "train/loss": 9.0,
+                                "lr": lr, "time/elapsed_s": (step - 1) * seconds_per_step}) + "\n")
+            f.write(json.dumps({"step": step, "tokens": step * TOKENS_PER_STEP, "val/loss": float(loss_fn(step)),
+                                "time/elapsed_s": step * seconds_per_step}) + "\n")
+    return str(path)
+
+
+def load_groups(paths, best=False):
+    runs = [compare.load_run_dir(d) for d in compare.find_run_dirs(paths)]
+    groups = compare.group_runs(runs)
+    compare.label_groups(groups)
+    if best:
+        groups, _ = compare.pick_best(groups)
+    return groups
+
+
+# linear curves: loss = 6 - k * step / 1000, so linear interpolation is exact and the target 4.0 is crossed
+# at step 2000 / k (between eval points).
+ADAMW_SLOPES = [2.05, 2.1, 2.2]
+SOPHIA_SLOPES = [2.2, 2.5, 3.1]
+
+
+def test_steps_and_speedup_closed_form(tmp_path):
+    dirs = [make_run(tmp_path / f"adamw{i}", "adamw", i, lambda s, k=k: 6 - k * s / 1000, seconds_per_step=0.5)
+            for i, k in enumerate(ADAMW_SLOPES)]
+    dirs += [make_run(tmp_path / f"sophia{i}", "sophiag", i, lambda s, k=k: 6 - k * s / 1000, seconds_per_step=0.6)
+             for i, k in enumerate(SOPHIA_SLOPES)]
+    adamw, sophia = groups = load_groups(dirs)
+    assert [g.label for g in groups] == ["adamw", "sophiag"]  # seeds grouped, labels from the optimizer
+    assert [len(g.runs) for g in groups] == [3, 3]
+    compare.analyse(groups, adamw, target=4.0)
+
+    adamw_steps = 2000 / np.array(ADAMW_SLOPES)
+    sophia_steps = 2000 / np.array(SOPHIA_SLOPES)
+    np.testing.assert_allclose(adamw.stats["steps"]["per_seed"], adamw_steps, rtol=1e-12)
+    np.testing.assert_allclose(sophia.stats["steps"]["value"], sophia_steps.mean(), rtol=1e-12)
+    np.testing.assert_allclose(sophia.stats["steps"]["std"], sophia_steps.std(ddof=1), rtol=1e-9)
+    ratios = adamw_steps.mean() / sophia_steps
+    np.testing.assert_allclose(sophia.stats["speedup_steps"]["value"], ratios.mean(), rtol=1e-12)
+    np.testing.assert_allclose(sophia.stats["speedup_steps"]["std"], ratios.std(ddof=1), rtol=1e-9)
+    # wall clock: 0.5 s/step vs 0.6 s/step
+    np.testing.assert_allclose(sophia.stats["time"]["value"], 0.6 * sophia_steps.mean(), rtol=1e-12)
+    time_ratios = 0.5 * adamw_steps.mean() / (0.6 * sophia_steps)
+    np.testing.assert_allclose(sophia.stats["speedup_time"]["value"], time_ratios.mean(), rtol=1e-12)
+    np.testing.assert_allclose(sophia.stats["speedup_time"]["std"], time_ratios.std(ddof=1), rtol=1e-9)
+    finals = 6 - np.array(SOPHIA_SLOPES)
+    np.testing.assert_allclose(sophia.stats["final_loss"]["value"], finals.mean(), rtol=1e-12)
+    np.testing.assert_allclose(sophia.stats["final_loss"]["std"], finals.std(ddof=1), rtol=1e-9)
+
+    table = compare.markdown_table(groups, adamw, 4.0, "--target-loss")
+    row = next(line for line in table.splitlines() if line.startswith("| sophiag"))
+    assert f"{ratios.mean():.2f} ± {ratios.std(ddof=1):.2f}×" in row
+    assert f"{sophia_steps.mean():.0f} ± {sophia_steps.std(ddof=1):.0f}" in row
+
+
+def test_default_target_is_baseline_mean_final(tmp_path):
+    # hyperbolic curves a + b / step; the baseline seeds end at 3.09, 3.10, 3.11, so the default target is 3.10,
+    # which the 3.11 seed never reaches: the baseline's value is where its mean curve (3.00 + 100/step) crosses
+    # 3.10, at its last step 1000. Sophia seeds 3 + b/step cross 3.10 at b / 0.1 = 400, 500, 600 (eval points).
+    dirs = [make_run(tmp_path / f"adamw{i}", "adamw", i, lambda s, a=a: a + 100 / s) for i, a in enumerate([2.99, 3.0, 3.01])]
+    dirs += [make_run(tmp_path / f"sophia{i}", "sophiag", i, lambda s, b=b: 3.0 + b / s) for i, b in enumerate([40, 50, 60])]
+    out = tmp_path / "c.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), *dirs, "--out",
+                             str(tmp_path / "c.png"), "--json", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(out.read_text())
+    np.testing.assert_allclose(numbers["target_loss"], np.mean([3.09, 3.10, 3.11]), rtol=1e-12)
+    adamw, sophia = numbers["groups"]
+    assert adamw["steps_to_target"]["how"] == "mean curve" and adamw["steps_to_target"]["reached"] == 2
+    np.testing.assert_allclose(adamw["steps_to_target"]["value"], 1000, rtol=1e-9)
+    np.testing.assert_allclose(sophia["steps_to_target"]["per_seed"], [400, 500, 600], rtol=1e-9)
+    ratios = 1000 / np.array([400, 500, 600])
+    np.testing.assert_allclose(sophia["speedup_steps"]["value"], ratios.mean(), rtol=1e-9)
+    np.testing.assert_allclose(sophia["speedup_steps"]["std"], ratios.std(ddof=1), rtol=1e-9)
+    assert "mean curve; 2/3 seeds reached" in result.stdout
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_not_reached_gives_bounds_not_numbers(tmp_path):
+    # adamw: 6 - 2s/1000 crosses 4.5 at 750; "flat" never gets below 5; "late" reaches 4.2 (never 4.0)
+    dirs = [make_run(tmp_path / "adamw", "adamw", 0, lambda s: 6 - 2 * s / 1000),
+            make_run(tmp_path / "flat", "lion", 0, lambda s: 5.0 + 1 / s),
+            make_run(tmp_path / "sophia0", "sophiag", 0, lambda s: 6 - 4 * s / 1000),
+            make_run(tmp_path / "sophia1", "sophiag", 1, lambda s: 6 - 1.8 * s / 1000)]
+    groups = load_groups(dirs)
+    adamw, flat, sophia = groups
+    compare.analyse(groups, adamw, target=4.5)
+    assert flat.stats["steps"]["how"] == "not reached"
+    assert flat.stats["speedup_steps"]["bound"] == "<"  # needs more than 1000 steps: speed-up < 750 / 1000
+    np.testing.assert_allclose(flat.stats["speedup_steps"]["value"], 0.75)
+    # one sophia seed at 375, the other at 833.3: both reached, ordinary mean
+    np.testing.assert_allclose(sophia.stats["steps"]["value"], np.mean([375, 1500 / 1.8]))
+
+    compare.analyse(groups, adamw, target=3.5)  # sophia seed 1 (final 4.2) now misses it
+    assert sophia.stats["steps"]["how"] == "mean curve"  # mean curve 6 - 2.9 s/1000 crosses at 2500/2.9
+    np.testing.assert_allclose(sophia.stats["steps"]["value"], 2500 / 2.9, rtol=1e-9)
+    # the baseline ends at 4.0 > 3.5: its value is a lower bound (> 1000 steps), so are the speed-ups
+    assert adamw.stats["steps"]["how"] == "not reached"
+    assert sophia.stats["speedup_steps"]["bound"] == ">"
+    np.testing.assert_allclose(sophia.stats["speedup_steps"]["value"], 1000 / (2500 / 2.9), rtol=1e-9)
+    assert flat.stats["speedup_steps"]["bound"] == "n/a"
+    table = compare.markdown_table(groups, adamw, 3.5, "--target-loss")
+    assert "not reached (> 1000)" in table and "| n/a |" in table and "> 1.16×" in table
+
+
+def test_partial_last_line_is_tolerated(tmp_path, capsys):
+    run_dir = make_run(tmp_path / "killed", "adamw", 0, lambda s: 6 - 2 * s / 1000)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 1001, "tokens": 10250, "train/lo')  # killed mid-write
+    run = compare.load_run_dir(run_dir)
+    np.testing.assert_array_equal(run.steps, EVAL_STEPS)
+    assert "partial last line" in capsys.readouterr().err
+
+
+def test_resumed_run_keeps_the_last_event_of_a_repeated_step(tmp_path):
+    run_dir = make_run(tmp_path / "resumed", "adamw", 0, lambda s: 6 - 2 * s / 1000)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:  # requeued: steps 900, 1000 evaluated again
+        for step, loss in [(900, 4.5), (1000, 4.4)]:
+            f.write(json.dumps({"step": step, "tokens": step * TOKENS_PER_STEP, "val/loss": loss,
+                                "time/elapsed_s": step * 0.5}) + "\n")
+    run = compare.load_run_dir(run_dir)
+    np.testing.assert_array_equal(run.steps, EVAL_STEPS)
+    np.testing.assert_allclose(run.val_loss, [6 - 2 * s / 1000 for s in EVAL_STEPS[:-2]] + [4.5, 4.4])
+
+
+def test_bad_inputs_have_clear_errors(tmp_path):
+    run_dir = make_run(tmp_path / "broken", "adamw", 0, lambda s: 5.0)
+    lines = open(os.path.join(run_dir, "metrics.jsonl")).read().splitlines()
+    lines[3] = lines[3][:10]
+    open(os.path.join(run_dir, "metrics.jsonl"), "w").write("\n".join(lines) + "\n")
+    with pytest.raises(compare.CompareError, match="line 4 is not valid JSON"):
+        compare.load_run_dir(run_dir)
+
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(compare.CompareError, match="no metrics.jsonl"):
+        compare.find_run_dirs([str(tmp_path / "empty")])
+    with pytest.raises(compare.CompareError, match="no such directory"):
+        compare.find_run_dirs([str(tmp_path / "missing")])
+
+    train_only = make_run(tmp_path / "train_only", "adamw", 0, lambda s: 5.0)
+    kept = [l for l in open(os.path.join(train_only, "metrics.jsonl")) if "val/loss" not in l]
+    open(os.path.join(train_only, "metrics.jsonl"), "w").writelines(kept)
+    with pytest.raises(compare.CompareError, match="no 'val/loss'"):
+        compare.load_run_dir(train_only)
+
+    open(os.path.join(train_only, "metrics.jsonl"), "w").close()
+    with pytest.raises(compare.CompareError, match="is empty"):
+        compare.load_run_dir(train_only)
+
+    # through the CLI: exit status 2 and the message, no traceback
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), str(tmp_path / "empty"),
+                             "--out", str(tmp_path / "x.png")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_best_picks_the_lowest_final_loss_per_optimizer(tmp_path):
+    sweep = tmp_path / "sweep"  # like a multirun: numbered job dirs, searched recursively
+    job = 0
+    finals = {}
+    for optimizer, lr, rho, level in [("adamw", 1e-3, None, 3.3), ("adamw", 3e-4, None, 3.1), ("adamw", 1e-4, None, 3.4),
+                                      ("sophiag", 1e-3, 0.05, 3.2), ("sophiag", 1e-3, 0.01, 3.0),
+                                      ("sophiag", 3e-4, 0.05, float("nan"))]:  # a diverged setting never wins
+        for seed in range(2):
+            final = level + 0.01 * seed
+            make_run(sweep / str(job), optimizer, seed, lambda s, f=final: f + 100 / s, lr=lr, rho=rho)
+            finals.setdefault((optimizer, lr, rho), []).append(final + 0.1)
+            job += 1
+    groups = load_groups([str(sweep)])
+    assert len(groups) == 6 and all(len(g.runs) == 2 for g in groups)
+    assert [os.path.basename(g.runs[0].name) for g in groups] == ["0", "2", "4", "6", "8", "10"]
+    winners, lines = compare.pick_best(groups)
+    assert [(g.settings["optim.name"], g.settings["optim.lr"], g.settings.get("optim.rho")) for g in winners] == \
+        [("adamw", 3e-4, None), ("sophiag", 1e-3, 0.01)]
+    assert lines[0].startswith("best adamw: optim.lr=0.0003") and "3 setting(s) tried" in lines[0]
+    assert lines[1].startswith("best sophiag: optim.lr=0.001, optim.rho=0.01")
+
+    out = tmp_path / "best.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), str(sweep), "--best",
+                             "--baseline", "adamw", "--out", str(tmp_path / "best.png"), "--json", str(out)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(out.read_text())
+    assert [g["label"] for g in numbers["groups"]] == ["adamw lr=0.0003", "sophiag lr=0.001 rho=0.01"]
+    np.testing.assert_allclose(numbers["target_loss"], np.mean(finals[("adamw", 3e-4, None)]), rtol=1e-12)
+    np.testing.assert_allclose(numbers["groups"][1]["final_val_loss"]["value"],
+                               np.mean(finals[("sophiag", 1e-3, 0.01)]), rtol=1e-12)
+    assert "best sophiag" in result.stdout
+
+
+def test_plot_writes_a_png(tmp_path):
+    dirs = [make_run(tmp_path / f"a{i}", "adamw", i, lambda s, i=i: 3 + (100 + 10 * i) / s) for i in range(2)]
+    dirs.append(make_run(tmp_path / "s", "sophiag", 0, lambda s: 3 + 50 / s, seconds_per_step=0.6))
+    groups = load_groups(dirs)
+    compare.analyse(groups, groups[0], 3.1)
+    out = tmp_path / "curves.png"
+    compare.plot(groups, groups[0], 3.1, "--target-loss", str(out))
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+class FakeWandbRun:
+    """Shaped like wandb.apis.public.Run: .name, .config (nested, plus W&B's own _wandb key), and
+    .scan_history(keys) returning only the rows that hold every requested key, as W&B does."""
+
+    def __init__(self, name, config, rows):
+        self.name, self.config, self.rows = name, config, rows
+
+    def scan_history(self, keys=None, page_size=1000, min_step=0, max_step=None):
+        if keys is None:
+            return iter([dict(row) for row in self.rows])
+        return iter([{k: row[k] for k in keys} for row in self.rows if all(k in row for k in keys)])
+
+    def history(self, samples=500, keys=None, x_axis="_step", pandas=True, stream="default"):
+        return list(self.scan_history(keys))
+
+
+def test_wandb_converter_matches_the_run_directory(tmp_path):
+    run_dir = make_run(tmp_path / "r", "sophiag", 3, lambda s: 3 + 50 / s, rho=0.05)
+    from_dir = compare.load_run_dir(run_dir)
+    config = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
+    rows = [{**event, "_step": event["step"], "_runtime": 99.0}
+            for event in compare.read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
+    from_wandb = compare.run_from_wandb(FakeWandbRun("bright-sun-7", {**config, "_wandb": {"x": 1}}, rows))
+    assert from_wandb.name == "bright-sun-7" and "_wandb" not in from_wandb.config
+    assert from_wandb.config == from_dir.config
+    for column in ("steps", "tokens", "elapsed_s", "val_loss"):
+        np.testing.assert_array_equal(getattr(from_wandb, column), getattr(from_dir, column))
+    assert compare.settings_of(from_wandb) == compare.settings_of(from_dir)
+
+    # eval rows without our step/time keys: fall back to W&B's _step and _runtime; dotted (flat) config keys
+    rows = [{"_step": 10 * i, "_runtime": 2.0 * i, "val/loss": 5.0 - i} for i in range(1, 4)] + [{"_step": 5, "train/loss": 1}]
+    run = compare.run_from_wandb(FakeWandbRun("flat", {"optim.name": "adamw", "seed": 1}, rows))
+    np.testing.assert_array_equal(run.steps, [10, 20, 30])
+    np.testing.assert_array_equal(run.elapsed_s, [2, 4, 6])
+    assert np.isnan(run.tokens).all() and run.config == {"optim.name": "adamw", "seed": 1}
+
+
+def test_wandb_reader_asks_for_the_group_and_explains_network_errors(monkeypatch):
+    import wandb
+
+    rows = [{"step": s, "tokens": s, "val/loss": 4 - s / 100, "time/elapsed_s": s} for s in (100, 200)]
+    asked = {}
+
+    class FakeApi:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def runs(self, path, filters=None, **kwargs):
+            asked.update(path=path, filters=filters)
+            return [FakeWandbRun(f"run{seed}", {"optim": {"name": "adamw"}, "seed": seed}, rows) for seed in range(2)]
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    runs = compare.load_wandb_runs("me/sophia", "exp1")
+    assert asked == {"path": "me/sophia", "filters": {"group": "exp1"}}
+    assert len(compare.group_runs(runs)) == 1  # two seeds of one setting
+
+    class OfflineApi:
+        def __init__(self, *args, **kwargs):
+            raise ConnectionError("Max retries exceeded with url: /graphql")
+
+    monkeypatch.setattr(wandb, "Api", OfflineApi)
+    with pytest.raises(compare.CompareError, match=r"(?s)could not read W&B runs of me/sophia.*wandb login"):
+        compare.load_wandb_runs("me/sophia", "exp1")
