@@ -1,0 +1,103 @@
+"""
+OpenWebText (the corpus of the Sophia paper and nanoGPT) as GPT-2 tokens.
+
+    python data/openwebtext/prepare.py --num-proc 16   # -> data/openwebtext/{train.bin, val.bin, meta.json}
+
+The split is nanoGPT's: train_test_split(test_size=0.0005, seed=2357, shuffle=True) of the 8,013,769 documents,
+"test" renamed "val". Each document becomes its GPT-2 ids followed by <|endoftext|>; the ids go to uint16 memmaps
+a batch of documents at a time, under temporary names renamed when complete, and meta.json is written last.
+
+Where the text comes from. `load_dataset("openwebtext")` no longer works: datasets >= 4 refuses dataset scripts,
+and the main branch of Skylion007/openwebtext shipped one (openwebtext.py) with tar archives. The default below
+reads the data-only parquet upload of the full corpus that the dataset's owner made on the hub (93 shards, about
+270 MB each, pull request #18 of Skylion007/openwebtext), pinned to its commit so that the rows, and therefore
+the split, never change underneath us. It goes through datasets' own "parquet" loader, so no script is involved.
+Other sources: `--dataset Skylion007/openwebtext` once its main branch is data-only; a local directory of .parquet
+or .jsonl files with a `text` column; NOT the automatic refs/convert/parquet export, which for a corpus this
+large may hold only its first few GB. Whether the default's row order equals the one nanoGPT's script produced
+(and so whether the documents in val are exactly nanoGPT's) could not be checked without network access.
+
+Expected result: nanoGPT reports 9,035,582,198 train tokens (train.bin ~17 GB) and 4,434,897 val tokens (val.bin
+~8.5 MB) for this split and tokenizer; the script prints how its counts compare, and equal val counts are a good
+sign that the split selected the same documents. Disk, estimated: ~25 GB of parquet downloads plus roughly 60 GB of
+datasets cache (the text as arrow, ~40 GB, and the tokenized ids, ~18 GB), besides the .bin files. Time, an
+estimate rather than a measurement: the GPT-2 tokenizer ran at ~1.6M tokens/s per core on Shakespeare (2-core
+CPU, tiktoken 0.14), so ~95 core-minutes of tokenizing, ~10 min with 16 processes, plus the download and the
+arrow conversion.
+"""
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable for `data.common`
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from data.common import (base_meta, begin_prepare, is_prepared, load_documents, prepare_command_for, tokenize,
+                         write_meta, write_split)
+
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent
+DEFAULT_DATASET = ("hf://datasets/Skylion007/openwebtext@963532436460638ab26b7633e23776e6c7e37d59"
+                   "/data/train-*-of-00093.parquet")
+OPENWEBTEXT_DOCUMENTS = 8_013_769  # the corpus as released
+NANOGPT_TOKENS = {"train": 9_035_582_198, "val": 4_434_897}  # nanoGPT's counts for this split
+VAL_FRACTION = 0.0005  # nanoGPT's split
+SEED = 2357
+
+
+def prepare(out_dir=None, dataset=DEFAULT_DATASET, num_proc=max(1, (os.cpu_count() or 2) // 2),
+            val_fraction=VAL_FRACTION, seed=SEED):
+    """Tokenize OpenWebText into out_dir (default: this folder); skip when already prepared. Returns out_dir."""
+    out_dir = Path(out_dir) if out_dir is not None else DEFAULT_OUT_DIR
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    path = Path(dataset).expanduser()
+    settings = {"dataset": str(path.resolve()) if path.exists() else str(dataset),
+                "val_fraction": val_fraction, "seed": seed}
+    if is_prepared(out_dir, settings):
+        print(f"{out_dir} is already prepared; delete its meta.json to redo it")
+        return out_dir
+
+    t0 = time.time()
+    documents = load_documents(dataset, num_proc)
+    print(f"{dataset}: {len(documents):,} documents")
+    if dataset == DEFAULT_DATASET and len(documents) != OPENWEBTEXT_DOCUMENTS:
+        print(f"warning: OpenWebText has {OPENWEBTEXT_DOCUMENTS:,} documents; this copy has {len(documents):,}")
+    num_val = math.ceil(val_fraction * len(documents))  # as train_test_split sizes it; checked before it runs
+    if num_val < 1 or num_val >= len(documents):
+        raise ValueError(f"{len(documents)} documents with --val-fraction {val_fraction} leave an empty split; "
+                         "give more documents or another --val-fraction")
+    splits = documents.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+    splits = {"train": splits["train"], "val": splits["test"]}
+
+    out_dir = begin_prepare(out_dir)
+    counts = {}
+    for split, docs in splits.items():
+        tokenized = tokenize(docs, num_proc, desc=f"tokenizing {split}")
+        counts[split] = {"tokens": write_split(out_dir, split, tokenized), "documents": len(docs)}
+    command = prepare_command_for(out_dir, "openwebtext") + ("" if dataset == DEFAULT_DATASET else f" --dataset {dataset}")
+    command += ("" if val_fraction == VAL_FRACTION else f" --val-fraction {val_fraction}") + ("" if seed == SEED else f" --seed {seed}")
+    meta = base_meta("openwebtext", settings, str(dataset), counts, command)
+    write_meta(out_dir, meta)
+    print(f"{out_dir}: train {counts['train']['tokens']:,} tokens ({counts['train']['documents']:,} documents), "
+          f"val {counts['val']['tokens']:,} ({counts['val']['documents']:,}), {time.time() - t0:.0f} s")
+    if settings["val_fraction"] == VAL_FRACTION and seed == SEED and len(documents) == OPENWEBTEXT_DOCUMENTS:
+        same = all(counts[split]["tokens"] == NANOGPT_TOKENS[split] for split in counts)
+        print(f"nanoGPT's split has train {NANOGPT_TOKENS['train']:,} / val {NANOGPT_TOKENS['val']:,} tokens: "
+              + ("identical" if same else "different (another row order or tokenizer version)"))
+    return out_dir
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=DEFAULT_DATASET,
+                        help="hub name, hf:// parquet glob, or a local .jsonl/.parquet/.txt file or directory")
+    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR))
+    parser.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="processes for loading and tokenizing")
+    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
+    parser.add_argument("--seed", type=int, default=SEED)
+    args = parser.parse_args()
+    prepare(args.out_dir, args.dataset, args.num_proc, args.val_fraction, args.seed)
