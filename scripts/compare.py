@@ -6,8 +6,8 @@ run needs to reach a target loss, with the speed-up against a baseline.
     python scripts/compare.py multirun_out/ --best --baseline adamw      # tuned vs tuned from a sweep
     python scripts/compare.py --wandb ENTITY/PROJECT --group my_experiment --out compare.png
 
-Runs whose configs are identical except for `seed`, `out_dir`, `run_name`, `resume` and `wandb.*` are
-seeds of one group; a group's curve is the mean over its seeds. The target loss defaults to the
+Runs whose configs are identical except for `seed`, `out_dir`, `run_name`, `resume`, `wandb.*` and the
+logging knobs are seeds of one group; a group's curve is the mean over its seeds. The target loss defaults to the
 baseline's final validation loss (mean over its seeds); the baseline is the first group unless
 --baseline names another. The markdown table printed at the end explains itself in its footnotes.
 """
@@ -24,11 +24,12 @@ from functools import reduce
 import numpy as np
 import yaml
 
-# config keys that do not change what a run computes: runs differing only in these are seeds of one group
-IGNORED_CONFIG_KEYS = ("seed", "out_dir", "run_name", "resume")
+# config keys that change neither the loss curve nor the speed of a run: runs differing only in these are
+# seeds of one group
+IGNORED_CONFIG_KEYS = ("seed", "out_dir", "run_name", "resume", "log_interval", "ckpt_interval", "cpu_peak_flops")
 IGNORED_CONFIG_PREFIXES = ("wandb.", "hydra.", "_")
-# the keys an eval event carries (metrics.jsonl and W&B history alike)
-EVAL_KEYS = ["step", "tokens", "val/loss", "time/elapsed_s"]
+# the keys of an eval row in W&B history: train.py logs our `step` as W&B's own _step
+WANDB_EVAL_KEYS = ["_step", "tokens", "val/loss", "time/elapsed_s"]
 
 
 class CompareError(Exception):
@@ -166,9 +167,9 @@ def find_run_dirs(paths):
 def run_from_wandb(wandb_run):
     """A wandb.apis.public.Run (or anything shaped like it: .name, .config, .scan_history) -> Run.
     scan_history reads every row (history() samples 500 rows, which could drop eval points); with keys
-    it returns only rows holding all of them, i.e. the eval events. If train.py logged the eval keys
-    at different rows, fall back to every row and use W&B's own _step / _runtime where ours are missing."""
-    rows = list(wandb_run.scan_history(keys=EVAL_KEYS))
+    it returns only rows holding all of them, i.e. the eval events. If those keys never sit in one row
+    (runs logged by another script), fall back to every row, with W&B's _runtime where time is missing."""
+    rows = list(wandb_run.scan_history(keys=WANDB_EVAL_KEYS))
     if not rows:
         rows = [row for row in wandb_run.scan_history() if row.get("val/loss") is not None]
     events = []

@@ -242,8 +242,10 @@ class FakeWandbRun:
 
     def __init__(self, name, config, rows):
         self.name, self.config, self.rows = name, config, rows
+        self.asked = []
 
     def scan_history(self, keys=None, page_size=1000, min_step=0, max_step=None):
+        self.asked.append(keys)
         if keys is None:
             return iter([dict(row) for row in self.rows])
         return iter([{k: row[k] for k in keys} for row in self.rows if all(k in row for k in keys)])
@@ -256,9 +258,12 @@ def test_wandb_converter_matches_the_run_directory(tmp_path):
     run_dir = make_run(tmp_path / "r", "sophiag", 3, lambda s: 3 + 50 / s, rho=0.05)
     from_dir = compare.load_run_dir(run_dir)
     config = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
-    rows = [{**event, "_step": event["step"], "_runtime": 99.0}
+    # as train.py logs to W&B: every key but "step", which becomes W&B's _step
+    rows = [{**{k: v for k, v in event.items() if k != "step"}, "_step": event["step"], "_runtime": 99.0}
             for event in compare.read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
-    from_wandb = compare.run_from_wandb(FakeWandbRun("bright-sun-7", {**config, "_wandb": {"x": 1}}, rows))
+    fake = FakeWandbRun("bright-sun-7", {**config, "_wandb": {"x": 1}}, rows)
+    from_wandb = compare.run_from_wandb(fake)
+    assert fake.asked == [compare.WANDB_EVAL_KEYS]  # eval rows in one filtered scan, no full-history fallback
     assert from_wandb.name == "bright-sun-7" and "_wandb" not in from_wandb.config
     assert from_wandb.config == from_dir.config
     for column in ("steps", "tokens", "elapsed_s", "val_loss"):
@@ -276,7 +281,7 @@ def test_wandb_converter_matches_the_run_directory(tmp_path):
 def test_wandb_reader_asks_for_the_group_and_explains_network_errors(monkeypatch):
     import wandb
 
-    rows = [{"step": s, "tokens": s, "val/loss": 4 - s / 100, "time/elapsed_s": s} for s in (100, 200)]
+    rows = [{"_step": s, "tokens": s, "val/loss": 4 - s / 100, "time/elapsed_s": s} for s in (100, 200)]
     asked = {}
 
     class FakeApi:
