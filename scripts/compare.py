@@ -389,7 +389,8 @@ def format_to_target(stats, unit):
     value = stats["value"]
     if value is None:
         return "n/a"
-    divisor, suffix, spec = (1, "", ".0f") if unit == "steps" else (*time_unit(value), ".3g")
+    divisor, suffix = (1, "") if unit == "steps" else time_unit(value)
+    spec = ".0f" if unit == "steps" and value >= 100 else ".3g"  # whole steps, unless there are few
     text = format(value / divisor, spec)
     if stats["how"] == "seeds" and stats["std"] is not None:
         text += " ± " + format(stats["std"] / divisor, spec)
