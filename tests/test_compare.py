@@ -3,7 +3,6 @@ steps known in closed form, several seeds (mean/std against numpy), and the bad 
 
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
