@@ -71,8 +71,8 @@ def check_config(cfg, world_size):
          f"optim.name={optim.name} is unknown: choose optim=adamw, lion, sophiag or sophiah")
     need(cfg.max_steps >= 1, f"max_steps={cfg.max_steps}: set max_steps to 1 or more")
     lr_decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.max_steps
-    need(0 <= cfg.warmup_steps <= lr_decay_steps,
-         f"warmup_steps={cfg.warmup_steps} must lie in [0, lr_decay_steps={lr_decay_steps}]")
+    need(cfg.warmup_steps >= 0 and lr_decay_steps >= 1,
+         f"warmup_steps={cfg.warmup_steps}, lr_decay_steps={lr_decay_steps}: use warmup_steps >= 0, lr_decay_steps >= 1")
     need(optim.lr > 0, f"optim.lr={optim.lr}: the learning rate must be positive")
     need(0 <= cfg.min_lr <= optim.lr, f"min_lr={cfg.min_lr} must lie in [0, optim.lr={optim.lr}]")
     need(cfg.dtype in ("auto", "float32", "bfloat16"),
@@ -272,8 +272,9 @@ class MetricsLog:
 def start_wandb(cfg, run_name, out_dir, run_id):
     """One W&B run per training run, resumable by id; a W&B failure never stops training."""
     try:
+        import secrets
         import wandb
-        run_id = run_id or wandb.util.generate_id()
+        run_id = run_id or secrets.token_hex(6)  # kept in the checkpoint: a resumed job continues this W&B run
         run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=run_name, id=run_id,
                          resume="allow", dir=str(out_dir), mode=cfg.wandb.mode,
                          group=cfg.wandb.group or cfg.model.name,
@@ -330,6 +331,8 @@ def train(cfg):
         raise ConfigError(f"{ckpt_path} exists and resume=false would overwrite it: set resume=true to "
                           f"continue it, or out_dir= to a fresh directory")
 
+    ckpt = load_checkpoint(ckpt_path, cfg) if resuming else None  # refuse a bad checkpoint before the work
+
     # ---- data
     seq_len = cfg.model.block_size
     train_tokens, val_tokens = load_data(cfg, is_master, distributed)
@@ -351,7 +354,6 @@ def train(cfg):
 
     step, data_state, wandb_run_id, elapsed_before = 0, {"train_seqs": 0, "hess_seqs": 0}, None, 0.0
     if resuming:
-        ckpt = load_checkpoint(ckpt_path, cfg)
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, data_state = ckpt["step"], ckpt["data_state"]

@@ -117,7 +117,7 @@ def test_two_ranks_equal_one_process_with_accumulation(tmp_path):
 
 def test_one_step_equals_torch_adamw_by_hand(tmp_path):
     """The loop's first step, rebuilt by hand from the same pieces with torch's reference AdamW."""
-    run_train(["optim=adamw", "max_steps=1", "grad_clip=0.05", "optim.lr=1e-2"], tmp_path)
+    run_train(["optim=adamw", "max_steps=1", "grad_clip=0.5", "optim.lr=1e-2"], tmp_path)
     trained = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
 
     import train
@@ -126,10 +126,11 @@ def test_one_step_equals_torch_adamw_by_hand(tmp_path):
     torch.manual_seed(1337)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
     stream = train.SequenceStream(open_split(REPO_DIR / "data" / "shakespeare", "train"), 32, 1337)
-    x, y = stream.batch(0, 4, torch.device("cpu"))
-    _, loss = model(x, y)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    for first in (0, 2):  # two micro-batches of 2 sequences, each loss scaled by 1/2
+        x, y = stream.batch(first, 2, torch.device("cpu"))
+        _, loss = model(x, y)
+        (loss / 2).backward()
+    assert torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5) > 0.5  # clipping is exercised
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     lr = 1e-2 * 1 / 2  # warmup step 0 of 2
