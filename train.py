@@ -323,6 +323,9 @@ def train(cfg):
                                 timeout=timedelta(minutes=30))
 
     run_name = resolve_run_name(cfg)
+    # out_dir may interpolate ${run_name}, so that each run of a sweep gets a folder of its own:
+    # python train.py -m config=shakespeare_adamw optim.lr=1e-3,2e-3 'out_dir=out/sweep/${run_name}'
+    cfg.run_name = run_name
     out_dir = Path(cfg.out_dir) if cfg.out_dir else REPO_DIR / "out" / run_name
     out_dir = out_dir if out_dir.is_absolute() else Path.cwd() / out_dir
     ckpt_path = out_dir / "ckpt.pt"
