@@ -29,18 +29,18 @@ arrow conversion.
 import argparse
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable for `data.common`
-    import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from data.common import (base_meta, begin_prepare, is_prepared, load_documents, prepare_command_for, tokenize,
                          write_meta, write_split)
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent
-DEFAULT_DATASET = ("hf://datasets/Skylion007/openwebtext@963532436460638ab26b7633e23776e6c7e37d59"
-                   "/data/train-*-of-00093.parquet")
+DEFAULT_REVISION = "963532436460638ab26b7633e23776e6c7e37d59"  # Skylion007/openwebtext: the full parquet upload
+DEFAULT_DATASET = f"hf://datasets/Skylion007/openwebtext@{DEFAULT_REVISION}/data/train-*-of-00093.parquet"
 OPENWEBTEXT_DOCUMENTS = 8_013_769  # the corpus as released
 NANOGPT_TOKENS = {"train": 9_035_582_198, "val": 4_434_897}  # nanoGPT's counts for this split
 VAL_FRACTION = 0.0005  # nanoGPT's split
@@ -61,7 +61,14 @@ def prepare(out_dir=None, dataset=DEFAULT_DATASET, num_proc=max(1, (os.cpu_count
         return out_dir
 
     t0 = time.time()
-    documents = load_documents(dataset, num_proc)
+    try:
+        documents = load_documents(dataset, num_proc)
+    except Exception:
+        if dataset == DEFAULT_DATASET:  # most likely no hub access from this machine
+            print(f"Could not read {dataset}. Without hub access here, download it on a machine that has it:\n"
+                  f"  hf download Skylion007/openwebtext --repo-type dataset --revision {DEFAULT_REVISION} "
+                  f"--include 'data/*' --local-dir DIR\nthen copy DIR over and pass --dataset DIR/data", file=sys.stderr)
+        raise
     print(f"{dataset}: {len(documents):,} documents")
     if dataset == DEFAULT_DATASET and len(documents) != OPENWEBTEXT_DOCUMENTS:
         print(f"warning: OpenWebText has {OPENWEBTEXT_DOCUMENTS:,} documents; this copy has {len(documents):,}")
