@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install the SLURM and MUNGE binaries that tests/test_slurm.py needs for its two-node local cluster
+# (scripts/slurm/local_cluster.py). Debian/Ubuntu, run as root. Idempotent: does nothing when the
+# binaries are already there. No daemon is started or enabled here; local_cluster.py runs its own.
+set -euo pipefail
+
+needed=(slurmctld slurmd sbatch scontrol munged)
+missing=0
+for binary in "${needed[@]}"; do
+    command -v "$binary" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin" command -v "$binary" >/dev/null 2>&1 || missing=1
+done
+if [ "$missing" = 0 ]; then
+    echo "slurm and munge already installed: $(slurmctld -V 2>/dev/null || /usr/sbin/slurmctld -V)"
+    exit 0
+fi
+
+if [ "$(id -u)" != 0 ]; then
+    echo "error: installing slurm needs root: sudo $0" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update
+# policy-rc.d in containers stops the packages' services from starting; that is what we want.
+apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge

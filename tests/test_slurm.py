@@ -1,0 +1,182 @@
+"""scripts/slurm/train.sbatch on a real SLURM cluster: two emulated nodes (two slurmd on this machine,
+started by scripts/slurm/local_cluster.py), one CPU worker per node, gloo.
+
+References: a one-process run of the same command (the two nodes must compute what it computes), and
+the run's own checkpoint (a preempted, requeued job must resume from it and log every step once)."""
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+SBATCH_SCRIPT = REPO_DIR / "scripts" / "slurm" / "train.sbatch"
+sys.path.insert(0, str(REPO_DIR / "scripts" / "slurm"))
+import local_cluster  # noqa: E402
+
+# The tiny model of tests/test_train.py: a step takes milliseconds of compute, a run is mostly start-up.
+TINY = ["config=shakespeare_sophiag", "optim.hess_interval=2", "model.n_layer=2", "model.n_head=2",
+        "model.n_embd=32", "model.block_size=32", "total_batch_size=4", "micro_batch_size=2", "eval_interval=4",
+        "eval_steps=2", "log_interval=1", "ckpt_interval=4", "warmup_steps=2", "cpu_peak_flops=1e11"]
+
+missing = local_cluster.missing_binaries()
+needs_cluster = pytest.mark.skipif(
+    bool(missing) or os.geteuid() != 0,
+    reason=f"SLURM/MUNGE programs missing ({', '.join(missing)}): run scripts/slurm/install_debian.sh as root"
+    if missing else "the local SLURM cluster runs its daemons as root and munge: run the tests as root")
+
+
+def without_slurm_variables(env):
+    return {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+
+
+def test_outside_slurm_the_script_says_to_use_sbatch():
+    result = subprocess.run(["bash", str(SBATCH_SCRIPT), "config=shakespeare_sophiag"], cwd=REPO_DIR,
+                            capture_output=True, text=True, env=without_slurm_variables(os.environ), timeout=30)
+    assert result.returncode == 2
+    assert "sbatch scripts/slurm/train.sbatch" in result.stderr
+
+
+# -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A running two-node cluster; yields the environment for sbatch & co. Daemons stop whatever happens."""
+    from data.shakespeare.prepare import prepare
+    prepare()  # the embedded corpus, once, before any job needs it
+    # not pytest's tmp_path: its root is closed to other users, and munged runs as the munge user
+    cluster_dir = Path(tempfile.mkdtemp(prefix="slurm-test-"))
+    try:
+        config_path = local_cluster.start(cluster_dir, num_nodes=2)
+        with socket.socket() as s:  # a free port for the rendezvous of this module's jobs
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # sbatch hands this environment to the job: SLURM_CONF lets train.py's `scontrol requeue` reach us,
+        # one thread per worker keeps two workers from fighting over two cores.
+        env = {**without_slurm_variables(os.environ), "SLURM_CONF": str(config_path), "RDZV_PORT": str(port),
+               "OMP_NUM_THREADS": "1", "PATH": local_cluster.cluster_env(cluster_dir)["PATH"]}
+        yield env
+    finally:
+        local_cluster.stop(cluster_dir)
+        shutil.rmtree(cluster_dir, ignore_errors=True)
+
+
+def slurm(env, *args):
+    result = subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, f"{' '.join(args)} failed: {result.stderr}"
+    return result.stdout
+
+
+def submit(env, log_path, train_args):
+    """sbatch from the repository root, as users do; returns the job id."""
+    result = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={log_path}", str(SBATCH_SCRIPT),
+                             *train_args], cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def job_info(env, job_id):
+    """`scontrol show job` as a dict, e.g. {"JobState": "RUNNING", "Restarts": "0", ...}."""
+    fields = slurm(env, "scontrol", "--oneliner", "show", "job", job_id).split()
+    return dict(field.split("=", 1) for field in fields if "=" in field)
+
+
+def wait_for(condition, timeout, what, log_path):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    log = Path(log_path).read_text()[-4000:] if Path(log_path).exists() else "(no log yet)"
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; job log:\n{log}")
+
+
+def read_metrics(out_dir):
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def train_steps(records):
+    return [r["step"] for r in records if "train/loss" in r]
+
+
+def finished(env, job_id):
+    info = job_info(env, job_id)
+    return info if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+
+
+@pytest.fixture(scope="module")
+def two_node_run(cluster, tmp_path_factory):
+    """A 4-step run on 2 nodes x 1 worker, submitted with train.sbatch and waited for."""
+    work = tmp_path_factory.mktemp("two_nodes")
+    log_path = work / "slurm.out"
+    job_id = submit(cluster, log_path, [*TINY, "max_steps=4", f"out_dir={work / 'run'}"])
+    info = wait_for(lambda: finished(cluster, job_id), 240, f"job {job_id} to finish", log_path)
+    return info, log_path.read_text(), work / "run"
+
+
+@needs_cluster
+def test_two_nodes_compute_what_one_process_computes(two_node_run, tmp_path):
+    info, log, out_dir = two_node_run
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]"
+    assert "2 node(s) x 1 worker(s)" in log  # train.sbatch: one torchrun per node, one CPU worker each
+    assert "2 rank(s) x 1 micro-batch(es)" in log  # train.py: world size 2
+    two_nodes = read_metrics(out_dir)
+    assert train_steps(two_nodes) == [1, 2, 3, 4]
+
+    # the reference: the same command in one process, which accumulates the two micro-batches itself
+    reference = subprocess.run([sys.executable, "train.py", *TINY, "max_steps=4", f"out_dir={tmp_path}"],
+                               cwd=REPO_DIR, capture_output=True, text=True, timeout=300,
+                               env={**without_slurm_variables(os.environ), "OMP_NUM_THREADS": "1"})
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    one_process = read_metrics(tmp_path)
+    for key in ("train/loss", "val/loss", "grad_norm", "optim/hessian_norm"):
+        got = {r["step"]: r[key] for r in two_nodes if key in r}
+        want = {r["step"]: r[key] for r in one_process if key in r}
+        assert got == pytest.approx(want, rel=1e-4), key
+
+
+@needs_cluster
+def test_preemption_notice_requeues_the_job_and_it_resumes(cluster, two_node_run, tmp_path):
+    """scancel --signal=USR1 is what SLURM sends 120 s before the time limit (#SBATCH --signal=USR1@120)."""
+    # Size the run from the first job's speed: long enough (~15 s of steps) for the signal to land
+    # mid-run on a fast machine, short enough not to drag on a slow one.
+    first = [r for r in read_metrics(two_node_run[2]) if "train/loss" in r]
+    seconds_per_step = (first[-1]["time/elapsed_s"] - first[0]["time/elapsed_s"]) / (len(first) - 1)
+    max_steps = min(400, max(10, math.ceil(15 / max(seconds_per_step, 1e-3))))
+
+    log_path = tmp_path / "slurm.out"
+    out_dir = tmp_path / "run"
+    job_id = submit(cluster, log_path, [*TINY, f"max_steps={max_steps}", f"out_dir={out_dir}"])
+    wait_for(lambda: len(train_steps(read_metrics(out_dir))) >= 2, 180, "the first training steps", log_path)
+    slurm(cluster, "scancel", "--signal=USR1", job_id)  # to every process of the job's steps, as SLURM does
+
+    # train.py checkpoints and runs `scontrol requeue`: the job goes back to PENDING with a restart counted.
+    # SLURM holds a requeued job for 2 minutes (Reason=BeginTime); let it start now instead.
+    def requeued():
+        info = job_info(cluster, job_id)
+        return info if info["Restarts"] == "1" and info["JobState"] == "PENDING" else None
+    info = wait_for(requeued, 120, f"job {job_id} to be requeued", log_path)
+    assert info["Reason"] == "BeginTime"
+    slurm(cluster, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+    info = wait_for(lambda: finished(cluster, job_id), 300, f"requeued job {job_id} to finish", log_path)
+    log = log_path.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
+    assert f"job {job_id} (restart 1)" in log  # the same script ran again, appending to the same log
+    stopped_at = int(re.search(r"stop signal received: checkpoint at step (\d+) ", log).group(1))
+    assert f"requeued SLURM job {job_id}" in log
+    assert 0 < stopped_at < max_steps
+    assert f"resumed from {out_dir / 'ckpt.pt'} at step {stopped_at}" in log
+    # every step logged exactly once across the two runs, the resumed ones after the checkpoint's step
+    assert train_steps(read_metrics(out_dir)) == list(range(1, max_steps + 1))
