@@ -1,0 +1,198 @@
+"""
+Optimizer step cost on GPT-2 124M-shaped parameters, in one process, against torch's fused AdamW.
+
+    nice -n 10 python scripts/bench_optim.py [--device cpu] [--dtype float32] [--steps 10] [--warmup 3]
+
+Parameter shapes are built here (not from model.py): wte 50304x768, wpe 1024x768, 12 blocks of
+(ln_1, attn qkv 768x2304, attn proj 768x768, ln_2, mlp fc 768x3072, mlp proj 3072x768), ln_f;
+--bias adds the biases. Gradients are random and fixed. Every optimizer runs its warm-up steps
+(compilation included), then the optimizers take turns, one timed step each per round, so that a
+change in machine load hits them all alike. Printed: median and min step time, the ratio of medians
+against AdamW(fused=True), and the optimizer state size.
+
+A second table times the GNB Hessian estimate at the logits level on --gnb-shape logits: our
+gnb_backward (softmax, two-level inverse-CDF sampling, gradient formed in place) against a plain
+F.cross_entropy forward+backward on data labels, and against the official recipe
+(torch.distributions.Categorical sampling, then cross-entropy forward+backward).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sophia  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--device", default="cpu")
+parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer")
+parser.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer (compiles)")
+parser.add_argument("--bias", action="store_true", help="add GPT-2's biases")
+parser.add_argument("--gnb-shape", default="8,128,50304", help="B,T,V of the logits for the GNB table")
+parser.add_argument("--gnb-steps", type=int, default=5)
+parser.add_argument("--skip-gnb", action="store_true")
+args = parser.parse_args()
+
+device = torch.device(args.device)
+dtype = getattr(torch, args.dtype)
+
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn):
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+# ---- GPT-2 124M parameter shapes, split into weight-decay and no-decay groups as model.py does
+d, vocab, block_size, n_layer = 768, 50304, 1024, 12
+decay_shapes = [(vocab, d), (block_size, d)]
+no_decay_shapes = [(d,)]  # ln_f
+for _ in range(n_layer):
+    decay_shapes += [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
+    no_decay_shapes += [(d,), (d,)]  # ln_1, ln_2
+    if args.bias:
+        no_decay_shapes += [(d,), (d,), (3 * d,), (d,), (4 * d,), (d,)]
+
+torch.manual_seed(0)
+decay_params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02) for s in decay_shapes]
+no_decay_params = [torch.nn.Parameter(torch.ones(s, device=device, dtype=dtype)) for s in no_decay_shapes]
+all_params = decay_params + no_decay_params
+for p in all_params:
+    p.grad = torch.randn_like(p) * 1e-3
+n_params = sum(p.numel() for p in all_params)
+groups = lambda: [{"params": decay_params, "weight_decay": 0.1}, {"params": no_decay_params, "weight_decay": 0.0}]
+
+hess_bs = 480 * 1024
+candidates = {
+    "AdamW fused": lambda: torch.optim.AdamW(groups(), lr=6e-4, betas=(0.9, 0.95), fused=True),
+    "AdamW foreach": lambda: torch.optim.AdamW(groups(), lr=6e-4, betas=(0.9, 0.95), foreach=True),
+    "SophiaG fused": lambda: sophia.SophiaG(groups(), lr=6e-4, rho=0.05),
+    "SophiaG reference (official loop)": lambda: sophia.SophiaG(groups(), lr=6e-4, rho=0.05, fused=False),
+    "SophiaH fused": lambda: sophia.SophiaH(groups(), lr=6e-4, rho=0.05 / hess_bs),
+    "Lion foreach": lambda: sophia.Lion(groups(), lr=1e-4, betas=(0.95, 0.98)),
+}
+step_kwargs = lambda opt: {"bs": hess_bs} if isinstance(opt, sophia.SophiaG) else {}
+
+print(f"# Optimizer step on GPT-2 124M shapes: {n_params / 1e6:.1f}M params in {len(all_params)} tensors, "
+      f"{args.dtype} on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+optimizers = {}
+for name, make in candidates.items():
+    opt = make()
+    if isinstance(opt, sophia.SophiaG):
+        opt.update_hessian()  # h from the random grads, so the clipping is exercised, as in training
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        opt.step(**step_kwargs(opt))
+    sync()
+    print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s for {args.warmup} steps", flush=True)
+    optimizers[name] = opt
+
+times = {name: [] for name in optimizers}
+for _ in range(args.steps):
+    for name, opt in optimizers.items():
+        times[name].append(timed(lambda: opt.step(**step_kwargs(opt))))
+
+
+def state_bytes(opt):
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if torch.is_tensor(t) and t.numel() > 1)
+
+
+base = statistics.median(times["AdamW fused"])
+param_bytes = n_params * torch.finfo(dtype).bits // 8
+print()
+print("| optimizer | median step (ms) | min step (ms) | median / AdamW fused | state (MiB) | state / params |")
+print("|---|---|---|---|---|---|")
+for name, opt in optimizers.items():
+    med = statistics.median(times[name])
+    print(f"| {name} | {med * 1e3:.1f} | {min(times[name]) * 1e3:.1f} | {med / base:.2f}x | "
+          f"{state_bytes(opt) / 2**20:.0f} | {state_bytes(opt) / param_bytes:.2f} |")
+
+hess_times = {}
+for name in ("SophiaG fused", "SophiaG reference (official loop)"):
+    opt = optimizers[name]
+    hess_times[name] = statistics.median(timed(opt.update_hessian) for _ in range(max(3, args.steps // 2)))
+print()
+print("| update_hessian | median (ms) | / AdamW fused step |")
+print("|---|---|---|")
+for name, t in hess_times.items():
+    print(f"| {name} | {t * 1e3:.1f} | {t / base:.2f}x |")
+del optimizers
+
+if args.skip_gnb:
+    sys.exit(0)
+
+# ---- GNB estimate at the logits level
+B, T, V = (int(x) for x in args.gnb_shape.split(","))
+logits = (torch.randn(B, T, V, device=device) * 3).requires_grad_()
+targets = torch.randint(V, (B * T,), device=device)
+gen = torch.Generator(device=device).manual_seed(0)
+
+
+def plain_ce():
+    logits.grad = None
+    F.cross_entropy(logits.view(-1, V), targets).backward()
+
+
+def official_gnb():
+    logits.grad = None
+    labels = torch.distributions.Categorical(logits=logits.detach().view(-1, V)).sample()
+    F.cross_entropy(logits.view(-1, V), labels).backward()
+
+
+def multinomial_gnb():
+    logits.grad = None
+    labels = torch.multinomial(torch.softmax(logits.detach().view(-1, V), -1), 1, generator=gen).view(-1)
+    F.cross_entropy(logits.view(-1, V), labels).backward()
+
+
+def ours_gnb():
+    logits.grad = None
+    sophia.gnb_backward(logits, 1.0, gen)
+
+
+probs = torch.softmax(logits.detach().view(-1, V), -1)
+
+
+def full_cdf_sample():
+    cdf = probs.cumsum(-1)
+    u = torch.rand(B * T, 1, device=device, generator=gen) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)
+
+
+rows = {
+    "F.cross_entropy fwd+bwd, data labels (peer)": plain_ce,
+    "gnb_backward (ours)": ours_gnb,
+    "Categorical sample + CE fwd+bwd (official)": official_gnb,
+    "multinomial sample + CE fwd+bwd": multinomial_gnb,
+    "sampler only: sample_categorical (ours)": lambda: sophia.sample_categorical(probs, gen),
+    "sampler only: cumsum + searchsorted": full_cdf_sample,
+    "sampler only: torch.multinomial": lambda: torch.multinomial(probs, 1, generator=gen),
+    "sampler only: Categorical(logits)": lambda: torch.distributions.Categorical(logits=logits.detach().view(-1, V)).sample(),
+}
+for fn in rows.values():
+    fn()
+gnb_times = {name: [] for name in rows}
+for _ in range(args.gnb_steps):
+    for name, fn in rows.items():
+        gnb_times[name].append(timed(fn))
+peer = statistics.median(gnb_times["F.cross_entropy fwd+bwd, data labels (peer)"])
+print()
+print(f"# GNB at the logits level, logits ({B}, {T}, {V}) fp32 on {device}")
+print("| what | median (ms) | / CE fwd+bwd |")
+print("|---|---|---|")
+for name, ts in gnb_times.items():
+    print(f"| {name} | {statistics.median(ts) * 1e3:.1f} | {statistics.median(ts) / peer:.2f}x |")

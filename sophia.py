@@ -1,0 +1,422 @@
+"""
+Sophia (Liu, Li, Hall, Liang, Ma 2023: "Sophia: A Scalable Stochastic Second-order Optimizer for
+Language Model Pre-training"), Lion (Chen et al. 2023), and the two diagonal-Hessian estimators.
+
+SophiaG is a drop-in for the official class (github.com/Liuhong99/Sophia, sophia.py): same constructor,
+update_hessian(), step(closure=None, bs=5120), and the same state keys (step, exp_avg, hessian), so
+code and checkpoints written for it carry over. Per parameter θ with gradient g, every step:
+
+    θ ← θ·(1 − lr·wd)                                   decoupled weight decay, applied first
+    m ← β1·m + (1 − β1)·g                               no bias correction
+    θ ← θ − lr · sign(m) · min(|m| / (rho·bs·h + 1e-15), 1)
+
+and every k steps (the caller decides k) update_hessian(): h ← β2·h + (1 − β2)·p.grad², where p.grad
+holds the gradient of the loss against labels sampled from the model (gnb_backward below).
+`bs` is the number of predictions (tokens) in the Hessian batch: rho·bs plays the paper's γ and the
+batch factor B of the Gauss-Newton-Bartlett estimator B·ĝ⊙ĝ.
+
+SophiaH: the same step rule with the Hutchinson estimate h ← β2·h + (1 − β2)·u⊙(Hu) (p.grad holds u⊙Hu,
+see hutchinson_backward); that can be negative, so the denominator is max(rho·bs·h, 1e-15): negative
+curvature gives a plain sign step. Note that u⊙Hu estimates the Hessian of the *mean* loss, with no
+batch factor B, so rho·bs·h is bs times larger than SophiaG's for the same curvature: pick SophiaH's rho
+about 1/bs of SophiaG's.
+
+Two implementations of each step, chosen by `fused` (default True):
+- fused=True: one compiled kernel per parameter tensor (torch.compile; inductor writes one C++ loop on
+  CPU, one Triton kernel on CUDA) that reads θ, g, m, h once and writes θ, m once: 6 memory passes
+  against fused AdamW's 7. Hyper-parameters go in as a small tensor, so a new lr every step does not
+  recompile, and nothing in step() or update_hessian() waits for the device. If compiling fails (no
+  C++ compiler, unsupported platform), a warning says so and the same code runs eagerly.
+- fused=False: the readable reference, a per-tensor loop of the formula above as the official code
+  writes it (about seven kernels, ~15 memory passes, per tensor).
+
+A non-finite Hessian estimate (NaN/inf anywhere in this refresh) is skipped whole: the state is left as
+it was, and update_hessian() returns a 0-d bool tensor, False when it skipped. On the fused path this
+flag is computed on the device (a max-|x| pass over the estimates, then torch.where), so calling
+update_hessian() never syncs; reading the flag (bool(flag), .item()) does, so log it at log steps.
+"""
+
+import functools
+import warnings
+
+import torch
+from torch.optim import Optimizer
+
+# ----------------------------------------------------------------------------------------------------
+# Fused kernels: plain torch code that torch.compile turns into one loop per call (eager, it also runs
+# as is, just as several kernels).
+
+
+def _sophia_update(param, grad, exp_avg, hessian, hyper):
+    # hyper: (7,) in param's compute dtype, see _hyper(); one kernel reads param, grad, exp_avg,
+    # hessian once and writes param, exp_avg once.
+    lr, decay, beta1, grad_weight, rho_bs, eps_add, eps_floor = hyper.unbind()
+    param.mul_(decay)                                        # θ·(1 − lr·wd)
+    exp_avg.mul_(beta1).add_(grad * grad_weight)             # β1·m + (±)(1 − β1)·g, − when maximizing
+    # SophiaG: eps_add=1e-15, eps_floor=-inf -> rho·bs·h + 1e-15
+    # SophiaH: eps_add=0,     eps_floor=1e-15 -> max(rho·bs·h, 1e-15)
+    denom = torch.maximum(rho_bs * hessian + eps_add, eps_floor)
+    # clamp(m/d, -1, 1) is exactly sign(m)·min(|m|/d, 1) for d > 0
+    param.sub_(lr * torch.clamp(exp_avg / denom, -1.0, 1.0))
+
+
+def _hessian_update_gnb(hessian, grad, hyper, finite):
+    # h ← β2·h + (1 − β2)·g², left unchanged when the refresh holds NaN/inf anywhere (finite: 0-d bool
+    # on the device). Reads h and g once, writes h once.
+    beta2, one_minus_beta2 = hyper.unbind()
+    hessian.copy_(torch.where(finite, hessian * beta2 + one_minus_beta2 * grad * grad, hessian))
+
+
+def _hessian_update_hutchinson(hessian, u_hu, hyper, finite):
+    # h ← β2·h + (1 − β2)·u⊙Hu, the same way
+    beta2, one_minus_beta2 = hyper.unbind()
+    hessian.copy_(torch.where(finite, hessian * beta2 + one_minus_beta2 * u_hu, hessian))
+
+
+@functools.cache
+def _compiled(fn):
+    # compiled on first use (importing this module stays cheap). dynamic=True and 1-D views (see
+    # _flat): one kernel for every tensor size and rank, so GPT-2's 75 tensors cost one compilation
+    # per dtype, not 75, and stay well under dynamo's limit of 8 variants per function.
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _flat(*tensors):
+    # contiguous tensors (the usual case) go into the kernels as 1-D views of themselves
+    return [t.view(-1) for t in tensors] if all(t.is_contiguous() for t in tensors) else list(tensors)
+
+
+def _hyper(values, like):
+    """Hyper-parameters as one small tensor on like's device, in its compute dtype (fp32 for
+    fp32/bf16/fp16 params, so that 1 − lr·wd does not round to 1 in bf16; fp64 for fp64). Built on the
+    host and copied without waiting (non_blocking), so a CUDA step never syncs."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.tensor(values, dtype=dtype).to(like.device, non_blocking=True)
+
+
+def _all_finite(estimates, square):
+    """0-d bool on estimates[0]'s device: every entry (squared for GNB) is finite. One read pass
+    (max |x| per tensor), no host sync."""
+    peaks = torch._foreach_norm(estimates, float("inf"))      # NaN propagates through max
+    device = estimates[0].device
+    peak = torch.stack([x.to(device, torch.float32, non_blocking=True) for x in peaks]).amax()
+    if square:
+        peak = peak * peak
+    return torch.isfinite(peak)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SophiaG / SophiaH
+
+
+class SophiaG(Optimizer):
+    """Sophia with the Gauss-Newton-Bartlett estimator. See the module docstring."""
+
+    clip_negative_curvature = False  # denominator rho·bs·h + 1e-15 (official SophiaG)
+    estimate_is_squared = True       # update_hessian squares p.grad (GNB: ĥ ∝ ĝ⊙ĝ)
+
+    def __init__(self, params, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, *,
+                 maximize=False, capturable=False, fused=True):
+        if not lr > 0.0:
+            raise ValueError(f"lr must be > 0, got {lr}: pass a positive learning rate, e.g. lr=6e-4")
+        if not rho > 0.0:
+            raise ValueError(f"rho must be > 0, got {rho}: pass a positive clipping scale, e.g. rho=0.05")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}: e.g. betas=(0.965, 0.99)")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}: e.g. weight_decay=0.1")
+        defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay,
+                        maximize=maximize, capturable=capturable)
+        super().__init__(params, defaults)
+        self.fused = fused  # an attribute, not a group key: param_groups keep the official layout
+        self._compile_failed = False
+
+    def __setstate__(self, state):
+        # also runs in load_state_dict: groups saved by the official class lack nothing we need, but
+        # keep its defaults for very old checkpoints
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("capturable", False)
+
+    def _init_state(self, p):
+        # official layout: step is a 0-d CPU float tensor, or (1,) on p's device when capturable
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = (torch.zeros((1,), dtype=torch.float, device=p.device)
+                             if self.defaults["capturable"] else torch.tensor(0.0))
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if "hessian" not in state:
+            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _fused(self, fn, *args):
+        """Run fn compiled (one kernel per call). If compiling fails (no C++ compiler, unsupported
+        platform, too many variants), warn once and from then on run the same code eagerly: correct,
+        just slower. Compilation happens before the kernel touches anything, so a failed call
+        changed nothing."""
+        if not self._compile_failed:
+            try:
+                return _compiled(fn)(*args)
+            except Exception as err:
+                self._compile_failed = True
+                warnings.warn(f"{type(self).__name__}: torch.compile failed ({type(err).__name__}: "
+                              f"{str(err)[:300]}); running the fused step's code eagerly from now on "
+                              f"(slower). The CPU fast path needs a C++ compiler (g++); fused=False "
+                              f"selects the reference path and silences this.")
+        return fn(*args)
+
+    @torch.no_grad()
+    def update_hessian(self):
+        """h ← β2·h + (1 − β2)·ĥ for every parameter with a grad (ĥ = p.grad² for SophiaG, p.grad for
+        SophiaH). Returns a 0-d bool tensor: False when the estimate held NaN/inf anywhere, and then
+        no state was changed."""
+        hessians, estimates, betas2 = [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                hessians.append(self._init_state(p)["hessian"])
+                estimates.append(p.grad)
+                betas2.append(group["betas"][1])
+        if not estimates:
+            return torch.tensor(True)
+        square = self.estimate_is_squared
+
+        if not self.fused:
+            # reference: check on the host, then the official in-place update
+            if not all(torch.isfinite(e * e if square else e).all() for e in estimates):
+                return torch.tensor(False)
+            for h, e, beta2 in zip(hessians, estimates, betas2):
+                if square:
+                    h.mul_(beta2).addcmul_(e, e, value=1 - beta2)
+                else:
+                    h.mul_(beta2).add_(e, alpha=1 - beta2)
+            return torch.tensor(True)
+
+        finite = _all_finite(estimates, square)  # 0-d bool on the device, no sync
+        hypers = {}
+        for h, e, beta2 in zip(hessians, estimates, betas2):
+            key = (beta2, h.device, h.dtype)
+            if key not in hypers:
+                hypers[key] = (_hyper([beta2, 1 - beta2], h), finite.to(h.device, non_blocking=True))
+            hyper, finite_here = hypers[key]
+            update = _hessian_update_gnb if square else _hessian_update_hutchinson
+            self._fused(update, *_flat(h, e), hyper, finite_here)
+        return finite
+
+    @torch.no_grad()
+    def step(self, closure=None, bs=5120):
+        """One Sophia step. bs: the number of predictions (tokens) in the Hessian batch."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, hessians, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self._init_state(p)
+                # complex tensors: real and imaginary parts are independent coordinates (as official)
+                as_real = torch.view_as_real if torch.is_complex(p) else (lambda t: t)
+                params.append(as_real(p))
+                grads.append(as_real(p.grad))
+                exp_avgs.append(as_real(state["exp_avg"]))
+                hessians.append(as_real(state["hessian"]))
+                steps.append(state["step"])
+            if not params:
+                continue
+            torch._foreach_add_(steps, 1)
+            beta1 = group["betas"][0]
+            lr, rho, wd, maximize = group["lr"], group["rho"], group["weight_decay"], group["maximize"]
+
+            if not self.fused:
+                _sophia_reference(params, grads, exp_avgs, hessians, lr=lr, beta1=beta1, rho=rho, bs=bs,
+                                  weight_decay=wd, maximize=maximize,
+                                  clip_negative_curvature=self.clip_negative_curvature)
+                continue
+
+            eps_add, eps_floor = (0.0, 1e-15) if self.clip_negative_curvature else (1e-15, float("-inf"))
+            grad_weight = -(1 - beta1) if maximize else 1 - beta1
+            values = [lr, 1 - lr * wd, beta1, grad_weight, rho * bs, eps_add, eps_floor]
+            hypers = {}
+            for p, g, m, h in zip(params, grads, exp_avgs, hessians):
+                key = (p.device, p.dtype)
+                if key not in hypers:
+                    hypers[key] = _hyper(values, p)
+                self._fused(_sophia_update, *_flat(p, g, m, h), hypers[key])
+        return loss
+
+    @torch.no_grad()
+    def sophia_stats(self, bs):
+        """Diagnostics as 0-d tensors (no host sync, no state copies), for log steps:
+        optim/win_rate: fraction of coordinates not clipped, |m| < rho·bs·h (healthy: 0.1-0.5);
+        optim/hessian_norm: Σ|h|."""
+        unclipped, hessians, total = [], [], 0
+        device = None
+        for group in self.param_groups:
+            threshold = group["rho"] * bs
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "hessian" not in state or "exp_avg" not in state:
+                    continue
+                m, h = state["exp_avg"], state["hessian"]
+                device = device or h.device
+                unclipped.append(torch.count_nonzero(m.abs() < threshold * h).to(device, non_blocking=True))
+                hessians.append(h)
+                total += m.numel()
+        if not hessians:
+            return {"optim/win_rate": torch.tensor(0.0), "optim/hessian_norm": torch.tensor(0.0)}
+        norms = [x.to(device, torch.float32, non_blocking=True) for x in torch._foreach_norm(hessians, 1)]
+        return {"optim/win_rate": torch.stack(unclipped).sum() / total,
+                "optim/hessian_norm": torch.stack(norms).sum()}
+
+
+class SophiaH(SophiaG):
+    """Sophia with the Hutchinson estimator (p.grad holds u⊙Hu): negative curvature clipped."""
+
+    clip_negative_curvature = True   # denominator max(rho·bs·h, 1e-15)
+    estimate_is_squared = False      # update_hessian uses p.grad linearly
+
+
+def _sophia_reference(params, grads, exp_avgs, hessians, *, lr, beta1, rho, bs, weight_decay,
+                      maximize, clip_negative_curvature):
+    """The Sophia step, one tensor at a time, written as the official SophiaG writes it."""
+    for param, grad, exp_avg, hessian in zip(params, grads, exp_avgs, hessians):
+        grad = -grad if maximize else grad
+        param.mul_(1 - lr * weight_decay)
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        if clip_negative_curvature:
+            denom = (rho * bs * hessian).clamp(min=1e-15)
+        else:
+            denom = rho * bs * hessian + 1e-15
+        ratio = (exp_avg.abs() / denom).clamp(max=1)
+        param.addcmul_(exp_avg.sign(), ratio, value=-lr)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms")
+
+
+class Lion(Optimizer):
+    """θ ← θ·(1 − lr·wd);  θ ← θ − lr·sign(β1·m + (1 − β1)·g);  m ← β2·m + (1 − β2)·g.
+    One buffer per parameter (exp_avg). Multi-tensor (torch._foreach_*) ops, one group at a time."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.95, 0.98), weight_decay=0.0):
+        if not lr > 0.0:
+            raise ValueError(f"lr must be > 0, got {lr}: pass a positive learning rate, e.g. lr=1e-4")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}: e.g. betas=(0.95, 0.98)")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}: e.g. weight_decay=0.1")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if len(self.state[p]) == 0:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs = [self.state[p]["exp_avg"] for p in params]
+            beta1, beta2 = group["betas"]
+            lr = group["lr"]
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            update = torch._foreach_mul(exp_avgs, beta1)           # β1·m + (1 − β1)·g, then its sign
+            torch._foreach_add_(update, grads, alpha=1 - beta1)
+            torch._foreach_sign_(update)
+            torch._foreach_add_(params, update, alpha=-lr)
+            del update
+            torch._foreach_mul_(exp_avgs, beta2)
+            torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hessian estimators. Each ACCUMULATES into p.grad, like loss.backward(); train.py zeroes the grads,
+# calls one of these once per micro-batch with scale = 1/grad_accum, then optimizer.update_hessian().
+
+
+def sample_categorical(probs, generator=None, max_block=256):
+    """One draw per row of probs (N, V), rows non-negative (they need not sum to 1): returns (N,) int64.
+
+    Inverse CDF in two levels, so that no (N, V) cumulative sum is written: choose a block of
+    `block` consecutive entries by the block masses (N, V/block), then an entry inside the chosen
+    block. block = the largest divisor of V up to max_block (192 for V = 50304). Cumulative sums are
+    in float64 (they are small), so each entry is drawn with its float32 probability up to fp32
+    round-off of the block sums; an entry of probability 0 is never drawn (up to that round-off).
+    Measured here: ~5x faster than torch.multinomial and ~25x faster than torch.distributions.Categorical
+    on 1024 x 50304 (scripts/bench_optim.py)."""
+    n, v = probs.shape
+    block = max(d for d in range(1, min(v, max_block) + 1) if v % d == 0)
+    blocks = probs.view(n, v // block, block)                               # (N, nb, block)
+    block_mass = blocks.sum(-1, dtype=torch.float64)                        # (N, nb)
+    block_end = block_mass.cumsum(-1)                                       # (N, nb)
+    u = torch.rand(n, 1, dtype=torch.float64, device=probs.device, generator=generator)
+    u = u * block_end[:, -1:]                                               # (N, 1) in [0, row sum)
+    b = torch.searchsorted(block_end, u, right=True).clamp_(max=v // block - 1)   # (N, 1) block index
+    u = u - (block_end.gather(1, b) - block_mass.gather(1, b))              # mass left inside block b
+    inside = blocks.gather(1, b[:, :, None].expand(n, 1, block)).squeeze(1)  # (N, block)
+    inside_end = inside.to(torch.float64).cumsum(-1)
+    j = torch.searchsorted(inside_end, u, right=True).clamp_(max=block - 1)  # (N, 1) entry in block
+    return (b * block + j).squeeze(1)
+
+
+def gnb_backward(logits, scale, generator=None):
+    """Gauss-Newton-Bartlett: backprop scale · mean CE(logits, ŷ) with ŷ ~ softmax(logits).
+
+    logits: (..., V) with the graph attached (e.g. (B, T, V) from the model). generator: a
+    torch.Generator on logits' device, or None for the default one. Returns the number of predictions
+    N = logits.numel() // V. The gradient is formed directly, d/dlogits = scale·(softmax − onehot(ŷ))/N,
+    written in place into the softmax buffer: one softmax, no log-softmax, no second (N, V) buffer.
+    Under DDP run this through the DDP model so the gradients are averaged before update_hessian()
+    squares them."""
+    vocab = logits.size(-1)
+    with torch.no_grad():
+        probs = torch.softmax(logits.detach().reshape(-1, vocab), dim=-1, dtype=torch.float32)  # (N, V)
+        n = probs.size(0)
+        labels = sample_categorical(probs, generator)                         # (N,)
+        grad = probs.mul_(scale / n)                                          # now scale·softmax/N
+        grad[torch.arange(n, device=grad.device), labels] -= scale / n        # − scale·onehot/N
+    logits.backward(grad.view(logits.shape).to(logits.dtype))
+    return n
+
+
+def hutchinson_backward(loss, params, scale, generator=None, probe="rademacher"):
+    """Hutchinson: p.grad += scale · u⊙(H u), u ~ Rademacher (±1) or Gaussian, H the Hessian of loss.
+
+    loss: scalar with the graph attached (built with create_graph-able ops). params: the tensors to
+    estimate for. generator: a torch.Generator on the params' device, or None. E[u⊙Hu] = diag(H).
+    Hu comes from double backward: grad of (∇loss · u) with u held constant. Under DDP, all-reduce
+    (average) p.grad afterwards."""
+    if probe not in ("rademacher", "gaussian"):
+        raise ValueError(f"probe must be 'rademacher' or 'gaussian', got {probe!r}")
+    params = [p for p in params if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    pairs = [(p, g) for p, g in zip(params, grads) if g is not None and g.requires_grad]
+    probes = []
+    for p, _ in pairs:
+        if probe == "rademacher":
+            u = torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
+        else:
+            u = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+        probes.append(u)
+    hvps = torch.autograd.grad([g for _, g in pairs], [p for p, _ in pairs], grad_outputs=probes,
+                               allow_unused=True, materialize_grads=True)
+    with torch.no_grad():
+        for (p, _), u, hu in zip(pairs, probes, hvps):
+            estimate = u * hu * scale
+            if p.grad is None:
+                p.grad = estimate
+            else:
+                p.grad.add_(estimate)

@@ -1,0 +1,360 @@
+"""Sophia, Lion and the Hessian estimators against formulas written here and closed forms."""
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sophia
+
+# the fused path must really be compiled here, not its eager fallback
+pytestmark = pytest.mark.filterwarnings("error:.*torch.compile failed:UserWarning")
+
+# ---- the update rules, written plainly from the paper / the official code, one tensor at a time
+
+
+def official_sophia_step(theta, m, h, g, *, lr, beta1, rho, bs, wd, maximize, clip_negative):
+    g = -g if maximize else g
+    theta = theta * (1 - lr * wd)
+    m = beta1 * m + (1 - beta1) * g
+    denom = torch.clamp(rho * bs * h, min=1e-15) if clip_negative else rho * bs * h + 1e-15
+    ratio = torch.clamp(m.abs() / denom, max=1.0)
+    theta = theta - lr * torch.sign(m) * ratio
+    return theta, m
+
+
+def lion_step(theta, m, g, *, lr, beta1, beta2, wd):
+    theta = theta * (1 - lr * wd)
+    theta = theta - lr * torch.sign(beta1 * m + (1 - beta1) * g)
+    m = beta2 * m + (1 - beta2) * g
+    return theta, m
+
+
+def make_params(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(6, 5, generator=gen, dtype=dtype).requires_grad_()
+    bias = torch.randn(5, generator=gen, dtype=dtype).requires_grad_()
+    return weight, bias
+
+
+def random_grads(shapes, gen, dtype):
+    return [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+
+
+# ---- SophiaG / SophiaH trajectories
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("cls", [sophia.SophiaG, sophia.SophiaH])
+def test_sophia_trajectory_matches_formula_float64(cls, maximize, fused):
+    weight, bias = make_params(torch.float64)
+    lr, betas, rho, bs = 0.05, (0.9, 0.95), 0.2, 20
+    opt = cls([{"params": [weight], "weight_decay": 0.1}, {"params": [bias], "weight_decay": 0.0}],
+              lr=lr, betas=betas, rho=rho, maximize=maximize, fused=fused)
+    clip_negative = cls is sophia.SophiaH
+    theta = [weight.detach().clone(), bias.detach().clone()]
+    m = [torch.zeros_like(t) for t in theta]
+    h = [torch.zeros_like(t) for t in theta]
+    wds = [0.1, 0.0]
+    gen = torch.Generator().manual_seed(1)
+    win_rates = []
+    for step in range(7):
+        lr_now = lr * (1 - step / 10)  # a schedule: lr changes every step
+        for group in opt.param_groups:
+            group["lr"] = lr_now
+        if step % 3 == 0:  # Hessian refresh, from its own "estimator" gradients
+            estimates = random_grads([t.shape for t in theta], gen, torch.float64)
+            weight.grad, bias.grad = (e.clone() for e in estimates)
+            assert bool(opt.update_hessian())
+            for i, e in enumerate(estimates):
+                h[i] = betas[1] * h[i] + (1 - betas[1]) * (e if clip_negative else e * e)
+        grads = random_grads([t.shape for t in theta], gen, torch.float64)
+        weight.grad, bias.grad = (g.clone() for g in grads)
+        opt.step(bs=bs)
+        for i in range(2):
+            theta[i], m[i] = official_sophia_step(theta[i], m[i], h[i], grads[i], lr=lr_now, beta1=betas[0],
+                                                  rho=rho, bs=bs, wd=wds[i], maximize=maximize,
+                                                  clip_negative=clip_negative)
+        for p, t in zip((weight, bias), theta):
+            torch.testing.assert_close(p.detach(), t, rtol=1e-12, atol=1e-14)
+        unclipped = sum(int((mi.abs() < rho * bs * hi).sum()) for mi, hi in zip(m, h))
+        stats = opt.sophia_stats(bs)
+        assert stats["optim/win_rate"].dim() == 0
+        assert stats["optim/win_rate"].item() == pytest.approx(unclipped / 35)
+        assert stats["optim/hessian_norm"].item() == pytest.approx(sum(hi.abs().sum().item() for hi in h))
+        win_rates.append(unclipped / 35)
+    # both branches of the clip were taken, and the state holds what the formula says
+    assert 0 < max(win_rates) < 1
+    for p, mi, hi in zip((weight, bias), m, h):
+        state = opt.state[p]
+        assert set(state) == {"step", "exp_avg", "hessian"} and state["step"].item() == 7
+        torch.testing.assert_close(state["exp_avg"], mi, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state["hessian"], hi, rtol=1e-12, atol=1e-14)
+    if clip_negative:
+        assert (h[0] < 0).any()  # negative curvature was exercised
+
+
+@pytest.mark.parametrize("cls", [sophia.SophiaG, sophia.SophiaH])
+def test_fused_matches_reference_float32(cls):
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        params = [torch.randn(40, 24, requires_grad=True), torch.randn(24, requires_grad=True),
+                  torch.randn(3, 4, 5, requires_grad=True)]
+        opt = cls([{"params": params[:2], "weight_decay": 0.2}, {"params": params[2:], "weight_decay": 0.0}],
+                  lr=1e-2, rho=0.05, fused=fused)
+        gen = torch.Generator().manual_seed(3)
+        for step in range(6):
+            if step % 2 == 0:
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt.update_hessian()
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen) * 0.1
+            opt.step(bs=100)
+        results.append([p.detach().clone() for p in params] +
+                       [opt.state[p][k] for p in params for k in ("exp_avg", "hessian")])
+    for fused_t, ref_t in zip(*results):
+        torch.testing.assert_close(fused_t, ref_t, rtol=1e-6, atol=1e-7)
+
+
+def test_lion_matches_formula_float64():
+    weight, bias = make_params(torch.float64)
+    lr, betas, wd = 0.01, (0.95, 0.98), 0.3
+    opt = sophia.Lion([weight, bias], lr=lr, betas=betas, weight_decay=wd)
+    theta = [weight.detach().clone(), bias.detach().clone()]
+    m = [torch.zeros_like(t) for t in theta]
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        grads = random_grads([t.shape for t in theta], gen, torch.float64)
+        weight.grad, bias.grad = (g.clone() for g in grads)
+        opt.step()
+        for i in range(2):
+            theta[i], m[i] = lion_step(theta[i], m[i], grads[i], lr=lr, beta1=betas[0], beta2=betas[1], wd=wd)
+    for p, t, mi in zip((weight, bias), theta, m):
+        torch.testing.assert_close(p.detach(), t, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], mi, rtol=1e-12, atol=1e-14)
+        assert len(opt.state[p]) == 1  # one buffer per parameter
+
+
+def test_lr_schedule_and_new_shapes_do_not_recompile():
+    # the fused step takes lr etc. as a tensor and sizes as runtime arguments: warm it up once, then a
+    # changing lr and unseen sizes must reuse the compiled kernels (a recompile raises here, and the
+    # fallback's warning is turned into an error)
+    opt = sophia.SophiaG([torch.randn(8, 3, requires_grad=True), torch.randn(3, requires_grad=True)], lr=1e-3)
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    opt.update_hessian()
+    opt.step()
+    params = [torch.randn(17, 5, requires_grad=True), torch.randn(9, requires_grad=True)]
+    opt2 = sophia.SophiaG(params, lr=2e-3, rho=0.1, weight_decay=0.3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for lr in (1e-3, 5e-4, 1e-4):
+            opt2.param_groups[0]["lr"] = lr
+            opt2.update_hessian()
+            opt2.step(bs=77)
+
+
+# ---- robustness: bad input, non-finite Hessian estimates, checkpoints
+
+
+BAD = [({"lr": 0.0}, "lr"), ({"lr": -1e-3}, "lr"), ({"betas": (1.0, 0.99)}, "betas"),
+       ({"betas": (0.9, -0.1)}, "betas"), ({"weight_decay": -0.1}, "weight_decay")]
+BAD_RHO = [({"rho": 0.0}, "rho"), ({"rho": -0.1}, "rho")]
+
+
+@pytest.mark.parametrize("cls, kwargs, word", [(sophia.SophiaG, k, w) for k, w in BAD + BAD_RHO] +
+                         [(sophia.SophiaH, k, w) for k, w in BAD + BAD_RHO] + [(sophia.Lion, k, w) for k, w in BAD])
+def test_bad_hyperparameters_raise_naming_the_fix(cls, kwargs, word):
+    with pytest.raises(ValueError, match=word) as err:
+        cls([torch.zeros(2, requires_grad=True)], **kwargs)
+    assert "e.g." in str(err.value)
+
+
+def test_bad_probe_raises():
+    x = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="rademacher"):
+        sophia.hutchinson_backward((x ** 3).sum(), [x], 1.0, probe="normal")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("cls, bad", [(sophia.SophiaG, float("nan")), (sophia.SophiaG, float("inf")),
+                                      (sophia.SophiaG, 1e30),  # finite, but its square overflows fp32
+                                      (sophia.SophiaH, float("nan")), (sophia.SophiaH, float("-inf"))])
+def test_non_finite_hessian_estimate_is_skipped(cls, bad, fused):
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    opt = cls(params, lr=1e-3, fused=fused)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    assert bool(opt.update_hessian())
+    before = [opt.state[p]["hessian"].clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[1].grad[2] = bad  # one bad entry in one tensor spoils the whole refresh
+    flag = opt.update_hessian()
+    assert torch.is_tensor(flag) and flag.dtype == torch.bool and not bool(flag)
+    for p, h in zip(params, before):
+        assert torch.equal(opt.state[p]["hessian"], h)
+    params[1].grad[2] = 0.5
+    assert bool(opt.update_hessian())
+    assert not torch.equal(opt.state[params[0]]["hessian"], before[0])
+    assert all(torch.isfinite(opt.state[p]["hessian"]).all() for p in params)
+
+
+def run_steps(opt, params, gen, n, bs=64):
+    for step in range(n):
+        if step % 2 == 0:
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.update_hessian()
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 0.1
+        opt.step(bs=bs)
+
+
+def test_state_dict_round_trip_continues_identically():
+    params = list(make_params(torch.float32))
+    opt = sophia.SophiaG(params, lr=1e-2, rho=0.1)
+    run_steps(opt, params, torch.Generator().manual_seed(0), 3)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buffer)
+    run_steps(opt, params, torch.Generator().manual_seed(1), 3)
+
+    buffer.seek(0)
+    ckpt = torch.load(buffer)
+    restored = [t.clone().requires_grad_() for t in ckpt["params"]]
+    opt2 = sophia.SophiaG(restored, lr=1.0, rho=1.0)  # hyper-parameters come from the checkpoint
+    opt2.load_state_dict(ckpt["opt"])
+    run_steps(opt2, restored, torch.Generator().manual_seed(1), 3)
+    for a, b in zip(params, restored):
+        assert torch.equal(a.detach(), b.detach())
+        assert torch.equal(opt.state[a]["hessian"], opt2.state[b]["hessian"])
+        assert torch.equal(opt.state[a]["step"], opt2.state[b]["step"])
+
+
+def test_loads_a_checkpoint_in_the_official_layout():
+    # what the official SophiaG's state_dict() holds: 0-d float step, exp_avg, hessian; its group keys
+    weight, bias = make_params(torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    m = random_grads([weight.shape, bias.shape], gen, torch.float64)
+    h = [x.abs() for x in random_grads([weight.shape, bias.shape], gen, torch.float64)]
+    official = {
+        "state": {i: {"step": torch.tensor(12.0), "exp_avg": m[i].clone(), "hessian": h[i].clone()} for i in range(2)},
+        "param_groups": [{"lr": 0.01, "betas": (0.965, 0.99), "rho": 0.04, "weight_decay": 0.1,
+                          "maximize": False, "capturable": False, "params": [0, 1]}],
+    }
+    opt = sophia.SophiaG([weight, bias])
+    opt.load_state_dict(official)
+    theta = [weight.detach().clone(), bias.detach().clone()]
+    grads = random_grads([weight.shape, bias.shape], gen, torch.float64)
+    weight.grad, bias.grad = (g.clone() for g in grads)
+    opt.step(bs=480)
+    for i, p in enumerate((weight, bias)):
+        expected, _ = official_sophia_step(theta[i], m[i], h[i], grads[i], lr=0.01, beta1=0.965, rho=0.04,
+                                           bs=480, wd=0.1, maximize=False, clip_negative=False)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-14)
+        assert opt.state[p]["step"].item() == 13
+    # and our own state_dict has the official layout
+    sd = opt.state_dict()
+    assert set(sd["state"][0]) == {"step", "exp_avg", "hessian"}
+    assert set(sd["param_groups"][0]) == {"lr", "betas", "rho", "weight_decay", "maximize", "capturable", "params"}
+
+
+def test_capturable_is_accepted():
+    p = torch.randn(3, requires_grad=True)
+    opt = sophia.SophiaG([p], capturable=True)
+    p.grad = torch.ones(3)
+    opt.update_hessian()
+    opt.step()
+    assert opt.state[p]["step"].shape == (1,) and opt.state[p]["step"].item() == 1
+
+
+# ---- estimators
+
+
+def test_hutchinson_converges_to_the_hessian_diagonal():
+    # loss = ½ xᵀAx over x = (a.flatten(), b): the Hessian is A, so E[u⊙Au] = diag(A)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(10, 10, generator=gen, dtype=torch.float64)
+    A = q @ q.T / 10 + torch.diag(torch.linspace(1.0, 5.0, 10, dtype=torch.float64))
+    a = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def loss():
+        x = torch.cat([a.flatten(), b])
+        return 0.5 * x @ A @ x
+
+    # per-probe variance of u_i(Au)_i: Σ_{j≠i} A_ij² (Rademacher), that + 2·A_ii² (Gaussian)
+    off_diagonal = (A ** 2).sum(1) - torch.diag(A) ** 2
+    for probe, variance in (("rademacher", off_diagonal), ("gaussian", off_diagonal + 2 * torch.diag(A) ** 2)):
+        a.grad = b.grad = None
+        n_probes = 3000
+        for _ in range(n_probes):
+            sophia.hutchinson_backward(loss(), [a, b], 1.0 / n_probes, gen, probe=probe)
+        estimate = torch.cat([a.grad.flatten(), b.grad])
+        assert ((estimate - torch.diag(A)).abs() < 5 * (variance / n_probes).sqrt()).all()
+
+    # one Rademacher probe is exact on a diagonal Hessian (u⊙Du = D·u² = D)
+    a.grad = b.grad = None
+    D = torch.linspace(-2.0, 3.0, 10, dtype=torch.float64)
+    x = torch.cat([a.flatten(), b])
+    sophia.hutchinson_backward(0.5 * (D * x * x).sum(), [a, b], 2.0, gen)
+    torch.testing.assert_close(torch.cat([a.grad.flatten(), b.grad]), 2.0 * D, rtol=1e-12, atol=0)
+
+
+def test_gnb_matches_the_gauss_newton_diagonal_of_softmax_regression():
+    # logits_n = W x_n, mean CE over N points. Gauss-Newton diagonal of the mean loss, closed form:
+    #   GN[v, d] = (1/N) Σ_n x_nd² p_nv (1 − p_nv).
+    # GNB: ĝ = ∇ mean CE against y ~ softmax; E[N·ĝ²] = GN. R replicas of W give R independent ĝ in one
+    # call: gnb_backward averages over R·N predictions, so replica r's own ĝ is R·W.grad[r].
+    gen = torch.Generator().manual_seed(0)
+    N, D, V, R = 5, 3, 4, 40000
+    x = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    W = torch.randn(V, D, generator=gen, dtype=torch.float64)
+    probs = torch.softmax(x @ W.T, dim=-1)                                  # (N, V)
+    gauss_newton = torch.einsum("nd,nv->vd", x ** 2, probs * (1 - probs)) / N
+
+    Wr = W.expand(R, V, D).clone().requires_grad_()
+    logits = torch.einsum("nd,rvd->rnv", x, Wr)                             # (R, N, V)
+    n = sophia.gnb_backward(logits, 1.0, gen)
+    assert n == R * N
+    g_hat = R * Wr.grad                                                     # (R, V, D)
+    estimate = (N * g_hat ** 2).mean(0)
+    torch.testing.assert_close(estimate, gauss_newton, rtol=0.05, atol=0)
+    # the estimator's gradient has mean zero: E[onehot(y)] = p
+    torch.testing.assert_close(g_hat.mean(0), torch.zeros_like(W), rtol=0, atol=0.02)
+
+
+def test_gnb_gradient_equals_autograd_cross_entropy_on_the_same_labels():
+    V = 1000  # blocks of 250 in the sampler
+    logits0 = torch.randn(2, 7, V, generator=torch.Generator().manual_seed(0)) * 4
+    ours = logits0.clone().requires_grad_()
+    ours.grad = torch.ones_like(ours)  # gnb_backward accumulates, like loss.backward()
+    n = sophia.gnb_backward(ours, 0.25, torch.Generator().manual_seed(7))
+    assert n == 14
+    # the same labels: the same generator state through the same sampler
+    labels = sophia.sample_categorical(torch.softmax(logits0.view(-1, V), -1), torch.Generator().manual_seed(7))
+    peer = logits0.clone().requires_grad_()
+    (0.25 * F.cross_entropy(peer.view(-1, V), labels)).backward()
+    torch.testing.assert_close(ours.grad, peer.grad + 1, rtol=1e-6, atol=1e-8)
+
+
+def test_sample_categorical_draws_from_the_given_probabilities():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.rand(30, generator=gen, dtype=torch.float32)
+    p[[0, 7, 8, 29]] = 0.0  # never drawn, including the first and last entries and a block edge
+    p = p * 7.0             # rows need not sum to 1
+    n = 200000
+    draws = sophia.sample_categorical(p.expand(n, 30), gen, max_block=4)  # blocks of 3: both levels
+    assert draws.shape == (n,) and draws.dtype == torch.int64
+    freq = torch.bincount(draws, minlength=30).double() / n
+    expected = (p / p.sum()).double()
+    assert (freq[expected == 0] == 0).all()
+    sigma = (expected * (1 - expected) / n).sqrt()
+    assert ((freq - expected).abs() <= 5 * sigma + 1e-12).all()
