@@ -36,6 +36,64 @@ class GPTConfig:
                              f"pick n_embd as a multiple of n_head")
 
 
+def cross_entropy(logits, targets):
+    """Mean cross-entropy over the rows whose target is not -1. logits (N, V), targets (N,).
+    On CPU (eager) through CrossEntropyCPU below, which gives F.cross_entropy's loss and gradient with
+    half the passes over the (N, V) logits; elsewhere F.cross_entropy (fused kernels on GPU, and
+    what torch.compile fuses best)."""
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+        return CrossEntropyCPU.apply(logits, targets)
+    return F.cross_entropy(logits, targets, ignore_index=-1)
+
+
+class CrossEntropyCPU(torch.autograd.Function):
+    """F.cross_entropy(logits, targets, ignore_index=-1), computed so that one exp pass serves both the
+    loss and its gradient (softmax - onehot): F.cross_entropy writes log_softmax, then in backward
+    zero-fills a one-hot gradient and reads both again. Rows go in chunks that stay in cache.
+    Measured on this project's 2-core CPU at 1024 x 50304 fp32: about half the time of F.cross_entropy."""
+
+    ROWS_PER_CHUNK = 16  # 16 x 50304 fp32 = 3.2 MB: a chunk's four passes hit cache, not memory
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        N, V = logits.shape
+        keep = targets != -1  # (N,)
+        safe_targets = targets.clamp(min=0)  # -1 would be an invalid index for gather/scatter
+        n_kept = keep.sum()
+        need_grad = ctx.needs_input_grad[0]
+        # exp(logits - rowmax): kept for backward, where it becomes the gradient in place
+        exps = torch.empty_like(logits) if need_grad else None  # (N, V)
+        row_max = torch.empty(N, 1, dtype=logits.dtype, device=logits.device)
+        row_sum = torch.empty(N, 1, dtype=logits.dtype, device=logits.device)
+        for i in range(0, N, CrossEntropyCPU.ROWS_PER_CHUNK):
+            rows = slice(i, i + CrossEntropyCPU.ROWS_PER_CHUNK)
+            chunk = logits[rows]
+            torch.amax(chunk, dim=1, keepdim=True, out=row_max[rows])
+            e = torch.sub(chunk, row_max[rows], out=exps[rows] if need_grad else None)
+            e.exp_()
+            torch.sum(e, dim=1, keepdim=True, out=row_sum[rows])
+        log_sum_exp = (row_max + row_sum.log()).squeeze(1)  # (N,)
+        target_logit = logits.gather(1, safe_targets[:, None]).squeeze(1)  # (N,)
+        loss = torch.where(keep, log_sum_exp - target_logit, 0.0).sum() / n_kept
+        if need_grad:
+            ctx.save_for_backward(logits, exps, row_sum, safe_targets, keep, n_kept)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, exps, row_sum, safe_targets, keep, n_kept = ctx.saved_tensors
+        # d loss / d logits = (softmax - onehot(target)) * grad_loss / n_kept on kept rows, 0 elsewhere
+        row_scale = (grad_loss / n_kept) * keep.to(logits.dtype)[:, None]  # (N, 1)
+        if torch.is_grad_enabled():
+            # create_graph=True (Hessian-vector products, Sophia-H): the same formula from differentiable
+            # ops on the saved logits, so that a second backward sees softmax's curvature
+            onehot = torch.zeros_like(logits).scatter_(1, safe_targets[:, None], 1.0)
+            return (torch.softmax(logits, dim=1) - onehot) * row_scale, None
+        grad = exps.mul_(row_scale / row_sum)  # softmax * scale, in the buffer forward filled
+        grad.scatter_add_(1, safe_targets[:, None], -row_scale)
+        return grad, None
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer_idx):
@@ -135,7 +193,12 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} > block_size {self.config.block_size}: "
                              f"shorten the input or build the model with block_size >= {T}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        # sparse=True: the lookup's gradient is B*T rows added into the head's dense (vocab, C) gradient
+        # of the same tied weight, instead of a zero-filled (vocab, C) tensor plus a full add. The
+        # weight's .grad is still dense (the head's gradient arrives first), so optimizers and DDP
+        # (which sees a non-sparse nn.Embedding) are unaffected.
+        tok_emb = F.embedding(idx, self.transformer.wte.weight, sparse=True)  # (B, T, C)
+        x = tok_emb + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)
@@ -143,7 +206,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab): every position, the GNB estimator samples from all
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     # ---------------------------------------------------------------- HF GPT2LMHeadModel conversion
