@@ -14,11 +14,16 @@ if [ "$missing" = 0 ]; then
     exit 0
 fi
 
+as_root=()
 if [ "$(id -u)" != 0 ]; then
-    echo "error: installing slurm needs root: sudo $0" >&2
-    exit 1
+    if ! sudo -n true 2>/dev/null; then
+        echo "error: installing slurm needs root: run sudo $0" >&2
+        exit 1
+    fi
+    as_root=(sudo -n)
 fi
-export DEBIAN_FRONTEND=noninteractive
-apt-get update
-# policy-rc.d in containers stops the packages' services from starting; that is what we want.
-apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
+# The packages' own services are not used (in containers policy-rc.d keeps them from starting):
+# local_cluster.py runs its own daemons with their own config, key and socket, so nothing conflicts.
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+    slurmctld slurmd slurm-client munge
