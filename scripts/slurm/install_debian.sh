@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Install the SLURM and MUNGE binaries that tests/test_slurm.py needs for its two-node local cluster
-# (scripts/slurm/local_cluster.py). Debian/Ubuntu, run as root. Idempotent: does nothing when the
-# binaries are already there. No daemon is started or enabled here; local_cluster.py runs its own.
+# (scripts/slurm/local_cluster.py). Debian/Ubuntu, as root or with sudo. Idempotent: does nothing when
+# the binaries are already there.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"  # the daemons live in sbin, which a non-root PATH may lack
 
 needed=(slurmctld slurmd sbatch scontrol munged)
 missing=0
 for binary in "${needed[@]}"; do
-    command -v "$binary" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin" command -v "$binary" >/dev/null 2>&1 || missing=1
+    command -v "$binary" >/dev/null 2>&1 || missing=1
 done
 if [ "$missing" = 0 ]; then
-    echo "slurm and munge already installed: $(slurmctld -V 2>/dev/null || /usr/sbin/slurmctld -V)"
+    echo "slurm and munge already installed: $(slurmctld -V)"
     exit 0
 fi
 
