@@ -212,3 +212,21 @@ def test_hydra_sweep_runs_one_slurm_job_per_point(cluster, tmp_path):
     # the jobs carried train.py's preemption contract
     submission = next((tmp_path / ".submitit").glob("*submission*.sh")).read_text()
     assert "#SBATCH --signal=USR1@120" in submission and "#SBATCH --requeue" in submission
+
+
+@needs_cluster
+def test_scancel_cancels_the_job_for_good(cluster, tmp_path):
+    """scancel sends SIGTERM: train.py may checkpoint, but must not requeue, or no user could cancel a run."""
+    log_path = tmp_path / "slurm.out"
+    out_dir = tmp_path / "run"
+    job_id = submit(cluster, log_path, [*TINY, "max_steps=400", f"out_dir={out_dir}"])
+    wait_for(lambda: len(train_steps(read_metrics(out_dir))) >= 2, 180, "the first training steps", log_path)
+    slurm(cluster, "scancel", job_id)
+    def settled():  # ended, or back in the queue
+        info = job_info(cluster, job_id)
+        return info if finished(cluster, job_id) or info["JobState"] == "PENDING" else None
+    info = wait_for(settled, 120, f"job {job_id} to end", log_path)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), \
+        f"after scancel the job is {info['JobState']} with {info['Restarts']} restart(s): " \
+        f"train.py requeued it on SIGTERM?\n{log_path.read_text()[-2000:]}"
+    slurm(cluster, "scancel", job_id)  # if it was requeued after all, do not leave it pending
