@@ -194,11 +194,17 @@ def build_optimizer(cfg, model, device):
     return sophia.SophiaH(groups, lr=optim.lr, betas=betas, rho=optim.rho, weight_decay=optim.weight_decay)
 
 
+def math_attention():
+    """The flash and memory-efficient attention kernels have no double backward; the math kernel has."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def check_double_backward(model, device, autocast):
     """SophiaH needs Hessian-vector products: fail at start, not at the first refresh."""
     idx = torch.zeros(1, 8, dtype=torch.long, device=device)
     try:
-        with autocast:
+        with math_attention(), autocast:
             _, loss = model(idx, idx)
         params = [p for p in model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -447,12 +453,8 @@ def train(cfg):
                         logits, _ = model(x)  # (B, T, vocab): labels are sampled from these
                     sophia.gnb_backward(logits, 1.0 / hess_accum, generator)
             else:
-                # Hutchinson needs double backward: the plain module, with math attention on CUDA
-                attention = nullcontext()
-                if device.type == "cuda":
-                    from torch.nn.attention import SDPBackend, sdpa_kernel
-                    attention = sdpa_kernel([SDPBackend.MATH])
-                with attention, autocast:
+                # Hutchinson needs double backward: the plain module, with the math attention kernel
+                with math_attention(), autocast:
                     _, loss = raw_model(x, y)
                 sophia.hutchinson_backward(loss, params, 1.0 / hess_accum, generator, cfg.optim.probe)
         if cfg.optim.name == "sophiah" and distributed:
