@@ -36,10 +36,14 @@ parser.add_argument("--warmup", type=int, default=3, help="untimed steps per opt
 parser.add_argument("--bias", action="store_true", help="add GPT-2's biases")
 parser.add_argument("--gnb-shape", default="8,128,50304", help="B,T,V of the logits for the GNB table")
 parser.add_argument("--gnb-steps", type=int, default=5)
-parser.add_argument("--skip-gnb", action="store_true")
+parser.add_argument("--skip-gnb", action="store_true", help="only the optimizer table")
+parser.add_argument("--skip-optim", action="store_true", help="only the GNB table")
+parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
 args = parser.parse_args()
 
 device = torch.device(args.device)
+if args.threads:
+    torch.set_num_threads(args.threads)
 dtype = getattr(torch, args.dtype)
 
 
@@ -56,143 +60,136 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
-# ---- GPT-2 124M parameter shapes, split into weight-decay and no-decay groups as model.py does
-d, vocab, block_size, n_layer = 768, 50304, 1024, 12
-decay_shapes = [(vocab, d), (block_size, d)]
-no_decay_shapes = [(d,)]  # ln_f
-for _ in range(n_layer):
-    decay_shapes += [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
-    no_decay_shapes += [(d,), (d,)]  # ln_1, ln_2
-    if args.bias:
-        no_decay_shapes += [(d,), (d,), (3 * d,), (d,), (4 * d,), (d,)]
+def bench_optimizers():
+    # GPT-2 124M parameter shapes, split into weight-decay and no-decay groups as model.py does
+    d, vocab, block_size, n_layer = 768, 50304, 1024, 12
+    decay_shapes = [(vocab, d), (block_size, d)]
+    no_decay_shapes = [(d,)]  # ln_f
+    for _ in range(n_layer):
+        decay_shapes += [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]  # attn qkv, attn proj, mlp fc, mlp proj
+        no_decay_shapes += [(d,), (d,)]  # ln_1, ln_2
+        if args.bias:
+            no_decay_shapes += [(d,), (d,), (3 * d,), (d,), (4 * d,), (d,)]
 
-torch.manual_seed(0)
-decay_params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02) for s in decay_shapes]
-no_decay_params = [torch.nn.Parameter(torch.ones(s, device=device, dtype=dtype)) for s in no_decay_shapes]
-all_params = decay_params + no_decay_params
-for p in all_params:
-    p.grad = torch.randn_like(p) * 1e-3
-n_params = sum(p.numel() for p in all_params)
-groups = lambda: [{"params": decay_params, "weight_decay": 0.1}, {"params": no_decay_params, "weight_decay": 0.0}]
+    torch.manual_seed(0)
+    decay = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02) for s in decay_shapes]
+    no_decay = [torch.nn.Parameter(torch.ones(s, device=device, dtype=dtype)) for s in no_decay_shapes]
+    for p in decay + no_decay:
+        p.grad = torch.randn_like(p) * 1e-3
+    n_params = sum(p.numel() for p in decay + no_decay)
+    groups = lambda: [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
 
-hess_bs = 480 * 1024
-candidates = {
-    "AdamW fused": lambda: torch.optim.AdamW(groups(), lr=6e-4, betas=(0.9, 0.95), fused=True),
-    "AdamW foreach": lambda: torch.optim.AdamW(groups(), lr=6e-4, betas=(0.9, 0.95), foreach=True),
-    "SophiaG fused": lambda: sophia.SophiaG(groups(), lr=6e-4, rho=0.05),
-    "SophiaG reference (official loop)": lambda: sophia.SophiaG(groups(), lr=6e-4, rho=0.05, fused=False),
-    "SophiaH fused": lambda: sophia.SophiaH(groups(), lr=6e-4, rho=0.05 / hess_bs),
-    "Lion foreach": lambda: sophia.Lion(groups(), lr=1e-4, betas=(0.95, 0.98)),
-}
-step_kwargs = lambda opt: {"bs": hess_bs} if isinstance(opt, sophia.SophiaG) else {}
+    hess_bs = 480 * 1024  # the paper's tokens per batch
+    candidates = {
+        "AdamW fused": lambda: torch.optim.AdamW(groups(), lr=6e-4, betas=(0.9, 0.95), fused=True),
+        "AdamW foreach": lambda: torch.optim.AdamW(groups(), lr=6e-4, betas=(0.9, 0.95), foreach=True),
+        "SophiaG fused": lambda: sophia.SophiaG(groups(), lr=6e-4, rho=0.05),
+        "SophiaG reference (official loop)": lambda: sophia.SophiaG(groups(), lr=6e-4, rho=0.05, fused=False),
+        "SophiaH fused": lambda: sophia.SophiaH(groups(), lr=6e-4, rho=0.05 / hess_bs),
+        "Lion foreach": lambda: sophia.Lion(groups(), lr=1e-4, betas=(0.95, 0.98)),
+    }
+    step_kwargs = lambda opt: {"bs": hess_bs} if isinstance(opt, sophia.SophiaG) else {}
 
-print(f"# Optimizer step on GPT-2 124M shapes: {n_params / 1e6:.1f}M params in {len(all_params)} tensors, "
-      f"{args.dtype} on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
-optimizers = {}
-for name, make in candidates.items():
-    opt = make()
-    if isinstance(opt, sophia.SophiaG):
-        opt.update_hessian()  # h from the random grads, so the clipping is exercised, as in training
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        opt.step(**step_kwargs(opt))
-    sync()
-    print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s for {args.warmup} steps", flush=True)
-    optimizers[name] = opt
+    print(f"# Optimizer step on GPT-2 124M shapes: {n_params / 1e6:.1f}M params in {len(decay + no_decay)} "
+          f"tensors, {args.dtype} on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    optimizers = {}
+    for name, make in candidates.items():
+        opt = make()
+        if isinstance(opt, sophia.SophiaG):
+            opt.update_hessian()  # h from the random grads, so that the clip is exercised as in training
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            opt.step(**step_kwargs(opt))
+        sync()
+        print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s for {args.warmup} steps", flush=True)
+        optimizers[name] = opt
 
-times = {name: [] for name in optimizers}
-for _ in range(args.steps):
+    times = {name: [] for name in optimizers}
+    for _ in range(args.steps):
+        for name, opt in optimizers.items():
+            times[name].append(timed(lambda: opt.step(**step_kwargs(opt))))
+    hessian_times = {name: [timed(optimizers[name].update_hessian) for _ in range(max(3, args.steps // 2))]
+                     for name in ("SophiaG fused", "SophiaG reference (official loop)")}
+
+    def state_bytes(opt):  # the per-parameter buffers (the 0-d step counters left out)
+        return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                   if torch.is_tensor(t) and t.numel() > 1)
+
+    base_median, base_min = statistics.median(times["AdamW fused"]), min(times["AdamW fused"])
+    param_bytes = n_params * dtype.itemsize
+    print()
+    print("| optimizer step | median (ms) | min (ms) | median / AdamW fused | min / AdamW fused | state (MiB) "
+          "| state / params |")
+    print("|---|---|---|---|---|---|---|")
     for name, opt in optimizers.items():
-        times[name].append(timed(lambda: opt.step(**step_kwargs(opt))))
+        med, low = statistics.median(times[name]), min(times[name])
+        print(f"| {name} | {med * 1e3:.1f} | {low * 1e3:.1f} | {med / base_median:.2f}x | {low / base_min:.2f}x | "
+              f"{state_bytes(opt) / 2**20:.0f} | {state_bytes(opt) / param_bytes:.2f} |")
+    for name, ts in hessian_times.items():
+        med, low = statistics.median(ts), min(ts)
+        print(f"| update_hessian, {name} | {med * 1e3:.1f} | {low * 1e3:.1f} | {med / base_median:.2f}x | "
+              f"{low / base_min:.2f}x | | |")
 
 
-def state_bytes(opt):
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-               if torch.is_tensor(t) and t.numel() > 1)
+def bench_gnb():
+    # the Hessian refresh at the logits level: sampling + the gradient w.r.t. the logits
+    B, T, V = (int(x) for x in args.gnb_shape.split(","))
+    logits = (torch.randn(B, T, V, device=device) * 3).requires_grad_()
+    targets = torch.randint(V, (B * T,), device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    probs = torch.softmax(logits.detach().view(-1, V), -1)
+
+    def plain_ce():
+        logits.grad = None
+        F.cross_entropy(logits.view(-1, V), targets).backward()
+
+    def ours_gnb():
+        logits.grad = None
+        sophia.gnb_backward(logits, 1.0, gen)
+
+    def official_gnb():
+        logits.grad = None
+        labels = torch.distributions.Categorical(logits=logits.detach().view(-1, V)).sample()
+        F.cross_entropy(logits.view(-1, V), labels).backward()
+
+    def multinomial_gnb():
+        logits.grad = None
+        labels = torch.multinomial(torch.softmax(logits.detach().view(-1, V), -1), 1, generator=gen).view(-1)
+        F.cross_entropy(logits.view(-1, V), labels).backward()
+
+    def full_cdf_sample():
+        cdf = probs.cumsum(-1)
+        u = torch.rand(B * T, 1, device=device, generator=gen) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)
+
+    rows = {
+        "F.cross_entropy fwd+bwd on data labels (peer)": plain_ce,
+        "gnb_backward (ours: softmax, two-level inverse CDF, gradient in place)": ours_gnb,
+        "Categorical sample + CE fwd+bwd (official recipe)": official_gnb,
+        "softmax + torch.multinomial + CE fwd+bwd": multinomial_gnb,
+        "sampler only: sample_categorical (ours)": lambda: sophia.sample_categorical(probs, gen),
+        "sampler only: cumsum + searchsorted": full_cdf_sample,
+        "sampler only: torch.multinomial": lambda: torch.multinomial(probs, 1, generator=gen),
+        "sampler only: Categorical(logits)":
+            lambda: torch.distributions.Categorical(logits=logits.detach().view(-1, V)).sample(),
+    }
+    for fn in rows.values():
+        fn()
+    times = {name: [] for name in rows}
+    for _ in range(args.gnb_steps):
+        for name, fn in rows.items():
+            times[name].append(timed(fn))
+    peer = statistics.median(times["F.cross_entropy fwd+bwd on data labels (peer)"])
+    print()
+    print(f"# GNB at the logits level: logits ({B}, {T}, {V}) fp32 on {device}")
+    print("| what | median (ms) | min (ms) | median / CE fwd+bwd |")
+    print("|---|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {statistics.median(ts) * 1e3:.1f} | {min(ts) * 1e3:.1f} | "
+              f"{statistics.median(ts) / peer:.2f}x |")
 
 
-base = statistics.median(times["AdamW fused"])
-param_bytes = n_params * torch.finfo(dtype).bits // 8
-print()
-print("| optimizer | median step (ms) | min step (ms) | median / AdamW fused | state (MiB) | state / params |")
-print("|---|---|---|---|---|---|")
-for name, opt in optimizers.items():
-    med = statistics.median(times[name])
-    print(f"| {name} | {med * 1e3:.1f} | {min(times[name]) * 1e3:.1f} | {med / base:.2f}x | "
-          f"{state_bytes(opt) / 2**20:.0f} | {state_bytes(opt) / param_bytes:.2f} |")
-
-hess_times = {}
-for name in ("SophiaG fused", "SophiaG reference (official loop)"):
-    opt = optimizers[name]
-    hess_times[name] = statistics.median(timed(opt.update_hessian) for _ in range(max(3, args.steps // 2)))
-print()
-print("| update_hessian | median (ms) | / AdamW fused step |")
-print("|---|---|---|")
-for name, t in hess_times.items():
-    print(f"| {name} | {t * 1e3:.1f} | {t / base:.2f}x |")
-del optimizers
-
-if args.skip_gnb:
-    sys.exit(0)
-
-# ---- GNB estimate at the logits level
-B, T, V = (int(x) for x in args.gnb_shape.split(","))
-logits = (torch.randn(B, T, V, device=device) * 3).requires_grad_()
-targets = torch.randint(V, (B * T,), device=device)
-gen = torch.Generator(device=device).manual_seed(0)
-
-
-def plain_ce():
-    logits.grad = None
-    F.cross_entropy(logits.view(-1, V), targets).backward()
-
-
-def official_gnb():
-    logits.grad = None
-    labels = torch.distributions.Categorical(logits=logits.detach().view(-1, V)).sample()
-    F.cross_entropy(logits.view(-1, V), labels).backward()
-
-
-def multinomial_gnb():
-    logits.grad = None
-    labels = torch.multinomial(torch.softmax(logits.detach().view(-1, V), -1), 1, generator=gen).view(-1)
-    F.cross_entropy(logits.view(-1, V), labels).backward()
-
-
-def ours_gnb():
-    logits.grad = None
-    sophia.gnb_backward(logits, 1.0, gen)
-
-
-probs = torch.softmax(logits.detach().view(-1, V), -1)
-
-
-def full_cdf_sample():
-    cdf = probs.cumsum(-1)
-    u = torch.rand(B * T, 1, device=device, generator=gen) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)
-
-
-rows = {
-    "F.cross_entropy fwd+bwd, data labels (peer)": plain_ce,
-    "gnb_backward (ours)": ours_gnb,
-    "Categorical sample + CE fwd+bwd (official)": official_gnb,
-    "multinomial sample + CE fwd+bwd": multinomial_gnb,
-    "sampler only: sample_categorical (ours)": lambda: sophia.sample_categorical(probs, gen),
-    "sampler only: cumsum + searchsorted": full_cdf_sample,
-    "sampler only: torch.multinomial": lambda: torch.multinomial(probs, 1, generator=gen),
-    "sampler only: Categorical(logits)": lambda: torch.distributions.Categorical(logits=logits.detach().view(-1, V)).sample(),
-}
-for fn in rows.values():
-    fn()
-gnb_times = {name: [] for name in rows}
-for _ in range(args.gnb_steps):
-    for name, fn in rows.items():
-        gnb_times[name].append(timed(fn))
-peer = statistics.median(gnb_times["F.cross_entropy fwd+bwd, data labels (peer)"])
-print()
-print(f"# GNB at the logits level, logits ({B}, {T}, {V}) fp32 on {device}")
-print("| what | median (ms) | / CE fwd+bwd |")
-print("|---|---|---|")
-for name, ts in gnb_times.items():
-    print(f"| {name} | {statistics.median(ts) * 1e3:.1f} | {statistics.median(ts) / peer:.2f}x |")
+if not args.skip_optim:
+    bench_optimizers()
+if not args.skip_gnb:
+    bench_gnb()
