@@ -75,10 +75,13 @@ def _hessian_update_hutchinson(hessian, u_hu, hyper, finite):
 
 @functools.cache
 def _compiled(fn):
-    # compiled on first use (importing this module stays cheap). dynamic=True and 1-D views (see
+    # Compiled on first use (importing this module stays cheap). dynamic=True and 1-D views (see
     # _flat): one kernel for every tensor size and rank, so GPT-2's 75 tensors cost one compilation
     # per dtype, not 75, and stay well under dynamo's limit of 8 variants per function.
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    # cpp.dynamic_threads: on CPU, inductor otherwise decides once, from the size of the first tensor
+    # it sees, whether the loop is multi-threaded; a small first tensor (a LayerNorm weight) would make
+    # every later call single-threaded. With it the kernel always has an OpenMP region.
+    return torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
 
 
 def _flat(*tensors):
