@@ -92,9 +92,10 @@ def _flat(*tensors):
 def _hyper(values, like):
     """Hyper-parameters as one small tensor on like's device, in its compute dtype (fp32 for
     fp32/bf16/fp16 params, so that 1 − lr·wd does not round to 1 in bf16; fp64 for fp64). Built on the
-    host and copied without waiting (non_blocking), so a CUDA step never syncs."""
+    host in pinned memory and copied asynchronously, so a CUDA step never waits for the device."""
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.tensor(values, dtype=dtype).to(like.device, non_blocking=True)
+    host = torch.tensor(values, dtype=dtype, pin_memory=like.device.type == "cuda")
+    return host.to(like.device, non_blocking=True)
 
 
 def _all_finite(estimates, square):
