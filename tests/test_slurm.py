@@ -232,3 +232,22 @@ def test_scancel_cancels_the_job_for_good(cluster, tmp_path):
         f"after scancel the job is {info['JobState']} with {info['Restarts']} restart(s): " \
         f"train.py requeued it on SIGTERM?\n{log_path.read_text()[-2000:]}"
     slurm(cluster, "scancel", job_id)  # if it was requeued after all, do not leave it pending
+
+
+@needs_cluster
+def test_a_node_that_never_joins_fails_the_job_with_a_message(cluster, tmp_path):
+    """RDZV_TIMEOUT bounds the wait for the other nodes: an error that says so, not a job hanging forever."""
+    # node n2's torchrun never starts: its python is a wrapper that sleeps first
+    stalled_python = tmp_path / "python"
+    stalled_python.write_text('#!/bin/bash\n'
+                              'if [ "$SLURMD_NODENAME" = n2 ] && [ "$2" = torch.distributed.run ]; then sleep 300; fi\n'
+                              f'exec {sys.executable} "$@"\n')
+    stalled_python.chmod(0o755)
+    env = {**cluster, "PYTHON": str(stalled_python), "RDZV_TIMEOUT": "10"}
+    log_path = tmp_path / "slurm.out"
+    job_id = submit(env, log_path, [*TINY, "max_steps=2", f"out_dir={tmp_path / 'run'}"])
+    info = wait_for(lambda: finished(cluster, job_id), 120, f"job {job_id} to give up", log_path)
+    log = log_path.read_text()
+    assert info["JobState"] == "FAILED", log[-3000:]
+    assert "RendezvousTimeoutError" in log
+    assert "not all 2 nodes joined within 10 s" in log
