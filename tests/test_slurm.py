@@ -1,8 +1,9 @@
-"""scripts/slurm/train.sbatch on a real SLURM cluster: two emulated nodes (two slurmd on this machine,
-started by scripts/slurm/local_cluster.py), one CPU worker per node, gloo.
+"""scripts/slurm/train.sbatch and the Hydra SLURM launcher on a real SLURM cluster: two emulated nodes
+(two slurmd on this machine, started by scripts/slurm/local_cluster.py), one CPU worker per node, gloo.
 
-References: a one-process run of the same command (the two nodes must compute what it computes), and
-the run's own checkpoint (a preempted, requeued job must resume from it and log every step once)."""
+References: a one-process run of the same command (the two nodes must compute what it computes), the
+run's own checkpoint (a preempted, requeued job must resume from it and log every step once), and
+SLURM's record of each job (requeued, completed, cancelled, failed)."""
 import json
 import math
 import os

@@ -33,8 +33,7 @@ CLIENTS = ["sbatch", "scontrol", "squeue", "scancel", "srun", "sinfo"]
 
 
 def find_binary(name):
-    path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", "")] + SBIN_DIRS))
-    return path
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", "")] + SBIN_DIRS))
 
 
 def missing_binaries():
