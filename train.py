@@ -314,8 +314,9 @@ def train(cfg):
             device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 for any fp32 matmul left outside autocast. (Not via torch.backends: submitit's cloudpickle
+        # cannot pickle a function that touches it, which breaks Hydra sweeps on SLURM.)
+        torch.set_float32_matmul_precision("high")
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -393,7 +394,7 @@ def train(cfg):
               f"{world_size} rank(s) x {grad_accum} micro-batch(es) of {cfg.micro_batch_size} = "
               f"{tokens_per_step:,} tokens/step, device {device} {dtype}")
 
-    # ---- preemption: SIGUSR1 (SLURM's notice) or SIGTERM -> checkpoint, requeue, exit 0
+    # ---- preemption: SIGUSR1 (SLURM's notice) -> checkpoint, requeue, exit 0; SIGTERM -> checkpoint, exit 0
     stop_signal = {"received": 0}
 
     def on_signal(signum, frame):
@@ -561,7 +562,9 @@ def train(cfg):
             if is_master:
                 print(f"stop signal received: checkpoint at step {step} in {ckpt_path}")
                 job_id = os.environ.get("SLURM_JOB_ID")
-                if job_id:  # SLURM's preemption notice: put the job back in the queue; it resumes from here
+                # SLURM's preemption notice (USR1) puts the job back in the queue, to resume from here;
+                # SIGTERM (scancel, or the end of the time limit) only checkpoints: a cancel stays a cancel
+                if job_id and stop_signal["received"] == signal.SIGUSR1:
                     subprocess.run(["scontrol", "requeue", job_id], check=False)
                     print(f"requeued SLURM job {job_id}")
             break
