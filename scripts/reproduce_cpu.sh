@@ -10,18 +10,24 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-out/repro}
 STEPS=${STEPS:-200}
-ADAMW_LRS=${ADAMW_LRS:-1e-3,2e-3,4e-3}
+ADAMW_LRS=${ADAMW_LRS:-5e-4,1e-3,2e-3}
 SOPHIA_LRS=${SOPHIA_LRS:-1e-3,2e-3}
 SOPHIA_RHOS=${SOPHIA_RHOS:-0.003,0.03}
 EXTRA_SEEDS=${EXTRA_SEEDS:-2,3}
 # identical for both optimizers: model, data order, batch, schedule, evaluation
 COMMON=(max_steps="$STEPS" eval_interval=20 eval_steps=16 log_interval=10 ckpt_interval=1000)
 start=$(date +%s)
+mkdir -p "$OUT"
+
+# The two optimizers run side by side, one thread each, so that their wall-clock times are comparable.
+export OMP_NUM_THREADS=1
 
 echo "== 1. sweep (${STEPS} steps per run)"
-python train.py -m config=shakespeare_adamw optim.lr="$ADAMW_LRS" "${COMMON[@]}" 'out_dir='"$OUT"'/sweep/${run_name}'
+python train.py -m config=shakespeare_adamw optim.lr="$ADAMW_LRS" "${COMMON[@]}" \
+    'out_dir='"$OUT"'/sweep/${run_name}' > "$OUT/sweep_adamw.log" 2>&1 &
 python train.py -m config=shakespeare_sophiag optim.lr="$SOPHIA_LRS" optim.rho="$SOPHIA_RHOS" "${COMMON[@]}" \
-    'out_dir='"$OUT"'/sweep/${run_name}'
+    'out_dir='"$OUT"'/sweep/${run_name}' > "$OUT/sweep_sophiag.log" 2>&1 &
+wait
 python scripts/compare.py "$OUT/sweep" --best --baseline adamw --out "$OUT/sweep.png" --json "$OUT/sweep.json"
 
 # From compare.py's table: the winner's overrides ("optim.lr=0.002 optim.rho=0.003") or its run directory.
@@ -41,8 +47,9 @@ for preset in adamw sophiag; do
     echo "best $preset: $overrides"
     # shellcheck disable=SC2086  # the overrides are separate words
     python train.py -m config=shakespeare_$preset $overrides seed="$EXTRA_SEEDS" "${COMMON[@]}" \
-        'out_dir='"$OUT"'/best/${run_name}'
+        'out_dir='"$OUT"'/best/${run_name}' > "$OUT/seeds_$preset.log" 2>&1 &
 done
+wait
 
 echo "== 3. compare"
 python scripts/compare.py "$(best adamw run)" "$(best sophiag run)" "$OUT/best" --baseline adamw \
