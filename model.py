@@ -319,16 +319,17 @@ GPU_PEAK_FLOPS = [
 _cpu_peak_cache = {}
 
 
-def measure_cpu_matmul_flops(n=2048, repeats=5):
-    """Best achieved fp32 FLOP/s of an n x n matmul on this CPU with torch's current thread count."""
+def measure_cpu_matmul_flops(n=2048, repeats=5, clock=time.perf_counter):
+    """Best achieved fp32 FLOP/s of an n x n matmul on this CPU with torch's current thread count.
+    clock=time.process_time gives FLOPs per CPU-second instead (scripts/bench_train.py, shared machines)."""
     a = torch.randn(n, n)
     b = torch.randn(n, n)
     torch.mm(a, b)  # warm-up: thread pool, caches
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return 2 * n ** 3 / best
 
 

@@ -7,8 +7,10 @@ both alike; the median step time is reported.
     python scripts/bench_train.py --model gpt2_small --batch 4 --seq 256 --steps 10
     python scripts/bench_train.py --model gpt2_medium --batch 8 --seq 1024 --device cuda --dtype bfloat16 --compile
 
-MFU = tokens/s * flops_per_token(seq) / peak, the peak from model.peak_flops (the GPU table, or on CPU the
-measured fp32 matmul peak — the same number train.py's MFU uses).
+MFU = tokens/s * flops_per_token(seq) / peak: on GPU the peak from model.peak_flops' table; on CPU the
+fp32 2048^3 matmul timing model.peak_flops uses, repeated between the steps (median). On CPU the table
+also gives CPU time per step and MFU per CPU-second (the same matmul timed by process CPU time), which
+other processes on a shared machine disturb far less than wall time.
 """
 
 import argparse
@@ -61,8 +63,11 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--cpu-peak", type=float, default=None, help="CPU peak FLOP/s instead of measuring it")
     p.add_argument("--no-hf", action="store_true", help="time our model only")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     args = p.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu" and dtype != torch.float32:
@@ -112,34 +117,54 @@ def main():
         for _ in range(args.warmup):
             step()
     sync()
-    times = {name: [] for name in steps}
+    # Wall time per step, and on CPU also process CPU time per step: on a machine shared with other
+    # work, wall time counts the time our threads wait for a core, CPU time mostly does not.
+    wall = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
+    # The peak moves with the load too: time the same fp32 matmul model.peak_flops uses between the
+    # steps, on both clocks, so that MFU compares like with like.
+    peaks_wall, peaks_cpu = [], []
+    measure_peak = device.type == "cpu" and args.cpu_peak is None
     for _ in range(args.steps):
         for name, step in steps.items():
             sync()
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             step()
             sync()
-            times[name].append(time.perf_counter() - t0)
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+        if measure_peak:
+            peaks_wall.append(model.measure_cpu_matmul_flops(repeats=2))
+            peaks_cpu.append(model.measure_cpu_matmul_flops(repeats=2, clock=time.process_time))
+    if measure_peak:
+        peak = statistics.median(peaks_wall)
 
     tokens = args.batch * args.seq
     print(f"model={args.model} (L={config.n_layer} H={config.n_head} C={config.n_embd} V={config.vocab_size}) "
           f"batch={args.batch} seq={args.seq} device={device} dtype={args.dtype} compile={args.compile} "
-          f"threads={torch.get_num_threads()}")
-    print(f"flops/token={flops_per_token / 1e6:.1f}M  peak={peak / 1e9:.1f} GFLOP/s "
-          f"({'measured fp32 matmul' if device.type == 'cpu' and args.cpu_peak is None else 'given/table'})")
-    print(f"{'model':<6} {'median s/step':>14} {'tokens/s':>10} {'vs HF':>7} {'MFU':>7}")
-    base = statistics.median(times["hf"]) if "hf" in times else None
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        tps = tokens / med
-        ratio = f"{base / med:.3f}" if base else "-"
-        mfu = model.estimate_mfu(tps, flops_per_token, peak)
-        print(f"{name:<6} {med:>14.4f} {tps:>10.1f} {ratio:>7} {100 * mfu:>6.1f}%")
-    if device.type == "cpu" and args.cpu_peak is None:
-        again = model.measure_cpu_matmul_flops()
-        print(f"fp32 matmul peak measured again after the run: {again / 1e9:.1f} GFLOP/s "
-              f"(drift = load from other processes)")
-
+          f"threads={torch.get_num_threads()} steps={args.steps} (median)")
+    if measure_peak:
+        peak_cpu = statistics.median(peaks_cpu)
+        print(f"flops/token={flops_per_token / 1e6:.1f}M  peak (fp32 2048^3 matmul between the steps, median): "
+              f"{peak / 1e9:.1f} GFLOP/s wall [min {min(peaks_wall) / 1e9:.1f}, max {max(peaks_wall) / 1e9:.1f}], "
+              f"{peak_cpu / 1e9:.1f} GFLOP per CPU-second")
+    else:
+        print(f"flops/token={flops_per_token / 1e6:.1f}M  peak={peak / 1e9:.1f} GFLOP/s (GPU table or given)")
+    header = f"{'model':<6} {'s/step':>8} {'tokens/s':>9} {'vs HF':>6} {'MFU':>6}"
+    if measure_peak:
+        header += f" | {'cpu-s/step':>10} {'vs HF':>6} {'MFU(cpu time)':>13}"
+    print(header)
+    for name in steps:
+        med = statistics.median(wall[name])
+        ratio = f"{statistics.median(wall['hf']) / med:.3f}" if "hf" in wall else "-"
+        mfu = model.estimate_mfu(tokens / med, flops_per_token, peak)
+        line = f"{name:<6} {med:>8.3f} {tokens / med:>9.1f} {ratio:>6} {100 * mfu:>5.1f}%"
+        if measure_peak:
+            cpu_med = statistics.median(cpu[name])
+            cpu_ratio = f"{statistics.median(cpu['hf']) / cpu_med:.3f}" if "hf" in cpu else "-"
+            mfu_cpu = model.estimate_mfu(tokens / cpu_med, flops_per_token, peak_cpu)  # per CPU-second
+            line += f" | {cpu_med:>10.3f} {cpu_ratio:>6} {100 * mfu_cpu:>12.1f}%"
+        print(line)
 
 if __name__ == "__main__":
     main()
