@@ -32,7 +32,7 @@ Two implementations of each step, chosen by `fused` (default True):
 
 A non-finite Hessian estimate (NaN/inf anywhere in this refresh) is skipped whole: the state is left as
 it was, and update_hessian() returns a 0-d bool tensor, False when it skipped. On the fused path this
-flag is computed on the device (a max-|x| pass over the estimates, then torch.where), so calling
+flag is computed on the device (an L2-norm pass over the estimates, then torch.where), so calling
 update_hessian() never syncs; reading the flag (bool(flag), .item()) does, so log it at log steps.
 """
 
@@ -99,13 +99,15 @@ def _hyper(values, like):
 
 
 def _all_finite(estimates, square):
-    """0-d bool on estimates[0]'s device: every entry (squared, for GNB) is finite in its own dtype.
-    One read pass (max |x| per tensor, NaN propagates), no host sync."""
-    peaks = torch._foreach_norm(estimates, float("inf"))
+    """0-d bool on estimates[0]'s device: the refresh is usable. One read pass, no host sync.
+    Uses the L2 norm of each tensor (NaN and inf propagate into it), squared for GNB: finite norms
+    mean finite entries (and squares). A finite estimate whose norm overflows (entries ~1e19 in fp32)
+    counts as non-finite too. The inf-norm would be exact but is ~20x slower on CPU."""
+    norms = torch._foreach_norm(estimates, 2)
     if square:
-        peaks = torch._foreach_mul(peaks, peaks)
+        norms = torch._foreach_mul(norms, norms)
     device = estimates[0].device
-    return torch.isfinite(torch.stack([x.to(device, non_blocking=True) for x in peaks])).all()
+    return torch.isfinite(torch.stack([x.to(device, non_blocking=True) for x in norms])).all()
 
 
 # ----------------------------------------------------------------------------------------------------
