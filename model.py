@@ -193,11 +193,13 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} > block_size {self.config.block_size}: "
                              f"shorten the input or build the model with block_size >= {T}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-        # sparse=True: the lookup's gradient is B*T rows added into the head's dense (vocab, C) gradient
-        # of the same tied weight, instead of a zero-filled (vocab, C) tensor plus a full add. The
-        # weight's .grad is still dense (the head's gradient arrives first), so optimizers and DDP
-        # (which sees a non-sparse nn.Embedding) are unaffected.
-        tok_emb = F.embedding(idx, self.transformer.wte.weight, sparse=True)  # (B, T, C)
+        # On CPU (eager) the lookup's gradient goes sparse: B*T rows added into the head's dense
+        # (vocab, C) gradient of the same tied weight, instead of a zero-filled (vocab, C) tensor plus a
+        # full add. The weight's .grad is still dense (the head's gradient arrives first), so optimizers
+        # and DDP (which sees a non-sparse nn.Embedding) are unaffected. GPUs and torch.compile do the
+        # dense version fast enough.
+        sparse_grad = idx.device.type == "cpu" and not torch.compiler.is_compiling()
+        tok_emb = F.embedding(idx, self.transformer.wte.weight, sparse=sparse_grad)  # (B, T, C)
         x = tok_emb + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
