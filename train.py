@@ -89,7 +89,7 @@ def check_config(cfg, world_size):
          f"{cfg.total_batch_size / world_size:g} (total_batch_size / world_size), or change total_batch_size")
     grad_accum = cfg.total_batch_size // per_step
 
-    hess_accum = 0
+    hess_accum, hess_micro = 0, 0
     if optim.name in ("sophiag", "sophiah"):
         need(optim.rho > 0, f"optim.rho={optim.rho}: rho must be positive (the paper uses 0.03-0.08)")
         need(optim.hess_interval >= 1, f"optim.hess_interval={optim.hess_interval}: set it to 1 or more")
@@ -97,14 +97,18 @@ def check_config(cfg, world_size):
         need(optim.estimator == expected,
              f"optim.estimator={optim.estimator} does not fit optim={optim.name}: SophiaG squares a sampled-label "
              f"gradient (gnb), SophiaH takes u*(Hu) (hutchinson); use optim={'sophiah' if expected == 'gnb' else 'sophiag'}")
+        # the Hessian batch runs in micro-batches of micro_batch_size, or in one smaller one per rank
         hess_batch = optim.hess_batch_size or cfg.total_batch_size
-        need(hess_batch % per_step == 0,
-             f"optim.hess_batch_size={hess_batch} is not a multiple of micro_batch_size x world_size = {per_step}: "
-             f"use a multiple of {per_step} (the paper's half batch: {cfg.total_batch_size // 2})")
-        hess_accum = hess_batch // per_step
+        hess_per_rank = hess_batch // world_size
+        hess_micro = min(cfg.micro_batch_size, hess_per_rank)
+        need(hess_batch % world_size == 0 and hess_micro >= 1 and hess_per_rank % hess_micro == 0,
+             f"optim.hess_batch_size={hess_batch} does not split over world_size={world_size} in micro-batches of "
+             f"micro_batch_size={cfg.micro_batch_size}: use a multiple of {per_step}, or a multiple of "
+             f"{world_size} below {per_step} (the paper's half batch: {cfg.total_batch_size // 2})")
+        hess_accum = hess_per_rank // hess_micro
     for beta in optim.get("betas", []):
         need(0 <= beta < 1, f"optim.betas={list(optim.betas)}: each beta must lie in [0, 1)")
-    return grad_accum, hess_accum, lr_decay_steps
+    return grad_accum, hess_accum, hess_micro, lr_decay_steps
 
 
 def random_seed(seed, step, chunk, purpose):
@@ -302,7 +306,7 @@ def train(cfg):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_master = rank == 0
 
-    grad_accum, hess_accum, lr_decay_steps = check_config(cfg, world_size)  # before anything expensive
+    grad_accum, hess_accum, hess_micro, lr_decay_steps = check_config(cfg, world_size)  # before anything expensive
 
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -445,8 +449,7 @@ def train(cfg):
         for micro in range(hess_accum):
             chunk = rank * hess_accum + micro  # as in the training step: independent of the world size
             generator.manual_seed(random_seed(cfg.seed, step, chunk, "hessian"))  # sampled labels or probes
-            x, y = hess_stream.batch(data_state["hess_seqs"] + chunk * cfg.micro_batch_size,
-                                     cfg.micro_batch_size, device)
+            x, y = hess_stream.batch(data_state["hess_seqs"] + chunk * hess_micro, hess_micro, device)
             if cfg.optim.name == "sophiag":
                 sync = model.no_sync() if distributed and micro < hess_accum - 1 else nullcontext()
                 with sync:
