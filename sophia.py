@@ -359,8 +359,8 @@ def sample_categorical(probs, generator=None, max_block=256):
     block. block = the largest divisor of V up to max_block (192 for V = 50304). The cumulative sums
     are in float64 (they are small), so each entry is drawn with its float32 probability up to the
     fp32 round-off of its block's sum; an entry of probability 0 is never drawn (up to that round-off).
-    Measured here: ~5x faster than torch.multinomial and ~25x faster than torch.distributions.Categorical
-    on 1024 x 50304 (scripts/bench_optim.py)."""
+    On 1024 x 50304 here (one thread): ~14 ms, against ~140 ms for one fp32 cumsum + searchsorted,
+    ~120 ms for the softmax itself, and seconds for torch.multinomial or distributions.Categorical."""
     n, v = probs.shape
     block = max(d for d in range(1, min(v, max_block) + 1) if v % d == 0)
     blocks = probs.view(n, v // block, block)                               # (N, nb, block)

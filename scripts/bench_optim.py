@@ -7,8 +7,9 @@ Parameter shapes are built here (not from model.py): wte 50304x768, wpe 1024x768
 (ln_1, attn qkv 768x2304, attn proj 768x768, ln_2, mlp fc 768x3072, mlp proj 3072x768), ln_f;
 --bias adds the biases. Gradients are random and fixed. Every optimizer runs its warm-up steps
 (compilation included), then the optimizers take turns, one timed step each per round, so that a
-change in machine load hits them all alike. Printed: median and min step time, the ratio of medians
-against AdamW(fused=True), and the optimizer state size.
+change in machine load hits them all alike. Printed: median and min step time, their ratios against
+AdamW(fused=True), and the optimizer state size. On a busy machine, `--threads 1 --clock cpu` gives
+the steadiest comparison (CPU time of one thread, which preemption does not inflate).
 
 A second table times the GNB Hessian estimate at the logits level on --gnb-shape logits: our
 gnb_backward (softmax, two-level inverse-CDF sampling, gradient formed in place) against a plain
@@ -39,11 +40,17 @@ parser.add_argument("--gnb-steps", type=int, default=5)
 parser.add_argument("--skip-gnb", action="store_true", help="only the optimizer table")
 parser.add_argument("--skip-optim", action="store_true", help="only the GNB table")
 parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu: this thread's CPU time (time.thread_time), which other processes on a busy "
+                         "machine barely disturb; needs --threads 1 on a CPU device")
 args = parser.parse_args()
 
 device = torch.device(args.device)
+if args.clock == "cpu" and (args.threads != 1 or device.type != "cpu"):
+    sys.exit("--clock cpu times one CPU thread: add --threads 1 (and use --device cpu)")
 if args.threads:
     torch.set_num_threads(args.threads)
+clock = time.thread_time if args.clock == "cpu" else time.perf_counter
 dtype = getattr(torch, args.dtype)
 
 
@@ -54,10 +61,10 @@ def sync():
 
 def timed(fn):
     sync()
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
     sync()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def bench_optimizers():
@@ -91,7 +98,8 @@ def bench_optimizers():
     step_kwargs = lambda opt: {"bs": hess_bs} if isinstance(opt, sophia.SophiaG) else {}
 
     print(f"# Optimizer step on GPT-2 124M shapes: {n_params / 1e6:.1f}M params in {len(decay + no_decay)} "
-          f"tensors, {args.dtype} on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+          f"tensors, {args.dtype} on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock)")
     optimizers = {}
     for name, make in candidates.items():
         opt = make()
@@ -181,7 +189,7 @@ def bench_gnb():
             times[name].append(timed(fn))
     peer = statistics.median(times["F.cross_entropy fwd+bwd on data labels (peer)"])
     print()
-    print(f"# GNB at the logits level: logits ({B}, {T}, {V}) fp32 on {device}")
+    print(f"# GNB at the logits level: logits ({B}, {T}, {V}) fp32 on {device}, {args.clock} clock")
     print("| what | median (ms) | min (ms) | median / CE fwd+bwd |")
     print("|---|---|---|---|")
     for name, ts in times.items():
