@@ -7,6 +7,10 @@ tied input/output embeddings, GPT-2 initialisation. Module names follow HF's GPT
 GPT.from_hf / model.to_hf are a transpose of the Conv1D weights and nothing else.
 
 Also here: the FLOP count per token (PaLM appendix B), the peak FLOP/s of the device in use, and MFU.
+
+Double backward (Hessian-vector products for Sophia-H): the flash / memory-efficient SDPA kernels have
+no derivative of their backward, so run that forward under
+`torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`; the loss itself supports it (tests/test_model.py).
 """
 
 import math
@@ -38,10 +42,10 @@ class GPTConfig:
 
 def cross_entropy(logits, targets):
     """Mean cross-entropy over the rows whose target is not -1. logits (N, V), targets (N,).
-    On CPU (eager) through CrossEntropyCPU below, which gives F.cross_entropy's loss and gradient with
-    half the passes over the (N, V) logits; elsewhere F.cross_entropy (fused kernels on GPU, and
-    what torch.compile fuses best)."""
-    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+    fp32 on CPU (eager) goes through CrossEntropyCPU below, which gives F.cross_entropy's loss and
+    gradient with half the passes over the (N, V) logits; everything else through F.cross_entropy
+    (fused kernels on GPU, what torch.compile fuses best, fp32 accumulation for bf16 logits)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not torch.compiler.is_compiling():
         return CrossEntropyCPU.apply(logits, targets)
     return F.cross_entropy(logits, targets, ignore_index=-1)
 
