@@ -56,7 +56,7 @@ class CrossEntropyCPU(torch.autograd.Function):
     zero-fills a one-hot gradient and reads both again. Rows go in chunks that stay in cache.
     Measured on this project's 2-core CPU at 1024 x 50304 fp32: about half the time of F.cross_entropy."""
 
-    ROWS_PER_CHUNK = 16  # 16 x 50304 fp32 = 3.2 MB: a chunk's four passes hit cache, not memory
+    ROWS_PER_CHUNK = 32  # 32 x 50304 fp32 = 6.4 MB: a chunk's passes stay in cache (L2 + L3), not memory
 
     @staticmethod
     def forward(ctx, logits, targets):
