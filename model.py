@@ -223,7 +223,9 @@ class GPT(nn.Module):
     @classmethod
     def from_hf(cls, hf_model_or_path):
         """Our GPT with the weights of a transformers GPT2LMHeadModel (in memory, or a local directory /
-        hub name for from_pretrained). GPT-2's own layout: biases on, vocab as in the HF config."""
+        hub name for from_pretrained). GPT-2's own layout: biases on, vocab as in the HF config
+        (50257 for OpenAI's checkpoints), the scale_attn_by_inverse_layer_idx flag carried over,
+        dropout 0 (the paper's setting)."""
         from transformers import GPT2LMHeadModel
         hf = hf_model_or_path
         if not isinstance(hf, GPT2LMHeadModel):
@@ -237,6 +239,9 @@ class GPT(nn.Module):
                              "n_inner=None (4 * n_embd)")
         if abs(hc.layer_norm_epsilon - 1e-5) > 1e-12:
             raise ValueError(f"layer_norm_epsilon={hc.layer_norm_epsilon}: our LayerNorm uses 1e-5")
+        if not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight):
+            raise ValueError("HF model's lm_head is not tied to its token embedding; GPT-2 ties them and "
+                             "so does this model: convert only tied checkpoints")
         config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
                            n_head=hc.n_head, n_embd=hc.n_embd, dropout=0.0, bias=True,
                            scale_attn_by_inverse_layer_idx=hc.scale_attn_by_inverse_layer_idx)

@@ -246,3 +246,13 @@ def test_gradients_match_hf():
         scale = ref.abs().max().item()
         torch.testing.assert_close(p.grad, ref, rtol=0, atol=2e-5 * scale + 1e-9, msg=name)
         assert p.grad.layout == torch.strided, name  # dense, as optimizers expect
+
+
+def test_from_hf_local_directory(tmp_path):
+    # the offline way to load a checkpoint: a save_pretrained directory
+    hf = hf_reference(False)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_hf(str(tmp_path)).eval()
+    idx = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert_logits_close(ours(idx)[0], hf(idx).logits)
