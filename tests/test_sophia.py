@@ -102,9 +102,10 @@ def test_fused_matches_reference_float32(cls):
     results = []
     for fused in (True, False):
         torch.manual_seed(0)
-        params = [torch.randn(40, 24, requires_grad=True), torch.randn(24, requires_grad=True),
-                  torch.randn(3, 4, 5, requires_grad=True)]
-        opt = cls([{"params": params[:2], "weight_decay": 0.2}, {"params": params[2:], "weight_decay": 0.0}],
+        # five equal-size weights: one bundle of sophia.BUNDLE = 4 through one compiled call, one alone
+        params = [torch.randn(40, 24, requires_grad=True) for _ in range(5)] + [
+            torch.randn(24, requires_grad=True), torch.randn(3, 4, 5, requires_grad=True)]
+        opt = cls([{"params": params[:6], "weight_decay": 0.2}, {"params": params[6:], "weight_decay": 0.0}],
                   lr=1e-2, rho=0.05, fused=fused)
         gen = torch.Generator().manual_seed(3)
         for step in range(6):
@@ -144,12 +145,13 @@ def test_lr_schedule_and_new_shapes_do_not_recompile():
     # the fused step takes lr etc. as a tensor and sizes as runtime arguments: warm it up once, then a
     # changing lr and unseen sizes must reuse the compiled kernels (a recompile raises here, and the
     # fallback's warning is turned into an error)
-    opt = sophia.SophiaG([torch.randn(8, 3, requires_grad=True), torch.randn(3, requires_grad=True)], lr=1e-3)
-    for p in opt.param_groups[0]["params"]:
+    warm = [torch.randn(8, 3, requires_grad=True) for _ in range(4)] + [torch.randn(3, requires_grad=True)]
+    opt = sophia.SophiaG(warm, lr=1e-3)
+    for p in warm:
         p.grad = torch.randn_like(p)
     opt.update_hessian()
     opt.step()
-    params = [torch.randn(17, 5, requires_grad=True), torch.randn(9, requires_grad=True)]
+    params = [torch.randn(17, 5, requires_grad=True) for _ in range(6)] + [torch.randn(9, requires_grad=True)]
     opt2 = sophia.SophiaG(params, lr=2e-3, rho=0.1, weight_decay=0.3)
     for p in params:
         p.grad = torch.randn_like(p)
