@@ -261,8 +261,11 @@ class SophiaG(Optimizer):
             for p, g, m, h in zip(params, grads, exp_avgs, hessians):
                 flat = _flat(p, g, m, h)
                 same_size.setdefault((p.device, p.dtype, flat[0].shape), []).append(flat)
-            for members in same_size.values():
-                hyper = _hyper(values, members[0][0])
+            hypers = {}  # one small tensor per (device, dtype)
+            for (device, dtype, _), members in same_size.items():
+                if (device, dtype) not in hypers:
+                    hypers[device, dtype] = _hyper(values, members[0][0])
+                hyper = hypers[device, dtype]
                 n_bundled = len(members) - len(members) % BUNDLE
                 for i in range(0, n_bundled, BUNDLE):
                     self._fused(_sophia_update_bundle, *zip(*members[i:i + BUNDLE]), hyper)
