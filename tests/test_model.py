@@ -172,6 +172,11 @@ def test_gpu_peak_lookup(monkeypatch):
     assert model.peak_flops("cuda", torch.bfloat16) == 989e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert model.peak_flops("cuda", "bfloat16") == 756e12
+    # more specific names win over their prefixes
+    for name, bf16_peak in [("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA A10G", 70e12),
+                            ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert model.peak_flops("cuda:0", torch.bfloat16) == bf16_peak, name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
     assert model.peak_flops("cuda", torch.bfloat16) == 312e12
     # fp32: true fp32 unless TF32 matmuls are allowed
