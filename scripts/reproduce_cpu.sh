@@ -3,7 +3,8 @@
 #   1. a short learning-rate sweep for AdamW and a learning-rate x rho sweep for SophiaG, equal budgets;
 #   2. the best setting of each optimizer over three seeds (the sweep's run is the first, seed 1337);
 #   3. scripts/compare.py: loss curves, steps to AdamW's final loss, and the speed-up with its spread.
-# Usage: bash scripts/reproduce_cpu.sh            (about 45 minutes on 2 CPU cores)
+# Usage: bash scripts/reproduce_cpu.sh            (about an hour on 2 CPU cores)
+# Rerunning it reuses finished runs (train.py resumes them at their last step).
 #        STEPS=100 OUT=out/repro_quick bash scripts/reproduce_cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,8 @@ import json, sys
 table, name, what = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
 [group] = [g for g in table["groups"] if g["settings"]["optim.name"] == name]
 keys = ["optim.lr", "optim.rho"] if name.startswith("sophia") else ["optim.lr"]
-print(" ".join(f"{k}={group[\"settings\"][k]}" for k in keys) if what == "overrides" else group["runs"][0])
+settings = group["settings"]
+print(" ".join(f"{k}={settings[k]}" for k in keys) if what == "overrides" else group["runs"][0])
 ' "$OUT/sweep.json" "$1" "$2"
 }
 
