@@ -467,7 +467,8 @@ def train(cfg):
                     dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
         if cfg.optim.name == "sophiag" and cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # as the official loop does
-        optimizer.update_hessian()
+        applied = optimizer.update_hessian()  # a 0-d bool on the device: False if the estimate was not finite
+        hessian_skipped.add_(~applied)  # read at the next log step, so no sync here
         optimizer.zero_grad(set_to_none=True)
         data_state["hess_seqs"] += hess_batch
 
@@ -494,6 +495,7 @@ def train(cfg):
     t_last, step_last, eval_seconds = t_start, step, 0.0
     loss_sum = torch.zeros((), device=device)
     clipped_steps = torch.zeros((), device=device)
+    hessian_skipped = torch.zeros((), device=device, dtype=torch.long)
     skipped_steps = 0
     model.train()
     if step == 0:
@@ -542,6 +544,10 @@ def train(cfg):
                 record["optim/clip_rate"] = clipped_steps.item() / steps_done
                 stats = optimizer.sophia_stats(step_kwargs["bs"])
                 record.update({k: float(v) for k, v in stats.items()})
+                if hessian_skipped.item():
+                    record["optim/hessian_skipped"] = hessian_skipped.item()
+                    if is_master:
+                        print(f"step {step}: {hessian_skipped.item()} non-finite Hessian estimate(s) skipped so far")
             if skipped_steps:
                 record["skipped_steps"] = skipped_steps
             if is_master:
