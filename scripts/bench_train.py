@@ -22,30 +22,20 @@ from contextlib import nullcontext
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: import model
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from anywhere: import model
 import model  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
-# The paper's shapes (n_layer, n_head, n_embd); configs/model/<name>.yaml wins when it exists.
-SHAPES = {
-    "tiny": (4, 4, 128),
-    "gpt2_small": (12, 12, 768),
-    "gpt2_medium": (24, 16, 1024),
-    "gpt2_large": (36, 20, 1280),
-    "gpt2_xl": (48, 25, 1600),
-}
+MODEL_PRESETS = sorted(f[:-len(".yaml")] for f in os.listdir(os.path.join(REPO, "configs", "model"))
+                       if f.endswith(".yaml"))
 
 
 def model_config(name, seq):
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "model",
-                        f"{name}.yaml")
-    if os.path.exists(path):
-        from omegaconf import OmegaConf
-        fields = GPTConfig.__dataclass_fields__
-        cfg = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k in fields}
-    else:
-        n_layer, n_head, n_embd = SHAPES[name]
-        cfg = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    """GPTConfig from the training preset configs/model/<name>.yaml, block_size at least seq."""
+    from omegaconf import OmegaConf
+    preset = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "configs", "model", f"{name}.yaml")))
+    cfg = {k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__}  # drops e.g. `name`
     cfg["block_size"] = max(cfg.get("block_size", 1024), seq)
     cfg["dropout"] = 0.0
     return GPTConfig(**cfg)
@@ -53,7 +43,7 @@ def model_config(name, seq):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gpt2_small", choices=sorted(SHAPES))
+    p.add_argument("--model", default="gpt2_small", choices=MODEL_PRESETS, help="a configs/model preset")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (interleaved)")
