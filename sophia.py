@@ -125,6 +125,16 @@ def _all_finite(estimates, square):
 # SophiaG / SophiaH
 
 
+def _check_hyperparameters(lr, betas, weight_decay, example_lr, example_betas):
+    """Bad settings fail at construction, with a value that works."""
+    if not lr > 0.0:
+        raise ValueError(f"lr must be > 0, got {lr}: pass a positive learning rate, e.g. lr={example_lr}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}: e.g. betas={example_betas}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}: e.g. weight_decay=0.1")
+
+
 class SophiaG(Optimizer):
     """Sophia with the Gauss-Newton-Bartlett estimator. See the module docstring."""
 
@@ -133,14 +143,9 @@ class SophiaG(Optimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, *,
                  maximize=False, capturable=False, fused=True):
-        if not lr > 0.0:
-            raise ValueError(f"lr must be > 0, got {lr}: pass a positive learning rate, e.g. lr=6e-4")
+        _check_hyperparameters(lr, betas, weight_decay, example_lr=6e-4, example_betas=(0.965, 0.99))
         if not rho > 0.0:
             raise ValueError(f"rho must be > 0, got {rho}: pass a positive clipping scale, e.g. rho=0.05")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}: e.g. betas=(0.965, 0.99)")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}: e.g. weight_decay=0.1")
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay,
                         maximize=maximize, capturable=capturable)
         super().__init__(params, defaults)
@@ -329,12 +334,7 @@ class Lion(Optimizer):
     One buffer per parameter (exp_avg). Multi-tensor (torch._foreach_*) ops, one group at a time."""
 
     def __init__(self, params, lr=1e-4, betas=(0.95, 0.98), weight_decay=0.0):
-        if not lr > 0.0:
-            raise ValueError(f"lr must be > 0, got {lr}: pass a positive learning rate, e.g. lr=1e-4")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}: e.g. betas=(0.95, 0.98)")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}: e.g. weight_decay=0.1")
+        _check_hyperparameters(lr, betas, weight_decay, example_lr=1e-4, example_betas=(0.95, 0.98))
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
 
     @torch.no_grad()
