@@ -31,8 +31,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig, estimate_mfu, peak_flops
+import sophia
 from data.common import open_split
+from model import GPT, GPTConfig, estimate_mfu, peak_flops
 
 REPO_DIR = Path(__file__).resolve().parent
 CHECKPOINT_FORMAT = 1
@@ -89,7 +90,7 @@ def check_config(cfg, world_size):
          f"{cfg.total_batch_size / world_size:g} (total_batch_size / world_size), or change total_batch_size")
     grad_accum = cfg.total_batch_size // per_step
 
-    hess_accum, hess_micro = 0, 0
+    hess_batch, hess_accum, hess_micro = 0, 0, 0
     if optim.name in ("sophiag", "sophiah"):
         need(optim.rho > 0, f"optim.rho={optim.rho}: rho must be positive (the paper uses 0.03-0.08)")
         need(optim.hess_interval >= 1, f"optim.hess_interval={optim.hess_interval}: set it to 1 or more")
@@ -108,7 +109,7 @@ def check_config(cfg, world_size):
         hess_accum = hess_per_rank // hess_micro
     for beta in optim.get("betas", []):
         need(0 <= beta < 1, f"optim.betas={list(optim.betas)}: each beta must lie in [0, 1)")
-    return grad_accum, hess_accum, hess_micro, lr_decay_steps
+    return grad_accum, hess_batch, hess_accum, hess_micro, lr_decay_steps
 
 
 def random_seed(seed, step, chunk, purpose):
@@ -190,7 +191,6 @@ def build_optimizer(cfg, model, device):
     betas = tuple(optim.betas)
     if optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, fused=True)
-    import sophia
     if optim.name == "lion":
         return sophia.Lion(groups, lr=optim.lr, betas=betas, weight_decay=optim.weight_decay)
     if optim.name == "sophiag":
@@ -232,7 +232,8 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path, cfg):
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # mmap: every rank reads the checkpoint, and the page cache shares one copy among a node's ranks
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # truncated, corrupt, or not a checkpoint at all
         raise ConfigError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); move it away to "
                           f"start over, or set out_dir= to a fresh directory") from None
@@ -306,7 +307,7 @@ def train(cfg):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_master = rank == 0
 
-    grad_accum, hess_accum, hess_micro, lr_decay_steps = check_config(cfg, world_size)  # before anything expensive
+    grad_accum, hess_batch, hess_accum, hess_micro, lr_decay_steps = check_config(cfg, world_size)  # before anything expensive
 
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -353,7 +354,6 @@ def train(cfg):
     train_stream = SequenceStream(train_tokens, seq_len, cfg.seed)
     hess_stream = SequenceStream(train_tokens, seq_len, cfg.seed + 1)  # fresh data for the Hessian estimate
     val_stream = SequenceStream(val_tokens, seq_len, 0)  # the same validation sequences for every run
-    hess_batch = (cfg.optim.get("hess_batch_size") or cfg.total_batch_size) if hess_accum else 0
     if hess_batch > train_stream.num_seqs:
         raise ConfigError(f"optim.hess_batch_size={hess_batch} sequences exceed the {train_stream.num_seqs:,} "
                           f"training sequences: lower optim.hess_batch_size")
@@ -444,7 +444,6 @@ def train(cfg):
 
     def refresh_hessian():
         """Every hess_interval steps: fill p.grad with the estimator's sample, then update the EMA."""
-        import sophia
         generator = torch.Generator(device=device)
         for micro in range(hess_accum):
             chunk = rank * hess_accum + micro  # as in the training step: independent of the world size
@@ -515,7 +514,8 @@ def train(cfg):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if cfg.grad_clip > 0:
             clipped_steps += (grad_norm > cfg.grad_clip).float()
-        # the one host sync of a step: a non-finite gradient skips the update instead of poisoning the state
+        # the one host sync of a step (on CUDA it waits for the backward to finish, then the step's kernels
+        # are launched): a non-finite gradient skips the update instead of poisoning the optimizer state
         if torch.isfinite(grad_norm):
             optimizer.step(**step_kwargs)
         else:

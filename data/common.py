@@ -264,6 +264,17 @@ def begin_prepare(data_dir):
     return data_dir
 
 
+def write_splits(data_dir, splits, num_proc=1):
+    """Tokenize and write every split ({"train": docs, "val": docs}) into a fresh data_dir.
+    Returns {split: {"tokens": N, "documents": D}}, the counts meta.json records."""
+    data_dir = begin_prepare(data_dir)
+    counts = {}
+    for split, docs in splits.items():
+        tokenized = tokenize(docs, num_proc, desc=f"tokenizing {split}")
+        counts[split] = {"tokens": write_split(data_dir, split, tokenized), "documents": len(docs)}
+    return counts
+
+
 def base_meta(name, settings, source, splits, prepare_command):
     """The fields every meta.json has; prepare scripts may add their own."""
     return {

