@@ -298,13 +298,14 @@ class GPT(nn.Module):
         return 6 * N + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
 
     def configure_optimizer_groups(self, weight_decay):
-        """Two param groups: every >=2-D tensor (matmul weights, embeddings) decays, biases and
-        LayerNorm weights do not. Used by every optimizer."""
+        """Two param groups, as the official Sophia repository's configure_optimizers (both its scripts):
+        only nn.Linear weights decay. The token embedding (tied with the head), the position embedding,
+        LayerNorm weights and all biases do not. Used by every optimizer."""
+        tied_head = self.lm_head.weight  # a Linear's weight, but it is the token embedding: no decay
+        decayed = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear) and m.weight is not tied_head}
         params = [p for p in self.parameters() if p.requires_grad]  # the tied weight appears once
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+                {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
 
 
 # ---------------------------------------------------------------- device peak FLOP/s

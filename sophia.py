@@ -279,11 +279,13 @@ class SophiaG(Optimizer):
         return loss
 
     @torch.no_grad()
-    def sophia_stats(self, bs):
+    def sophia_stats(self, bs, parts=None):
         """Diagnostics as 0-d tensors (no host sync, no state copies), for log steps:
         optim/win_rate: fraction of coordinates not clipped, |m| < rho·bs·h (healthy: 0.1-0.5);
+        optim/win_rate/NAME: the same over the parameters of parts[NAME] (parts: {NAME: [params]}), since
+        one large tensor (a 50k-row embedding) can dominate the average;
         optim/hessian_norm: Σ|h|."""
-        unclipped, hessians, total = [], [], 0
+        unclipped, sizes, hessians = {}, {}, []  # by id(param)
         device = None
         for group in self.param_groups:
             threshold = group["rho"] * bs
@@ -293,14 +295,21 @@ class SophiaG(Optimizer):
                     continue
                 m, h = state["exp_avg"], state["hessian"]
                 device = device or h.device
-                unclipped.append(torch.count_nonzero(m.abs() < threshold * h).to(device, non_blocking=True))
+                unclipped[id(p)] = torch.count_nonzero(m.abs() < threshold * h).to(device, non_blocking=True)
+                sizes[id(p)] = m.numel()
                 hessians.append(h)
-                total += m.numel()
         if not hessians:
             return {"optim/win_rate": torch.tensor(0.0), "optim/hessian_norm": torch.tensor(0.0)}
+
+        def win_rate(ids):
+            ids = [i for i in ids if i in unclipped]
+            return torch.stack([unclipped[i] for i in ids]).sum() / sum(sizes[i] for i in ids)
+
         norms = [x.to(device, torch.float32, non_blocking=True) for x in torch._foreach_norm(hessians, 1)]
-        return {"optim/win_rate": torch.stack(unclipped).sum() / total,
-                "optim/hessian_norm": torch.stack(norms).sum()}
+        stats = {"optim/win_rate": win_rate(list(unclipped)), "optim/hessian_norm": torch.stack(norms).sum()}
+        for name, params in (parts or {}).items():
+            stats[f"optim/win_rate/{name}"] = win_rate([id(p) for p in params])
+        return stats
 
 
 class SophiaH(SophiaG):

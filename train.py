@@ -119,9 +119,10 @@ def random_seed(seed, step, chunk, purpose):
 
 
 def get_lr(step, cfg, lr_decay_steps):
-    """Linear warmup to optim.lr, then cosine to min_lr over lr_decay_steps, then min_lr."""
+    """Linear warmup from 0 at step 0 (the official formula, lr·step/warmup), then cosine to min_lr over
+    lr_decay_steps, then min_lr."""
     if step < cfg.warmup_steps:
-        return cfg.optim.lr * (step + 1) / cfg.warmup_steps
+        return cfg.optim.lr * step / cfg.warmup_steps
     if step >= lr_decay_steps:
         return cfg.min_lr
     progress = (step - cfg.warmup_steps) / max(1, lr_decay_steps - cfg.warmup_steps)
@@ -379,6 +380,9 @@ def train(cfg):
     if distributed:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     params = [p for p in raw_model.parameters() if p.requires_grad]
+    # Sophia's win rate per part: the token embedding (also the head) holds most coordinates of a small model
+    win_rate_parts = {"embedding": [raw_model.transformer.wte.weight],
+                      "blocks": list(raw_model.transformer.h.parameters())}
 
     flops_per_token = raw_model.flops_per_token()
     peak = peak_flops(device, dtype, cpu_peak=cfg.cpu_peak_flops)
@@ -542,7 +546,7 @@ def train(cfg):
                       "mfu": estimate_mfu(tokens_per_s / world_size, flops_per_token, peak)}
             if hess_accum:
                 record["optim/clip_rate"] = clipped_steps.item() / steps_done
-                stats = optimizer.sophia_stats(step_kwargs["bs"])
+                stats = optimizer.sophia_stats(step_kwargs["bs"], parts=win_rate_parts)
                 record.update({k: float(v) for k, v in stats.items()})
                 if hessian_skipped.item():
                     record["optim/hessian_skipped"] = hessian_skipped.item()

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ["adamw", "lion", "sophiag", "sophiah"]
-SIZES = {"small": (12, 12, 768, False), "medium": (24, 16, 1024, True), "large": (36, 20, 1280, True)}
+SIZES = {"small": (12, 12, 768), "medium": (24, 16, 1024), "large": (36, 20, 1280)}
 
 # reference.md's table of the official configurations: lr, min_lr, weight decay, betas, rho
 OFFICIAL = {
@@ -22,6 +22,9 @@ OFFICIAL = {
     ("large", "adamw"): (2e-4, 1e-5, 0.1, [0.9, 0.95], None),
 }
 LION_LR = {"small": 1e-4, "medium": 1e-4, "large": 8e-5}
+# gradient-accumulation steps of the official AdamW launches (GPUs x micro-batch x A = 480 sequences):
+# small 10 x 8 x 6, medium 8 x 6 x 10, large 10 x 4 x 12
+OFFICIAL_ACCUMULATION = {"small": 6, "medium": 10, "large": 12}
 
 
 def composed(preset, overrides=()):
@@ -47,9 +50,9 @@ def test_presets_of_one_size_differ_only_in_the_optimizer(size):
     for opt, flat in configs.items():
         differing = {k for k in set(flat) | set(reference) if flat.get(k) != reference.get(k)}
         assert all(k.startswith("optim.") or k == "min_lr" for k in differing), (opt, sorted(differing))
-        n_layer, n_head, n_embd, inverse_layer_scaling = SIZES[size]
+        n_layer, n_head, n_embd = SIZES[size]
         assert (flat["model.n_layer"], flat["model.n_head"], flat["model.n_embd"]) == (n_layer, n_head, n_embd)
-        assert flat["model.scale_attn_by_inverse_layer_idx"] is inverse_layer_scaling
+        assert flat["model.scale_attn_by_inverse_layer_idx"] is True  # every size, as the official scripts now
         assert flat["model.vocab_size"] == 50304 and flat["model.bias"] is False and flat["model.dropout"] == 0
         assert flat["total_batch_size"] == 480 and flat["model.block_size"] == 1024
         assert flat["max_steps"] == 100_000 and flat["warmup_steps"] == 2000 and flat["grad_clip"] == 1.0
@@ -72,6 +75,57 @@ def test_presets_carry_the_official_hyperparameters(size, opt):
 def test_lion_presets_use_the_paper_learning_rate(size):
     cfg = composed(f"gpt2_{size}_lion")
     assert cfg["optim"]["lr"] == LION_LR[size] and cfg["optim"]["betas"] == [0.95, 0.98]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_official_adamw_presets_differ_from_the_fair_one_in_clip_and_eps_only(size):
+    fair, official = flatten(composed(f"gpt2_{size}_adamw")), flatten(composed(f"gpt2_{size}_adamw_official"))
+    differing = {k for k in set(fair) | set(official) if fair.get(k) != official.get(k)}
+    assert differing == {"grad_clip", "optim.eps"}
+    A = OFFICIAL_ACCUMULATION[size]
+    assert official["grad_clip"] == pytest.approx(1 / A, rel=1e-15) and fair["grad_clip"] == 1.0
+    assert official["optim.eps"] == pytest.approx(1e-8 / A, rel=1e-15) and fair["optim.eps"] == 1e-8
+    assert official["total_batch_size"] == 480
+
+
+def train_tiny_adamw(loss_scale, max_norm, eps, A=4, steps=6):
+    """A tiny GPT trained with torch's AdamW over A micro-batches per step; returns (weights, the gradient
+    norms seen by clip_grad_norm_)."""
+    import torch
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    data = torch.randint(0, 64, (steps, A, 2, 17), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=eps, weight_decay=0.1, foreach=False)
+    norms = []
+    for step in range(steps):
+        for micro in range(A):
+            x = data[step, micro]
+            _, loss = model(x[:, :-1], x[:, 1:])
+            (loss * loss_scale).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.state_dict(), norms
+
+
+def max_difference(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_official_adamw_equals_clip_and_eps_over_accumulation():
+    """What the _adamw_official presets rest on: train_adam.py's recipe (each micro-batch's loss backpropagated
+    without dividing by A, clip at max_norm, eps) equals the mean gradient clipped at max_norm/A with eps/A.
+    The algebra holds for any max_norm; 4.0 here makes some steps clip and others not, and eps 1e-4 makes
+    eps matter, so that a wrong mapping shows."""
+    A, max_norm, eps = 4, 4.0, 1e-4
+    official, norms = train_tiny_adamw(loss_scale=1.0, max_norm=max_norm, eps=eps, A=A)
+    assert min(norms) < max_norm < max(norms)
+    ours, _ = train_tiny_adamw(loss_scale=1 / A, max_norm=max_norm / A, eps=eps / A, A=A)
+    assert max_difference(official, ours) < 1e-6
+    # the check can fail: leaving out either scaling changes the weights
+    assert max_difference(official, train_tiny_adamw(1 / A, max_norm / A, eps, A=A)[0]) > 1e-4
+    assert max_difference(official, train_tiny_adamw(1 / A, max_norm, eps / A, A=A)[0]) > 1e-4
 
 
 def test_shakespeare_presets_differ_only_in_the_optimizer():

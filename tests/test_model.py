@@ -197,14 +197,23 @@ def test_cpu_peak_given_or_measured():
     assert model.peak_flops("cpu", torch.float32) == measured  # cached: measured once per process
 
 
-def test_optimizer_groups_cover_every_parameter_once():
-    m = GPT(GPTConfig(block_size=32, vocab_size=100, bias=True, **SMALL))
+@pytest.mark.parametrize("bias", [False, True])
+def test_optimizer_groups_decay_linear_weights_only(bias):
+    """The official configure_optimizers: nn.Linear weights decay; embeddings (the tied head included),
+    LayerNorm weights and biases do not. Checked by parameter name."""
+    m = GPT(GPTConfig(block_size=32, vocab_size=100, bias=bias, **SMALL))
     decay, no_decay = m.configure_optimizer_groups(0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
-    assert len(ids) == len(set(ids)) == len(list(m.parameters()))
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    assert any(p is m.transformer.wte.weight for p in decay["params"])
+    name_of = {id(p): name for name, p in m.named_parameters()}  # the tied weight is named transformer.wte.weight
+    decayed = sorted(name_of[id(p)] for p in decay["params"])
+    not_decayed = sorted(name_of[id(p)] for p in no_decay["params"])
+    linear_weights = ["attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"]
+    assert decayed == sorted(f"transformer.h.{i}.{w}" for i in range(m.config.n_layer) for w in linear_weights)
+    assert "transformer.wte.weight" in not_decayed and "transformer.wpe.weight" in not_decayed
+    assert all(n.endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")) for n in not_decayed
+               if n not in ("transformer.wte.weight", "transformer.wpe.weight"))
+    # every parameter exactly once, the tied head/embedding included
+    assert len(decayed) + len(not_decayed) == len(set(decayed + not_decayed)) == len(list(m.parameters()))
 
 
 def test_loss_double_backward_matches_f_cross_entropy():

@@ -81,9 +81,12 @@ def test_sophia_trajectory_matches_formula_float64(cls, maximize, fused):
         for p, t in zip((weight, bias), theta):
             torch.testing.assert_close(p.detach(), t, rtol=1e-12, atol=1e-14)
         unclipped = sum(int((mi.abs() < rho * bs * hi).sum()) for mi, hi in zip(m, h))
-        stats = opt.sophia_stats(bs)
+        stats = opt.sophia_stats(bs, parts={"weight": [weight], "bias": [bias]})
         assert stats["optim/win_rate"].dim() == 0
         assert stats["optim/win_rate"].item() == pytest.approx(unclipped / 35)
+        for name, i, p in (("weight", 0, weight), ("bias", 1, bias)):  # per part: its own coordinates only
+            own = int((m[i].abs() < rho * bs * h[i]).sum())
+            assert stats[f"optim/win_rate/{name}"].item() == pytest.approx(own / p.numel())
         assert stats["optim/hessian_norm"].item() == pytest.approx(sum(hi.abs().sum().item() for hi in h))
         win_rates.append(unclipped / 35)
     # both branches of the clip were taken, and the state holds what the formula says

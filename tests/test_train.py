@@ -109,7 +109,8 @@ def test_two_ranks_equal_one_process_with_accumulation(tmp_path):
     ddp = run_train(args, tmp_path / "two", launcher=launcher)
     assert "2 rank(s) x 1 micro-batch(es)" in ddp.stdout
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    for key in ("train/loss", "val/loss", "grad_norm", "optim/hessian_norm", "optim/win_rate"):
+    for key in ("train/loss", "val/loss", "grad_norm", "optim/hessian_norm", "optim/win_rate",
+                "optim/win_rate/embedding", "optim/win_rate/blocks"):
         assert by_step(two, key) == pytest.approx(by_step(one, key), rel=1e-4), key
     # only rank 0 wrote, into the one directory
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ckpt.pt", "config.yaml", "metrics.jsonl"]
@@ -117,7 +118,8 @@ def test_two_ranks_equal_one_process_with_accumulation(tmp_path):
 
 def test_one_step_equals_torch_adamw_by_hand(tmp_path):
     """The loop's first step, rebuilt by hand from the same pieces with torch's reference AdamW."""
-    run_train(["optim=adamw", "max_steps=1", "grad_clip=0.5", "optim.lr=1e-2"], tmp_path)
+    # warmup_steps=0: with a warmup, step 0's learning rate is 0 (the official schedule) and nothing would move
+    run_train(["optim=adamw", "max_steps=1", "grad_clip=0.5", "optim.lr=1e-2", "warmup_steps=0"], tmp_path)
     trained = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
 
     import train
@@ -131,9 +133,11 @@ def test_one_step_equals_torch_adamw_by_hand(tmp_path):
         _, loss = model(x, y)
         (loss / 2).backward()
     assert torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5) > 0.5  # clipping is exercised
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    lr = 1e-2 * 1 / 2  # warmup step 0 of 2
+    # the official grouping: the Linear weights of the blocks decay, nothing else
+    decay = [p for n, p in model.named_parameters() if n.startswith("transformer.h.") and n.endswith(
+        ("c_attn.weight", "c_proj.weight", "c_fc.weight"))]
+    no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
+    lr = 1e-2  # no warmup; the first step of the cosine is the peak
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
     opt.step()
@@ -142,19 +146,22 @@ def test_one_step_equals_torch_adamw_by_hand(tmp_path):
 
 
 def test_lr_schedule_matches_torch_schedulers():
+    """The official schedule: lr·step/warmup (0 at step 0), cosine to min_lr, then min_lr. torch's LinearLR
+    cannot start at a factor of 0, so the warmup's reference is LambdaLR with the official expression."""
     import train
     from omegaconf import OmegaConf
     cfg = OmegaConf.create({"warmup_steps": 5, "min_lr": 1e-4, "optim": {"lr": 1e-3}})
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=1e-3)
-    warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / 5, end_factor=1.0, total_iters=4)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: it / 5)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20 - 5, eta_min=1e-4)
     sched = torch.optim.lr_scheduler.SequentialLR(opt, [warmup, cosine], milestones=[5])
+    assert train.get_lr(0, cfg, 20) == 0.0
     for step in range(20):
-        assert train.get_lr(step, cfg, 20) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9), step
+        assert train.get_lr(step, cfg, 20) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15), step
         opt.step()
         sched.step()
-    assert train.get_lr(25, cfg, 20) == 1e-4
+    assert train.get_lr(20, cfg, 20) == pytest.approx(1e-4) and train.get_lr(25, cfg, 20) == 1e-4
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
