@@ -335,7 +335,7 @@ def to_target(group, column, target):
     result = {"per_seed": per_seed, "reached": len(reached), "seeds": len(per_seed), "std": None}
     if len(reached) == len(per_seed):
         return {**result, "how": "seeds", "value": float(np.mean(reached)), "std": std(reached)}
-    steps, tokens, elapsed_s, val_loss = mean_curve(group)
+    steps, _, elapsed_s, val_loss = mean_curve(group)
     x = steps if column == "steps" else elapsed_s
     crossing = first_crossing(x, val_loss, target)
     if crossing is not None and math.isfinite(crossing):
@@ -420,16 +420,16 @@ def markdown_table(groups, baseline, target, target_source):
                     f"{format_speedup(g.stats['speedup_steps'])} | {format_to_target(g.stats['time'], 'seconds')} | "
                     f"{format_speedup(g.stats['speedup_time'])} | {final_text} |")
     notes = [
-        f"Target val loss {target:.4f} ({target_source}). Steps / time to target: the first eval at or below it, "
-        "linearly interpolated with the eval before; resolution is the eval interval. Time is the logged "
-        "time/elapsed_s: compare it only between runs on the same hardware.",
-        "a ± b: mean ± sample std (ddof=1) over seeds. Where some seed never reached the target, the group's value "
-        "is where its seed-averaged curve (on the eval steps all seeds share) crosses it, without a spread (with the "
-        "default target this is usual for the baseline: its seeds that end above their own mean never reach it).",
-        f"Speed-up = the baseline's value ({baseline.label}) / each seed's value, then mean ± sample std of those "
-        "per-seed ratios; the baseline's value counts as exact (its own seed spread shows in its row). "
-        "'< x': the run never reached the target within its last eval, so x (baseline / that last point) is an "
-        "upper bound; '> x': the baseline never reached it, so x is a lower bound; 'n/a': neither did.",
+        (f"Target val loss {target:.4f} ({target_source}). Steps / time to target: the first eval at or below it, "
+         "linearly interpolated with the eval before; resolution is the eval interval. Time is the logged "
+         "time/elapsed_s: compare it only between runs on the same hardware."),
+        ("a ± b: mean ± sample std (ddof=1) over seeds. Where some seed never reached the target, the group's value "
+         "is where its seed-averaged curve (on the eval steps all seeds share) crosses it, without a spread (with the "
+         "default target this is usual for the baseline: its seeds that end above their own mean never reach it)."),
+        (f"Speed-up = the baseline's value ({baseline.label}) / each seed's value, then mean ± sample std of those "
+         "per-seed ratios; the baseline's value counts as exact (its own seed spread shows in its row). "
+         "'< x': the run never reached the target within its last eval, so x (baseline / that last point) is an "
+         "upper bound; '> x': the baseline never reached it, so x is a lower bound; 'n/a': neither did."),
         "Final val loss: the last eval of each seed, mean ± sample std.",
     ]
     return "\n".join(rows) + "\n\n" + "\n".join(f"{i + 1}. {note}" for i, note in enumerate(notes))
