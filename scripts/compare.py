@@ -13,6 +13,7 @@ baseline's final validation loss (mean over its seeds); the baseline is the firs
 """
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -139,6 +140,17 @@ def natural_key(text):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
+def close_dirs(path):
+    """Existing sibling folders named like a missing one: train.py names a run out/<preset>_<overrides>, so
+    `out/shakespeare_adamw` is often `out/shakespeare_adamw_max_steps=50`."""
+    parent, name = os.path.split(os.path.normpath(path))
+    if not os.path.isdir(parent or "."):
+        return []
+    siblings = sorted(d for d in os.listdir(parent or ".") if os.path.isdir(os.path.join(parent, d)))
+    longer = [d for d in siblings if d.startswith(name)]  # the same preset, with overrides
+    return [os.path.join(parent, d) for d in longer[:3] or difflib.get_close_matches(name, siblings, n=1)]
+
+
 def find_run_dirs(paths):
     """Each path is a run directory, its metrics.jsonl, or a directory searched recursively for run dirs."""
     run_dirs = []
@@ -146,7 +158,8 @@ def find_run_dirs(paths):
         if os.path.basename(path) == "metrics.jsonl" and os.path.isfile(path):
             found = [os.path.dirname(path) or "."]
         elif not os.path.isdir(path):
-            raise CompareError(f"{path}: no such directory")
+            near = close_dirs(path)
+            raise CompareError(f"{path}: no such directory" + (f"; did you mean {' or '.join(near)}?" if near else ""))
         elif os.path.isfile(os.path.join(path, "metrics.jsonl")):
             found = [path]
         else:

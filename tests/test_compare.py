@@ -197,6 +197,28 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+
+def test_a_missing_run_folder_suggests_the_one_train_py_wrote(tmp_path):
+    # `python train.py config=shakespeare_adamw max_steps=50` writes out/shakespeare_adamw_max_steps=50
+    make_run(tmp_path / "out" / "shakespeare_adamw_max_steps=50", "adamw", 0, lambda s: 3 + 100 / s)
+    make_run(tmp_path / "out" / "shakespeare_sophiag_max_steps=50", "sophiag", 0, lambda s: 3 + 50 / s)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), "out/shakespeare_adamw",
+                             "out/shakespeare_sophiag_max_steps=50", "--out", "c.png"],
+                            capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr == ("error: out/shakespeare_adamw: no such directory; "
+                             "did you mean out/shakespeare_adamw_max_steps=50?\n")
+
+    with pytest.raises(compare.CompareError, match=r"did you mean .*shakespeare_sophiag_max_steps=50\?$"):
+        compare.find_run_dirs([str(tmp_path / "out" / "shakespeare_sophia_max_steps=50")])  # a typo
+    with pytest.raises(compare.CompareError, match=r"no such directory$"):  # nothing alike: no guess
+        compare.find_run_dirs([str(tmp_path / "out" / "gpt2_small_lion")])
+    with pytest.raises(compare.CompareError, match=r"no such directory$"):  # its parent is missing too
+        compare.find_run_dirs([str(tmp_path / "elsewhere" / "shakespeare_adamw")])
+    make_run(tmp_path / "out" / "shakespeare_adamw_max_steps=100", "adamw", 0, lambda s: 3 + 100 / s)
+    with pytest.raises(compare.CompareError, match=r"did you mean \S+max_steps=100 or \S+max_steps=50\?$"):
+        compare.find_run_dirs([str(tmp_path / "out" / "shakespeare_adamw")])
+
 def test_best_picks_the_lowest_final_loss_per_optimizer(tmp_path):
     sweep = tmp_path / "sweep"  # like a multirun: numbered job dirs, searched recursively
     job = 0
