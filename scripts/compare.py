@@ -10,6 +10,7 @@ Runs whose configs are identical except for `seed`, `out_dir`, `run_name`, `resu
 logging knobs are seeds of one group; a group's curve is the mean over its seeds. The target loss defaults to the
 baseline's final validation loss (mean over its seeds); the baseline is the first group unless
 --baseline names another. The markdown table printed at the end explains itself in its footnotes.
+Two runs with the same seed in one group are refused (one run passed twice counts once).
 """
 
 import argparse
@@ -262,6 +263,18 @@ def label_groups(groups):
     for i, g in enumerate(groups):  # identical labels (odd formatting collisions): number them
         if sum(h.label == g.label for h in groups) > 1:
             g.label = f"{g.label} #{i + 1}"
+
+
+def check_seeds(groups):
+    """A run passed twice (or copied) would count as two seeds: weighted double, with a spread too small."""
+    for g in groups:
+        seen = {}
+        for run in g.runs:
+            seed = run.config.get("seed")
+            if seed is not None and seed in seen:
+                raise CompareError(f"{seen[seed].name} and {run.name} are both seed {seed} of {g.label!r} with the "
+                                   "same settings: pass only one of them, or rerun one with another seed=N")
+            seen.setdefault(seed, run)
 
 
 def final_losses(group):
@@ -545,6 +558,7 @@ def main(argv=None):
             runs += load_wandb_runs(args.wandb, args.group)
         groups = group_runs(runs)
         label_groups(groups)
+        check_seeds(groups)
         if args.best:
             groups, lines = pick_best(groups)
             print("\n".join(lines) + "\n")

@@ -219,6 +219,25 @@ def test_a_missing_run_folder_suggests_the_one_train_py_wrote(tmp_path):
     with pytest.raises(compare.CompareError, match=r"did you mean \S+max_steps=100 or \S+max_steps=50\?$"):
         compare.find_run_dirs([str(tmp_path / "out" / "shakespeare_adamw")])
 
+
+def test_the_same_seed_twice_in_a_group_is_refused(tmp_path):
+    # the same run under two names (copied, or rerun with another out_dir): it must not count as two seeds
+    first = make_run(tmp_path / "adamw", "adamw", 0, lambda s: 3 + 100 / s)
+    again = make_run(tmp_path / "adamw_again", "adamw", 0, lambda s: 3 + 100 / s)
+    other = make_run(tmp_path / "adamw_seed1", "adamw", 1, lambda s: 3 + 110 / s)
+    sophia = make_run(tmp_path / "sophia", "sophiag", 0, lambda s: 3 + 50 / s)  # seed 0 too, but another group
+    compare.check_seeds(load_groups([first, other, sophia]))  # distinct seeds within each group: fine
+    with pytest.raises(compare.CompareError, match="adamw and .*adamw_again are both seed 0 of 'adamw'"):
+        compare.check_seeds(load_groups([first, other, again, sophia]))
+
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), first, again, sophia,
+                             "--out", str(tmp_path / "x.png")], capture_output=True, text=True, cwd=REPO, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1  # one line
+    assert result.stderr.startswith(f"error: {first} and {again} are both seed 0")  # both folders, by name
+    assert "pass only one of them, or rerun one with another seed=N" in result.stderr
+    assert not (tmp_path / "x.png").exists()
+
 def test_best_picks_the_lowest_final_loss_per_optimizer(tmp_path):
     sweep = tmp_path / "sweep"  # like a multirun: numbered job dirs, searched recursively
     job = 0
