@@ -2,7 +2,7 @@
 Compare training runs: validation-loss curves side by side, and how many steps (and seconds) each
 run needs to reach a target loss, with the speed-up against a baseline.
 
-    python scripts/compare.py out/shakespeare_adamw* out/shakespeare_sophiag* --out compare.png
+    python scripts/compare.py out/shakespeare_adamw_max_steps=50 out/shakespeare_sophiag_max_steps=50 --out compare.png
     python scripts/compare.py multirun_out/ --best --baseline adamw      # tuned vs tuned from a sweep
     python scripts/compare.py --wandb ENTITY/PROJECT --group my_experiment --out compare.png
 
@@ -10,7 +10,8 @@ Runs whose configs are identical except for `seed`, `out_dir`, `run_name`, `resu
 logging knobs are seeds of one group; a group's curve is the mean over its seeds. The target loss defaults to the
 baseline's final validation loss (mean over its seeds); the baseline is the first group unless
 --baseline names another. The markdown table printed at the end explains itself in its footnotes.
-Two runs with the same seed in one group are refused (one run passed twice counts once).
+Two runs with the same seed in one group are refused (one run passed twice counts once); runs that differ in
+length, schedule, batch or data are compared with a warning (printed, and marked in the table).
 """
 
 import argparse
@@ -30,6 +31,17 @@ import yaml
 # seeds of one group
 IGNORED_CONFIG_KEYS = ("seed", "out_dir", "run_name", "resume", "log_interval", "ckpt_interval", "cpu_peak_flops")
 IGNORED_CONFIG_PREFIXES = ("wandb.", "hydra.", "_")
+# config keys that still separate groups but make their comparison unfair, and why (a warning, not an error)
+MISMATCH_REASONS = {
+    "max_steps": "their speed-up compares different schedules",
+    "warmup_steps": "their speed-up compares different schedules",
+    "lr_decay_steps": "their speed-up compares different schedules",
+    "min_lr": "their speed-up compares different schedules",
+    "total_batch_size": "a step is not the same number of tokens: compare them per token, not per step",
+    "model.block_size": "a step is not the same number of tokens: compare them per token, not per step",
+    "data.name": "their losses are measured on different data",
+    "data.dir": "their losses are measured on different data",
+}
 # the keys of an eval row in W&B history: train.py logs our `step` as W&B's own _step
 WANDB_EVAL_KEYS = ["_step", "tokens", "val/loss", "time/elapsed_s"]
 
@@ -277,6 +289,34 @@ def check_seeds(groups):
             seen.setdefault(seed, run)
 
 
+def length_warnings(groups):
+    """Seeds of one group that end at different steps (one stopped early, or is still running): the group's
+    final loss would average runs of different lengths. Returns [(message, [flagged group])]."""
+    warnings = []
+    for g in groups:
+        ends = [int(run.steps[-1]) for run in g.runs]
+        if len(set(ends)) > 1:
+            each = ", ".join(f"{run.name} at step {end}" for run, end in zip(g.runs, ends))
+            message = (f"the seeds of {g.label} end at different steps ({each}): its final loss averages runs of "
+                       "different lengths (one stopped early, or is still running?)")
+            warnings.append((message, [g]))
+    return warnings
+
+
+def mismatch_warnings(groups, baseline):
+    """The MISMATCH_REASONS settings that differ among the groups. Returns [(message, flagged groups)], flagged:
+    the groups whose value differs from the baseline's, i.e. whose speed-up compares unlike runs."""
+    warnings = []
+    for key, why in MISMATCH_REASONS.items():
+        values = [g.settings.get(key) for g in groups]
+        distinct = [v for i, v in enumerate(values) if v not in values[:i]]
+        if len(distinct) > 1:
+            shown = " vs ".join("null" if v is None else format_value(v) for v in distinct)
+            flagged = [g for g, v in zip(groups, values) if v != baseline.settings.get(key)]
+            warnings.append((f"runs differ in {key} ({shown}): {why}", flagged))
+    return warnings
+
+
 def final_losses(group):
     return np.array([run.val_loss[-1] for run in group.runs])
 
@@ -435,11 +475,13 @@ def format_speedup(stats):
     return text if stats["bound"] == "=" else f"{stats['bound']} {text}"
 
 
-def markdown_table(groups, baseline, target, target_source):
+def markdown_table(groups, baseline, target, target_source, warnings=()):
+    """warnings: [(message, flagged groups)]; each becomes a ⚠ footnote, and a flagged group's row gets a ⚠."""
+    flagged = [g for _, some in warnings for g in some]
     rows = ["| run | seeds | steps to target | speed-up (steps) | time to target | speed-up (time) | final val loss |",
             "|---|---|---|---|---|---|---|"]
     for g in groups:
-        name = g.label + (" (baseline)" if g is baseline else "")
+        name = g.label + (" (baseline)" if g is baseline else "") + (" ⚠" if any(g is h for h in flagged) else "")
         final = g.stats["final_loss"]
         final_text = f"{final['value']:.4f}" + ("" if final["std"] is None else f" ± {final['std']:.4f}")
         rows.append(f"| {name} | {len(g.runs)} | {format_to_target(g.stats['steps'], 'steps')} | "
@@ -457,7 +499,7 @@ def markdown_table(groups, baseline, target, target_source):
          "'< x': the run never reached the target within its last eval, so x (baseline / that last point) is an "
          "upper bound; '> x': the baseline never reached it, so x is a lower bound; 'n/a': neither did."),
         "Final val loss: the last eval of each seed, mean ± sample std.",
-    ]
+    ] + [f"⚠ {message}" for message, _ in warnings]
     return "\n".join(rows) + "\n\n" + "\n".join(f"{i + 1}. {note}" for i, note in enumerate(notes))
 
 
@@ -472,9 +514,10 @@ def clean(value):
     return value
 
 
-def table_json(groups, baseline, target, target_source):
+def table_json(groups, baseline, target, target_source, warnings=()):
     return clean({
         "target_loss": target, "target_source": target_source, "baseline": baseline.label,
+        "warnings": [message for message, _ in warnings],
         "groups": [{"label": g.label, "runs": [r.name for r in g.runs], "seeds": [r.config.get("seed") for r in g.runs],
                     "steps_to_target": g.stats["steps"], "speedup_steps": g.stats["speedup_steps"],
                     "seconds_to_target": g.stats["time"], "speedup_time": g.stats["speedup_time"],
@@ -563,6 +606,7 @@ def main(argv=None):
             groups, lines = pick_best(groups)
             print("\n".join(lines) + "\n")
         baseline = find_baseline(groups, args.baseline)
+        warnings = length_warnings(groups) + mismatch_warnings(groups, baseline)
         if args.target_loss is not None:
             target, target_source = args.target_loss, "--target-loss"
         else:
@@ -576,13 +620,15 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    print(markdown_table(groups, baseline, target, target_source))
+    for message, _ in warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    print(markdown_table(groups, baseline, target, target_source, warnings))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     plot(groups, baseline, target, target_source, args.out)
     print(f"\nwrote {args.out}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(table_json(groups, baseline, target, target_source), f, indent=2)
+            json.dump(table_json(groups, baseline, target, target_source, warnings), f, indent=2)
         print(f"wrote {args.json}")
     return 0
 

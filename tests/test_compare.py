@@ -20,15 +20,16 @@ EVAL_STEPS = np.arange(100, 1001, 100)  # evals every 100 steps up to 1000
 TOKENS_PER_STEP = 1024
 
 
-def make_run(path, optimizer, seed, loss_fn, seconds_per_step=0.5, lr=1e-3, rho=None, steps=EVAL_STEPS):
+def make_run(path, optimizer, seed, loss_fn, seconds_per_step=0.5, lr=1e-3, rho=None, steps=EVAL_STEPS, extra=None):
     """A train.py-like run directory: config.yaml (nested, as OmegaConf writes it) and metrics.jsonl with
-    training events between the eval events. loss_fn(step) -> val loss."""
+    training events between the eval events. loss_fn(step) -> val loss; extra: more config.yaml keys."""
     os.makedirs(path, exist_ok=True)
     optim = {"name": optimizer, "lr": lr, "betas": [0.9, 0.95]}
     if rho is not None:
         optim["rho"] = rho
     config = {"seed": seed, "run_name": f"{optimizer}_seed={seed}", "out_dir": str(path), "max_steps": int(steps[-1]),
               "optim": optim, "model": {"n_layer": 2}, "wandb": {"enabled": False, "project": "x"}}
+    config.update(extra or {})
     with open(os.path.join(path, "config.yaml"), "w") as f:
         yaml.safe_dump(config, f)
     with open(os.path.join(path, "metrics.jsonl"), "w") as f:
@@ -64,6 +65,7 @@ def test_steps_and_speedup_closed_form(tmp_path):
     adamw, sophia = groups = load_groups(dirs)
     assert [g.label for g in groups] == ["adamw", "sophiag"]  # seeds grouped, labels from the optimizer
     assert [len(g.runs) for g in groups] == [3, 3]
+    assert compare.length_warnings(groups) == [] and compare.mismatch_warnings(groups, adamw) == []  # like runs
     compare.analyse(groups, adamw, target=4.0)
 
     adamw_steps = 2000 / np.array(ADAMW_SLOPES)
@@ -237,6 +239,72 @@ def test_the_same_seed_twice_in_a_group_is_refused(tmp_path):
     assert result.stderr.startswith(f"error: {first} and {again} are both seed 0")  # both folders, by name
     assert "pass only one of them, or rerun one with another seed=N" in result.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_runs_of_different_max_steps_are_compared_with_a_warning(tmp_path):
+    dirs = [make_run(tmp_path / f"adamw{i}", "adamw", i, lambda s: 3 + 100 / s) for i in range(2)]  # max_steps 1000
+    dirs.append(make_run(tmp_path / "sophia", "sophiag", 0, lambda s: 3 + 50 / s, steps=np.arange(100, 501, 100)))
+    out = tmp_path / "c.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), *dirs,
+                             "--out", str(tmp_path / "c.png"), "--json", str(out)],
+                            capture_output=True, text=True, cwd=REPO, check=False)
+    assert result.returncode == 0, result.stderr
+    message = "runs differ in max_steps (1000 vs 500): their speed-up compares different schedules"
+    assert f"warning: {message}\n" in result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")][1:]  # below the header
+    assert rows[0].startswith("| adamw max_steps=1000 (baseline) | 2 |")  # the baseline is not flagged
+    assert rows[1].startswith("| sophiag max_steps=500 ⚠ | 1 |")
+    assert f"\n5. ⚠ {message}\n" in result.stdout  # a footnote after the four usual ones
+    assert json.loads(out.read_text())["warnings"] == [message]
+
+
+def test_schedule_batch_and_data_differences_are_flagged_against_the_baseline(tmp_path):
+    def setup(warmup=10, decay=None, min_lr=1e-4, batch=8, block=64, data="shakespeare"):
+        return {"warmup_steps": warmup, "lr_decay_steps": decay, "min_lr": min_lr, "total_batch_size": batch,
+                "model": {"n_layer": 2, "block_size": block}, "data": {"name": data, "dir": None}}
+
+    dirs = [make_run(tmp_path / "adamw", "adamw", 0, lambda s: 3 + 100 / s, extra=setup()),
+            make_run(tmp_path / "sophia", "sophiag", 0, lambda s: 3 + 50 / s,
+                     extra=setup(warmup=20, batch=16, data="openwebtext")),
+            make_run(tmp_path / "lion", "lion", 0, lambda s: 3 + 70 / s, extra=setup(decay=300, min_lr=3e-5, block=128))]
+    groups = load_groups(dirs)
+    adamw, sophia, lion = groups
+    warnings = compare.mismatch_warnings(groups, adamw)
+    schedules, per_token = "their speed-up compares different schedules", "a step is not the same number of tokens"
+    assert [(message, [g.label for g in flagged]) for message, flagged in warnings] == [
+        (f"runs differ in warmup_steps (10 vs 20): {schedules}", [sophia.label]),
+        (f"runs differ in lr_decay_steps (null vs 300): {schedules}", [lion.label]),
+        (f"runs differ in min_lr (0.0001 vs 3e-05): {schedules}", [lion.label]),
+        (f"runs differ in total_batch_size (8 vs 16): {per_token}: compare them per token, not per step", [sophia.label]),
+        (f"runs differ in model.block_size (64 vs 128): {per_token}: compare them per token, not per step", [lion.label]),
+        ("runs differ in data.name (shakespeare vs openwebtext): their losses are measured on different data",
+         [sophia.label]),
+    ]
+    compare.analyse(groups, adamw, 3.1)
+    table = compare.markdown_table(groups, adamw, 3.1, "--target-loss", warnings)
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # below the header
+    assert [" ⚠ |" in row for row in rows] == [False, True, True]
+    assert all(f"⚠ {message}" in table for message, _ in warnings)
+    # with the sophia run as baseline, the other two differ from it: both are flagged for the batch
+    batch = next(f for m, f in compare.mismatch_warnings(groups, sophia) if "total_batch_size" in m)
+    assert batch == [adamw, lion]
+
+
+def test_seeds_that_end_at_different_steps_are_flagged(tmp_path):
+    # one seed stopped at step 500 of its 1000 (killed, or still running): same settings, so the same group
+    full = make_run(tmp_path / "adamw0", "adamw", 0, lambda s: 3 + 100 / s)
+    short = make_run(tmp_path / "adamw1", "adamw", 1, lambda s: 3 + 100 / s, steps=np.arange(100, 501, 100),
+                     extra={"max_steps": 1000})
+    sophia = make_run(tmp_path / "sophia", "sophiag", 0, lambda s: 3 + 50 / s)
+    groups = load_groups([full, short, sophia])
+    assert [len(g.runs) for g in groups] == [2, 1]
+    warnings = compare.length_warnings(groups)
+    assert len(warnings) == 1 and warnings[0][1] == [groups[0]]
+    assert warnings[0][0].startswith(f"the seeds of adamw end at different steps ({full} at step 1000, {short} at "
+                                     "step 500): its final loss averages runs of different lengths")
+    compare.analyse(groups, groups[0], 3.2)
+    table = compare.markdown_table(groups, groups[0], 3.2, "--target-loss", warnings)
+    assert "| adamw (baseline) ⚠ | 2 |" in table and "| sophiag | 1 |" in table
 
 def test_best_picks_the_lowest_final_loss_per_optimizer(tmp_path):
     sweep = tmp_path / "sweep"  # like a multirun: numbered job dirs, searched recursively
