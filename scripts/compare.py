@@ -526,6 +526,7 @@ def table_json(groups, baseline, target, target_source, warnings=()):
 
 
 def plot(groups, baseline, target, target_source, out_path):
+    """Write the PNG; returns the matplotlib Figure (closed, but still inspectable)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -546,8 +547,9 @@ def plot(groups, baseline, target, target_source, out_path):
             color = colors[i % len(colors)]
             for run in g.runs:
                 ok = np.isfinite(getattr(run, column)) & np.isfinite(run.val_loss)
-                ax.plot(getattr(run, column)[ok] * scale, run.val_loss[ok], color=color, alpha=0.3, lw=0.8)
                 drawn = drawn or ok.any()
+                if len(g.runs) > 1:  # a single seed is its own mean: one line is enough
+                    ax.plot(getattr(run, column)[ok] * scale, run.val_loss[ok], color=color, alpha=0.3, lw=0.8)
             curve = dict(zip(("steps", "tokens", "elapsed_s", "val_loss"), mean_curve(g)))
             ok = np.isfinite(curve[column]) & np.isfinite(curve["val_loss"])
             name = g.label + (" (baseline)" if g is baseline else "") + f", {len(g.runs)} seed" + "s" * (len(g.runs) > 1)
@@ -561,16 +563,19 @@ def plot(groups, baseline, target, target_source, out_path):
             ax.xaxis.set_major_formatter(EngFormatter())
     axes[0].set_ylabel("validation loss")
     if len(all_losses) and all_losses.max() / all_losses.min() > 1.5:  # the early drop would hide the end
-        axes[0].set_yscale("log")
+        axes[0].set_yscale("log")  # shared: all three panels
+        axes[0].set_ylabel("validation loss (log scale)")
         for axis_formatter in (axes[0].yaxis.set_major_formatter, axes[0].yaxis.set_minor_formatter):
             formatter = ScalarFormatter()
             formatter.set_scientific(False)
             axis_formatter(formatter)
     axes[0].legend(loc="upper right", fontsize=9)
-    fig.suptitle(f"validation loss; faint: single seeds, bold: mean over seeds; target = {target_source}")
+    lines = "faint: single seeds, bold: mean over seeds" if any(len(g.runs) > 1 for g in groups) else "one run each"
+    fig.suptitle(f"validation loss; {lines}; dashed: target = {target_source}")
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 # -----------------------------------------------------------------------------

@@ -340,15 +340,49 @@ def test_best_picks_the_lowest_final_loss_per_optimizer(tmp_path):
     assert "best sophiag" in result.stdout
 
 
+def group_lines(ax, color):
+    """(faint, bold) Line2D counts of one color in a panel: per-seed lines and the mean curve."""
+    from matplotlib.colors import same_color
+    lines = [line for line in ax.get_lines() if same_color(line.get_color(), color)]
+    return sum(line.get_alpha() == 0.3 for line in lines), sum(line.get_linewidth() == 2 for line in lines)
+
+
 def test_plot_writes_a_png(tmp_path):
     dirs = [make_run(tmp_path / f"a{i}", "adamw", i, lambda s, i=i: 3 + (100 + 10 * i) / s) for i in range(2)]
     dirs.append(make_run(tmp_path / "s", "sophiag", 0, lambda s: 3 + 50 / s, seconds_per_step=0.6))
     groups = load_groups(dirs)
     compare.analyse(groups, groups[0], 3.1)
     out = tmp_path / "curves.png"
-    compare.plot(groups, groups[0], 3.1, "--target-loss", str(out))
+    fig = compare.plot(groups, groups[0], 3.1, "--target-loss", str(out))
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+    # losses 4.1 -> 3.1 (ratio < 1.5): a linear axis, labelled without "log"
+    steps_ax = fig.axes[0]
+    assert steps_ax.get_yscale() == "linear" and steps_ax.get_ylabel() == "validation loss"
+    # two adamw seeds: faint per-seed lines under the bold mean, and the title says so; sophiag: its one run
+    assert fig.get_suptitle() == "validation loss; faint: single seeds, bold: mean over seeds; dashed: target = --target-loss"
+    colors = [line.get_color() for line in steps_ax.get_lines() if line.get_linewidth() == 2]
+    for ax in fig.axes:
+        assert group_lines(ax, colors[0]) == (2, 1) and group_lines(ax, colors[1]) == (0, 1)
+        assert len(ax.get_lines()) == 2 + 1 + 1 + 1  # and the dashed target
+    assert [t.get_text() for t in steps_ax.get_legend().get_texts()] == \
+        ["adamw (baseline), 2 seeds", "sophiag, 1 seed", "target 3.100"]
+
+
+def test_plot_of_single_seeds_on_a_log_axis(tmp_path):
+    # losses 13 -> 4: the log axis keeps the end visible, and its label says it is log scale
+    dirs = [make_run(tmp_path / "adamw", "adamw", 0, lambda s: 3 + 1000 / s),
+            make_run(tmp_path / "sophia", "sophiag", 0, lambda s: 3 + 500 / s)]
+    groups = load_groups(dirs)
+    compare.analyse(groups, groups[0], 4.0)
+    fig = compare.plot(groups, groups[0], 4.0, "--target-loss", str(tmp_path / "curves.png"))
+    assert all(ax.get_yscale() == "log" for ax in fig.axes)  # shared y: every panel
+    assert fig.axes[0].get_ylabel() == "validation loss (log scale)"
+    # no group has several seeds: no faint lines are drawn, and the title does not mention them
+    assert fig.get_suptitle() == "validation loss; one run each; dashed: target = --target-loss"
+    for ax in fig.axes:
+        assert [line.get_linewidth() for line in ax.get_lines()] == [2, 2, 1]
 
 
 class FakeWandbRun:
