@@ -2,7 +2,7 @@
 Compare training runs: validation-loss curves side by side, and how many steps (and seconds) each
 run needs to reach a target loss, with the speed-up against a baseline.
 
-    python scripts/compare.py out/shakespeare_adamw* out/shakespeare_sophiag* --out compare.png
+    python scripts/compare.py out/shakespeare_adamw_max_steps=50 out/shakespeare_sophiag_max_steps=50 --out compare.png
     python scripts/compare.py multirun_out/ --best --baseline adamw      # tuned vs tuned from a sweep
     python scripts/compare.py --wandb ENTITY/PROJECT --group my_experiment --out compare.png
 
@@ -10,9 +10,12 @@ Runs whose configs are identical except for `seed`, `out_dir`, `run_name`, `resu
 logging knobs are seeds of one group; a group's curve is the mean over its seeds. The target loss defaults to the
 baseline's final validation loss (mean over its seeds); the baseline is the first group unless
 --baseline names another. The markdown table printed at the end explains itself in its footnotes.
+Two runs with the same seed in one group are refused (one run passed twice counts once); runs that differ in
+length, schedule, batch or data are compared with a warning (printed, and marked in the table).
 """
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -28,6 +31,17 @@ import yaml
 # seeds of one group
 IGNORED_CONFIG_KEYS = ("seed", "out_dir", "run_name", "resume", "log_interval", "ckpt_interval", "cpu_peak_flops")
 IGNORED_CONFIG_PREFIXES = ("wandb.", "hydra.", "_")
+# config keys that still separate groups but make their comparison unfair, and why (a warning, not an error)
+MISMATCH_REASONS = {
+    "max_steps": "their speed-up compares different schedules",
+    "warmup_steps": "their speed-up compares different schedules",
+    "lr_decay_steps": "their speed-up compares different schedules",
+    "min_lr": "their speed-up compares different schedules",
+    "total_batch_size": "a step is not the same number of tokens: compare them per token, not per step",
+    "model.block_size": "a step is not the same number of tokens: compare them per token, not per step",
+    "data.name": "their losses are measured on different data",
+    "data.dir": "their losses are measured on different data",
+}
 # the keys of an eval row in W&B history: train.py logs our `step` as W&B's own _step
 WANDB_EVAL_KEYS = ["_step", "tokens", "val/loss", "time/elapsed_s"]
 
@@ -139,6 +153,17 @@ def natural_key(text):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
+def close_dirs(path):
+    """Existing sibling folders named like a missing one: train.py names a run out/<preset>_<overrides>, so
+    `out/shakespeare_adamw` is often `out/shakespeare_adamw_max_steps=50`."""
+    parent, name = os.path.split(os.path.normpath(path))
+    if not os.path.isdir(parent or "."):
+        return []
+    siblings = sorted(d for d in os.listdir(parent or ".") if os.path.isdir(os.path.join(parent, d)))
+    longer = [d for d in siblings if d.startswith(name)]  # the same preset, with overrides
+    return [os.path.join(parent, d) for d in longer[:3] or difflib.get_close_matches(name, siblings, n=1)]
+
+
 def find_run_dirs(paths):
     """Each path is a run directory, its metrics.jsonl, or a directory searched recursively for run dirs."""
     run_dirs = []
@@ -146,7 +171,8 @@ def find_run_dirs(paths):
         if os.path.basename(path) == "metrics.jsonl" and os.path.isfile(path):
             found = [os.path.dirname(path) or "."]
         elif not os.path.isdir(path):
-            raise CompareError(f"{path}: no such directory")
+            near = close_dirs(path)
+            raise CompareError(f"{path}: no such directory" + (f"; did you mean {' or '.join(near)}?" if near else ""))
         elif os.path.isfile(os.path.join(path, "metrics.jsonl")):
             found = [path]
         else:
@@ -251,6 +277,46 @@ def label_groups(groups):
             g.label = f"{g.label} #{i + 1}"
 
 
+def check_seeds(groups):
+    """A run passed twice (or copied) would count as two seeds: weighted double, with a spread too small."""
+    for g in groups:
+        seen = {}
+        for run in g.runs:
+            seed = run.config.get("seed")
+            if seed is not None and seed in seen:
+                raise CompareError(f"{seen[seed].name} and {run.name} are both seed {seed} of {g.label!r} with the "
+                                   "same settings: pass only one of them, or rerun one with another seed=N")
+            seen.setdefault(seed, run)
+
+
+def length_warnings(groups):
+    """Seeds of one group that end at different steps (one stopped early, or is still running): the group's
+    final loss would average runs of different lengths. Returns [(message, [flagged group])]."""
+    warnings = []
+    for g in groups:
+        ends = [int(run.steps[-1]) for run in g.runs]
+        if len(set(ends)) > 1:
+            each = ", ".join(f"{run.name} at step {end}" for run, end in zip(g.runs, ends))
+            message = (f"the seeds of {g.label} end at different steps ({each}): its final loss averages runs of "
+                       "different lengths (one stopped early, or is still running?)")
+            warnings.append((message, [g]))
+    return warnings
+
+
+def mismatch_warnings(groups, baseline):
+    """The MISMATCH_REASONS settings that differ among the groups. Returns [(message, flagged groups)], flagged:
+    the groups whose value differs from the baseline's, i.e. whose speed-up compares unlike runs."""
+    warnings = []
+    for key, why in MISMATCH_REASONS.items():
+        values = [g.settings.get(key) for g in groups]
+        distinct = [v for i, v in enumerate(values) if v not in values[:i]]
+        if len(distinct) > 1:
+            shown = " vs ".join("null" if v is None else format_value(v) for v in distinct)
+            flagged = [g for g, v in zip(groups, values) if v != baseline.settings.get(key)]
+            warnings.append((f"runs differ in {key} ({shown}): {why}", flagged))
+    return warnings
+
+
 def final_losses(group):
     return np.array([run.val_loss[-1] for run in group.runs])
 
@@ -335,7 +401,7 @@ def to_target(group, column, target):
     result = {"per_seed": per_seed, "reached": len(reached), "seeds": len(per_seed), "std": None}
     if len(reached) == len(per_seed):
         return {**result, "how": "seeds", "value": float(np.mean(reached)), "std": std(reached)}
-    steps, tokens, elapsed_s, val_loss = mean_curve(group)
+    steps, _, elapsed_s, val_loss = mean_curve(group)
     x = steps if column == "steps" else elapsed_s
     crossing = first_crossing(x, val_loss, target)
     if crossing is not None and math.isfinite(crossing):
@@ -409,29 +475,31 @@ def format_speedup(stats):
     return text if stats["bound"] == "=" else f"{stats['bound']} {text}"
 
 
-def markdown_table(groups, baseline, target, target_source):
+def markdown_table(groups, baseline, target, target_source, warnings=()):
+    """warnings: [(message, flagged groups)]; each becomes a ⚠ footnote, and a flagged group's row gets a ⚠."""
+    flagged = [g for _, some in warnings for g in some]
     rows = ["| run | seeds | steps to target | speed-up (steps) | time to target | speed-up (time) | final val loss |",
             "|---|---|---|---|---|---|---|"]
     for g in groups:
-        name = g.label + (" (baseline)" if g is baseline else "")
+        name = g.label + (" (baseline)" if g is baseline else "") + (" ⚠" if any(g is h for h in flagged) else "")
         final = g.stats["final_loss"]
         final_text = f"{final['value']:.4f}" + ("" if final["std"] is None else f" ± {final['std']:.4f}")
         rows.append(f"| {name} | {len(g.runs)} | {format_to_target(g.stats['steps'], 'steps')} | "
                     f"{format_speedup(g.stats['speedup_steps'])} | {format_to_target(g.stats['time'], 'seconds')} | "
                     f"{format_speedup(g.stats['speedup_time'])} | {final_text} |")
     notes = [
-        f"Target val loss {target:.4f} ({target_source}). Steps / time to target: the first eval at or below it, "
-        "linearly interpolated with the eval before; resolution is the eval interval. Time is the logged "
-        "time/elapsed_s: compare it only between runs on the same hardware.",
-        "a ± b: mean ± sample std (ddof=1) over seeds. Where some seed never reached the target, the group's value "
-        "is where its seed-averaged curve (on the eval steps all seeds share) crosses it, without a spread (with the "
-        "default target this is usual for the baseline: its seeds that end above their own mean never reach it).",
-        f"Speed-up = the baseline's value ({baseline.label}) / each seed's value, then mean ± sample std of those "
-        "per-seed ratios; the baseline's value counts as exact (its own seed spread shows in its row). "
-        "'< x': the run never reached the target within its last eval, so x (baseline / that last point) is an "
-        "upper bound; '> x': the baseline never reached it, so x is a lower bound; 'n/a': neither did.",
+        (f"Target val loss {target:.4f} ({target_source}). Steps / time to target: the first eval at or below it, "
+         "linearly interpolated with the eval before; resolution is the eval interval. Time is the logged "
+         "time/elapsed_s: compare it only between runs on the same hardware."),
+        ("a ± b: mean ± sample std (ddof=1) over seeds. Where some seed never reached the target, the group's value "
+         "is where its seed-averaged curve (on the eval steps all seeds share) crosses it, without a spread (with the "
+         "default target this is usual for the baseline: its seeds that end above their own mean never reach it)."),
+        (f"Speed-up = the baseline's value ({baseline.label}) / each seed's value, then mean ± sample std of those "
+         "per-seed ratios; the baseline's value counts as exact (its own seed spread shows in its row). "
+         "'< x': the run never reached the target within its last eval, so x (baseline / that last point) is an "
+         "upper bound; '> x': the baseline never reached it, so x is a lower bound; 'n/a': neither did."),
         "Final val loss: the last eval of each seed, mean ± sample std.",
-    ]
+    ] + [f"⚠ {message}" for message, _ in warnings]
     return "\n".join(rows) + "\n\n" + "\n".join(f"{i + 1}. {note}" for i, note in enumerate(notes))
 
 
@@ -446,9 +514,10 @@ def clean(value):
     return value
 
 
-def table_json(groups, baseline, target, target_source):
+def table_json(groups, baseline, target, target_source, warnings=()):
     return clean({
         "target_loss": target, "target_source": target_source, "baseline": baseline.label,
+        "warnings": [message for message, _ in warnings],
         "groups": [{"label": g.label, "runs": [r.name for r in g.runs], "seeds": [r.config.get("seed") for r in g.runs],
                     "steps_to_target": g.stats["steps"], "speedup_steps": g.stats["speedup_steps"],
                     "seconds_to_target": g.stats["time"], "speedup_time": g.stats["speedup_time"],
@@ -457,6 +526,7 @@ def table_json(groups, baseline, target, target_source):
 
 
 def plot(groups, baseline, target, target_source, out_path):
+    """Write the PNG; returns the matplotlib Figure (closed, but still inspectable)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -477,8 +547,9 @@ def plot(groups, baseline, target, target_source, out_path):
             color = colors[i % len(colors)]
             for run in g.runs:
                 ok = np.isfinite(getattr(run, column)) & np.isfinite(run.val_loss)
-                ax.plot(getattr(run, column)[ok] * scale, run.val_loss[ok], color=color, alpha=0.3, lw=0.8)
                 drawn = drawn or ok.any()
+                if len(g.runs) > 1:  # a single seed is its own mean: one line is enough
+                    ax.plot(getattr(run, column)[ok] * scale, run.val_loss[ok], color=color, alpha=0.3, lw=0.8)
             curve = dict(zip(("steps", "tokens", "elapsed_s", "val_loss"), mean_curve(g)))
             ok = np.isfinite(curve[column]) & np.isfinite(curve["val_loss"])
             name = g.label + (" (baseline)" if g is baseline else "") + f", {len(g.runs)} seed" + "s" * (len(g.runs) > 1)
@@ -492,16 +563,19 @@ def plot(groups, baseline, target, target_source, out_path):
             ax.xaxis.set_major_formatter(EngFormatter())
     axes[0].set_ylabel("validation loss")
     if len(all_losses) and all_losses.max() / all_losses.min() > 1.5:  # the early drop would hide the end
-        axes[0].set_yscale("log")
+        axes[0].set_yscale("log")  # shared: all three panels
+        axes[0].set_ylabel("validation loss (log scale)")
         for axis_formatter in (axes[0].yaxis.set_major_formatter, axes[0].yaxis.set_minor_formatter):
             formatter = ScalarFormatter()
             formatter.set_scientific(False)
             axis_formatter(formatter)
     axes[0].legend(loc="upper right", fontsize=9)
-    fig.suptitle(f"validation loss; faint: single seeds, bold: mean over seeds; target = {target_source}")
+    lines = "faint: single seeds, bold: mean over seeds" if any(len(g.runs) > 1 for g in groups) else "one run each"
+    fig.suptitle(f"validation loss; {lines}; dashed: target = {target_source}")
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 # -----------------------------------------------------------------------------
@@ -532,10 +606,12 @@ def main(argv=None):
             runs += load_wandb_runs(args.wandb, args.group)
         groups = group_runs(runs)
         label_groups(groups)
+        check_seeds(groups)
         if args.best:
             groups, lines = pick_best(groups)
             print("\n".join(lines) + "\n")
         baseline = find_baseline(groups, args.baseline)
+        warnings = length_warnings(groups) + mismatch_warnings(groups, baseline)
         if args.target_loss is not None:
             target, target_source = args.target_loss, "--target-loss"
         else:
@@ -549,13 +625,15 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    print(markdown_table(groups, baseline, target, target_source))
+    for message, _ in warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    print(markdown_table(groups, baseline, target, target_source, warnings))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     plot(groups, baseline, target, target_source, args.out)
     print(f"\nwrote {args.out}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(table_json(groups, baseline, target, target_source), f, indent=2)
+            json.dump(table_json(groups, baseline, target, target_source, warnings), f, indent=2)
         print(f"wrote {args.json}")
     return 0
 

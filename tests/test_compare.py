@@ -20,15 +20,16 @@ EVAL_STEPS = np.arange(100, 1001, 100)  # evals every 100 steps up to 1000
 TOKENS_PER_STEP = 1024
 
 
-def make_run(path, optimizer, seed, loss_fn, seconds_per_step=0.5, lr=1e-3, rho=None, steps=EVAL_STEPS):
+def make_run(path, optimizer, seed, loss_fn, seconds_per_step=0.5, lr=1e-3, rho=None, steps=EVAL_STEPS, extra=None):
     """A train.py-like run directory: config.yaml (nested, as OmegaConf writes it) and metrics.jsonl with
-    training events between the eval events. loss_fn(step) -> val loss."""
+    training events between the eval events. loss_fn(step) -> val loss; extra: more config.yaml keys."""
     os.makedirs(path, exist_ok=True)
     optim = {"name": optimizer, "lr": lr, "betas": [0.9, 0.95]}
     if rho is not None:
         optim["rho"] = rho
     config = {"seed": seed, "run_name": f"{optimizer}_seed={seed}", "out_dir": str(path), "max_steps": int(steps[-1]),
               "optim": optim, "model": {"n_layer": 2}, "wandb": {"enabled": False, "project": "x"}}
+    config.update(extra or {})
     with open(os.path.join(path, "config.yaml"), "w") as f:
         yaml.safe_dump(config, f)
     with open(os.path.join(path, "metrics.jsonl"), "w") as f:
@@ -64,6 +65,7 @@ def test_steps_and_speedup_closed_form(tmp_path):
     adamw, sophia = groups = load_groups(dirs)
     assert [g.label for g in groups] == ["adamw", "sophiag"]  # seeds grouped, labels from the optimizer
     assert [len(g.runs) for g in groups] == [3, 3]
+    assert compare.length_warnings(groups) == [] and compare.mismatch_warnings(groups, adamw) == []  # like runs
     compare.analyse(groups, adamw, target=4.0)
 
     adamw_steps = 2000 / np.array(ADAMW_SLOPES)
@@ -97,7 +99,8 @@ def test_default_target_is_baseline_mean_final(tmp_path):
     dirs += [make_run(tmp_path / f"sophia{i}", "sophiag", i, lambda s, b=b: 3.0 + b / s) for i, b in enumerate([40, 50, 60])]
     out = tmp_path / "c.json"
     result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), *dirs, "--out",
-                             str(tmp_path / "c.png"), "--json", str(out)], capture_output=True, text=True, cwd=REPO)
+                             str(tmp_path / "c.png"), "--json", str(out)],
+                            capture_output=True, text=True, cwd=REPO, check=False)
     assert result.returncode == 0, result.stderr
     numbers = json.loads(out.read_text())
     np.testing.assert_allclose(numbers["target_loss"], np.mean([3.09, 3.10, 3.11]), rtol=1e-12)
@@ -151,9 +154,8 @@ def test_partial_last_line_is_tolerated(tmp_path, capsys):
 def test_resumed_run_keeps_the_last_event_of_a_repeated_step(tmp_path):
     run_dir = make_run(tmp_path / "resumed", "adamw", 0, lambda s: 6 - 2 * s / 1000)
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:  # requeued: steps 900, 1000 evaluated again
-        for step, loss in [(900, 4.5), (1000, 4.4)]:
-            f.write(json.dumps({"step": step, "tokens": step * TOKENS_PER_STEP, "val/loss": loss,
-                                "time/elapsed_s": step * 0.5}) + "\n")
+        f.writelines(json.dumps({"step": step, "tokens": step * TOKENS_PER_STEP, "val/loss": loss,
+                                 "time/elapsed_s": step * 0.5}) + "\n" for step, loss in [(900, 4.5), (1000, 4.4)])
     run = compare.load_run_dir(run_dir)
     np.testing.assert_array_equal(run.steps, EVAL_STEPS)
     np.testing.assert_allclose(run.val_loss, [6 - 2 * s / 1000 for s in EVAL_STEPS[:-2]] + [4.5, 4.4])
@@ -161,9 +163,12 @@ def test_resumed_run_keeps_the_last_event_of_a_repeated_step(tmp_path):
 
 def test_bad_inputs_have_clear_errors(tmp_path):
     run_dir = make_run(tmp_path / "broken", "adamw", 0, lambda s: 5.0)
-    lines = open(os.path.join(run_dir, "metrics.jsonl")).read().splitlines()
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    with open(metrics_path) as f:
+        lines = f.read().splitlines()
     lines[3] = lines[3][:10]
-    open(os.path.join(run_dir, "metrics.jsonl"), "w").write("\n".join(lines) + "\n")
+    with open(metrics_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
     with pytest.raises(compare.CompareError, match="line 4 is not valid JSON"):
         compare.load_run_dir(run_dir)
 
@@ -174,21 +179,132 @@ def test_bad_inputs_have_clear_errors(tmp_path):
         compare.find_run_dirs([str(tmp_path / "missing")])
 
     train_only = make_run(tmp_path / "train_only", "adamw", 0, lambda s: 5.0)
-    kept = [l for l in open(os.path.join(train_only, "metrics.jsonl")) if "val/loss" not in l]
-    open(os.path.join(train_only, "metrics.jsonl"), "w").writelines(kept)
+    with open(os.path.join(train_only, "metrics.jsonl")) as f:
+        kept = [line for line in f if "val/loss" not in line]
+    with open(os.path.join(train_only, "metrics.jsonl"), "w") as f:
+        f.writelines(kept)
     with pytest.raises(compare.CompareError, match="no 'val/loss'"):
         compare.load_run_dir(train_only)
 
-    open(os.path.join(train_only, "metrics.jsonl"), "w").close()
+    with open(os.path.join(train_only, "metrics.jsonl"), "w"):
+        pass  # truncated: nothing logged yet
     with pytest.raises(compare.CompareError, match="is empty"):
         compare.load_run_dir(train_only)
 
     # through the CLI: exit status 2 and the message, no traceback
     result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), str(tmp_path / "empty"),
-                             "--out", str(tmp_path / "x.png")], capture_output=True, text=True, cwd=REPO)
+                             "--out", str(tmp_path / "x.png")],
+                            capture_output=True, text=True, cwd=REPO, check=False)
     assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x.png").exists()
 
+
+
+def test_a_missing_run_folder_suggests_the_one_train_py_wrote(tmp_path):
+    # `python train.py config=shakespeare_adamw max_steps=50` writes out/shakespeare_adamw_max_steps=50
+    make_run(tmp_path / "out" / "shakespeare_adamw_max_steps=50", "adamw", 0, lambda s: 3 + 100 / s)
+    make_run(tmp_path / "out" / "shakespeare_sophiag_max_steps=50", "sophiag", 0, lambda s: 3 + 50 / s)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), "out/shakespeare_adamw",
+                             "out/shakespeare_sophiag_max_steps=50", "--out", "c.png"],
+                            capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr == ("error: out/shakespeare_adamw: no such directory; "
+                             "did you mean out/shakespeare_adamw_max_steps=50?\n")
+
+    with pytest.raises(compare.CompareError, match=r"did you mean .*shakespeare_sophiag_max_steps=50\?$"):
+        compare.find_run_dirs([str(tmp_path / "out" / "shakespeare_sophia_max_steps=50")])  # a typo
+    with pytest.raises(compare.CompareError, match=r"no such directory$"):  # nothing alike: no guess
+        compare.find_run_dirs([str(tmp_path / "out" / "gpt2_small_lion")])
+    with pytest.raises(compare.CompareError, match=r"no such directory$"):  # its parent is missing too
+        compare.find_run_dirs([str(tmp_path / "elsewhere" / "shakespeare_adamw")])
+    make_run(tmp_path / "out" / "shakespeare_adamw_max_steps=100", "adamw", 0, lambda s: 3 + 100 / s)
+    with pytest.raises(compare.CompareError, match=r"did you mean \S+max_steps=100 or \S+max_steps=50\?$"):
+        compare.find_run_dirs([str(tmp_path / "out" / "shakespeare_adamw")])
+
+
+def test_the_same_seed_twice_in_a_group_is_refused(tmp_path):
+    # the same run under two names (copied, or rerun with another out_dir): it must not count as two seeds
+    first = make_run(tmp_path / "adamw", "adamw", 0, lambda s: 3 + 100 / s)
+    again = make_run(tmp_path / "adamw_again", "adamw", 0, lambda s: 3 + 100 / s)
+    other = make_run(tmp_path / "adamw_seed1", "adamw", 1, lambda s: 3 + 110 / s)
+    sophia = make_run(tmp_path / "sophia", "sophiag", 0, lambda s: 3 + 50 / s)  # seed 0 too, but another group
+    compare.check_seeds(load_groups([first, other, sophia]))  # distinct seeds within each group: fine
+    with pytest.raises(compare.CompareError, match="adamw and .*adamw_again are both seed 0 of 'adamw'"):
+        compare.check_seeds(load_groups([first, other, again, sophia]))
+
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), first, again, sophia,
+                             "--out", str(tmp_path / "x.png")], capture_output=True, text=True, cwd=REPO, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1  # one line
+    assert result.stderr.startswith(f"error: {first} and {again} are both seed 0")  # both folders, by name
+    assert "pass only one of them, or rerun one with another seed=N" in result.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_runs_of_different_max_steps_are_compared_with_a_warning(tmp_path):
+    dirs = [make_run(tmp_path / f"adamw{i}", "adamw", i, lambda s: 3 + 100 / s) for i in range(2)]  # max_steps 1000
+    dirs.append(make_run(tmp_path / "sophia", "sophiag", 0, lambda s: 3 + 50 / s, steps=np.arange(100, 501, 100)))
+    out = tmp_path / "c.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), *dirs,
+                             "--out", str(tmp_path / "c.png"), "--json", str(out)],
+                            capture_output=True, text=True, cwd=REPO, check=False)
+    assert result.returncode == 0, result.stderr
+    message = "runs differ in max_steps (1000 vs 500): their speed-up compares different schedules"
+    assert f"warning: {message}\n" in result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")][1:]  # below the header
+    assert rows[0].startswith("| adamw max_steps=1000 (baseline) | 2 |")  # the baseline is not flagged
+    assert rows[1].startswith("| sophiag max_steps=500 ⚠ | 1 |")
+    assert f"\n5. ⚠ {message}\n" in result.stdout  # a footnote after the four usual ones
+    assert json.loads(out.read_text())["warnings"] == [message]
+
+
+def test_schedule_batch_and_data_differences_are_flagged_against_the_baseline(tmp_path):
+    def setup(warmup=10, decay=None, min_lr=1e-4, batch=8, block=64, data="shakespeare"):
+        return {"warmup_steps": warmup, "lr_decay_steps": decay, "min_lr": min_lr, "total_batch_size": batch,
+                "model": {"n_layer": 2, "block_size": block}, "data": {"name": data, "dir": None}}
+
+    dirs = [make_run(tmp_path / "adamw", "adamw", 0, lambda s: 3 + 100 / s, extra=setup()),
+            make_run(tmp_path / "sophia", "sophiag", 0, lambda s: 3 + 50 / s,
+                     extra=setup(warmup=20, batch=16, data="openwebtext")),
+            make_run(tmp_path / "lion", "lion", 0, lambda s: 3 + 70 / s, extra=setup(decay=300, min_lr=3e-5, block=128))]
+    groups = load_groups(dirs)
+    adamw, sophia, lion = groups
+    warnings = compare.mismatch_warnings(groups, adamw)
+    schedules, per_token = "their speed-up compares different schedules", "a step is not the same number of tokens"
+    assert [(message, [g.label for g in flagged]) for message, flagged in warnings] == [
+        (f"runs differ in warmup_steps (10 vs 20): {schedules}", [sophia.label]),
+        (f"runs differ in lr_decay_steps (null vs 300): {schedules}", [lion.label]),
+        (f"runs differ in min_lr (0.0001 vs 3e-05): {schedules}", [lion.label]),
+        (f"runs differ in total_batch_size (8 vs 16): {per_token}: compare them per token, not per step", [sophia.label]),
+        (f"runs differ in model.block_size (64 vs 128): {per_token}: compare them per token, not per step", [lion.label]),
+        ("runs differ in data.name (shakespeare vs openwebtext): their losses are measured on different data",
+         [sophia.label]),
+    ]
+    compare.analyse(groups, adamw, 3.1)
+    table = compare.markdown_table(groups, adamw, 3.1, "--target-loss", warnings)
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # below the header
+    assert [" ⚠ |" in row for row in rows] == [False, True, True]
+    assert all(f"⚠ {message}" in table for message, _ in warnings)
+    # with the sophia run as baseline, the other two differ from it: both are flagged for the batch
+    batch = next(f for m, f in compare.mismatch_warnings(groups, sophia) if "total_batch_size" in m)
+    assert batch == [adamw, lion]
+
+
+def test_seeds_that_end_at_different_steps_are_flagged(tmp_path):
+    # one seed stopped at step 500 of its 1000 (killed, or still running): same settings, so the same group
+    full = make_run(tmp_path / "adamw0", "adamw", 0, lambda s: 3 + 100 / s)
+    short = make_run(tmp_path / "adamw1", "adamw", 1, lambda s: 3 + 100 / s, steps=np.arange(100, 501, 100),
+                     extra={"max_steps": 1000})
+    sophia = make_run(tmp_path / "sophia", "sophiag", 0, lambda s: 3 + 50 / s)
+    groups = load_groups([full, short, sophia])
+    assert [len(g.runs) for g in groups] == [2, 1]
+    warnings = compare.length_warnings(groups)
+    assert len(warnings) == 1 and warnings[0][1] == [groups[0]]
+    assert warnings[0][0].startswith(f"the seeds of adamw end at different steps ({full} at step 1000, {short} at "
+                                     "step 500): its final loss averages runs of different lengths")
+    compare.analyse(groups, groups[0], 3.2)
+    table = compare.markdown_table(groups, groups[0], 3.2, "--target-loss", warnings)
+    assert "| adamw (baseline) ⚠ | 2 |" in table and "| sophiag | 1 |" in table
 
 def test_best_picks_the_lowest_final_loss_per_optimizer(tmp_path):
     sweep = tmp_path / "sweep"  # like a multirun: numbered job dirs, searched recursively
@@ -214,7 +330,7 @@ def test_best_picks_the_lowest_final_loss_per_optimizer(tmp_path):
     out = tmp_path / "best.json"
     result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), str(sweep), "--best",
                              "--baseline", "adamw", "--out", str(tmp_path / "best.png"), "--json", str(out)],
-                            capture_output=True, text=True, cwd=REPO)
+                            capture_output=True, text=True, cwd=REPO, check=False)
     assert result.returncode == 0, result.stderr
     numbers = json.loads(out.read_text())
     assert [g["label"] for g in numbers["groups"]] == ["adamw lr=0.0003", "sophiag lr=0.001 rho=0.01"]
@@ -224,15 +340,49 @@ def test_best_picks_the_lowest_final_loss_per_optimizer(tmp_path):
     assert "best sophiag" in result.stdout
 
 
+def group_lines(ax, color):
+    """(faint, bold) Line2D counts of one color in a panel: per-seed lines and the mean curve."""
+    from matplotlib.colors import same_color
+    lines = [line for line in ax.get_lines() if same_color(line.get_color(), color)]
+    return sum(line.get_alpha() == 0.3 for line in lines), sum(line.get_linewidth() == 2 for line in lines)
+
+
 def test_plot_writes_a_png(tmp_path):
     dirs = [make_run(tmp_path / f"a{i}", "adamw", i, lambda s, i=i: 3 + (100 + 10 * i) / s) for i in range(2)]
     dirs.append(make_run(tmp_path / "s", "sophiag", 0, lambda s: 3 + 50 / s, seconds_per_step=0.6))
     groups = load_groups(dirs)
     compare.analyse(groups, groups[0], 3.1)
     out = tmp_path / "curves.png"
-    compare.plot(groups, groups[0], 3.1, "--target-loss", str(out))
+    fig = compare.plot(groups, groups[0], 3.1, "--target-loss", str(out))
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+    # losses 4.1 -> 3.1 (ratio < 1.5): a linear axis, labelled without "log"
+    steps_ax = fig.axes[0]
+    assert steps_ax.get_yscale() == "linear" and steps_ax.get_ylabel() == "validation loss"
+    # two adamw seeds: faint per-seed lines under the bold mean, and the title says so; sophiag: its one run
+    assert fig.get_suptitle() == "validation loss; faint: single seeds, bold: mean over seeds; dashed: target = --target-loss"
+    colors = [line.get_color() for line in steps_ax.get_lines() if line.get_linewidth() == 2]
+    for ax in fig.axes:
+        assert group_lines(ax, colors[0]) == (2, 1) and group_lines(ax, colors[1]) == (0, 1)
+        assert len(ax.get_lines()) == 2 + 1 + 1 + 1  # and the dashed target
+    assert [t.get_text() for t in steps_ax.get_legend().get_texts()] == \
+        ["adamw (baseline), 2 seeds", "sophiag, 1 seed", "target 3.100"]
+
+
+def test_plot_of_single_seeds_on_a_log_axis(tmp_path):
+    # losses 13 -> 4: the log axis keeps the end visible, and its label says it is log scale
+    dirs = [make_run(tmp_path / "adamw", "adamw", 0, lambda s: 3 + 1000 / s),
+            make_run(tmp_path / "sophia", "sophiag", 0, lambda s: 3 + 500 / s)]
+    groups = load_groups(dirs)
+    compare.analyse(groups, groups[0], 4.0)
+    fig = compare.plot(groups, groups[0], 4.0, "--target-loss", str(tmp_path / "curves.png"))
+    assert all(ax.get_yscale() == "log" for ax in fig.axes)  # shared y: every panel
+    assert fig.axes[0].get_ylabel() == "validation loss (log scale)"
+    # no group has several seeds: no faint lines are drawn, and the title does not mention them
+    assert fig.get_suptitle() == "validation loss; one run each; dashed: target = --target-loss"
+    for ax in fig.axes:
+        assert [line.get_linewidth() for line in ax.get_lines()] == [2, 2, 1]
 
 
 class FakeWandbRun:
@@ -256,7 +406,8 @@ class FakeWandbRun:
 def test_wandb_converter_matches_the_run_directory(tmp_path):
     run_dir = make_run(tmp_path / "r", "sophiag", 3, lambda s: 3 + 50 / s, rho=0.05)
     from_dir = compare.load_run_dir(run_dir)
-    config = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        config = yaml.safe_load(f)
     # as train.py logs to W&B: every key but "step", which becomes W&B's _step
     rows = [{**{k: v for k, v in event.items() if k != "step"}, "_step": event["step"], "_runtime": 99.0}
             for event in compare.read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
