@@ -98,13 +98,14 @@ def sample_text(model, encoding, start="\n", num_samples=1, max_new_tokens=200, 
 # -----------------------------------------------------------------------------------------------------
 # Loading a run, shared with scripts/export_hf.py
 
-def load_run(out_dir, device="cpu"):
-    """(our GPT with the checkpoint's weights, in eval mode, the checkpoint dict) from out_dir/ckpt.pt."""
+def load_run(out_dir, device="cpu", usage="set out_dir= to a run folder that holds ckpt.pt"):
+    """(our GPT with the checkpoint's weights, in eval mode, the checkpoint dict) from out_dir/ckpt.pt.
+    usage: how to name a run folder on the caller's command line, for the error message."""
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     if not ckpt_path.is_file():
-        raise SampleError(f"{out_dir} holds no checkpoint (no ckpt.pt): train there first with "
-                          f"`python train.py out_dir={out_dir}`, or pass out_dir= (a run folder with ckpt.pt)")
+        raise SampleError(f"{out_dir} holds no checkpoint (no ckpt.pt): train one there first with "
+                          f"`python train.py out_dir={out_dir}`, or {usage}")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
         model_args = {k: v for k, v in ckpt["config"]["model"].items() if k != "name"}
