@@ -82,16 +82,19 @@ def encode_prompt(encoding, start, block_size):
 def sample_text(model, encoding, start="\n", num_samples=1, max_new_tokens=200, temperature=0.8, top_k=200,
                 seed=1337, device=None):
     """num_samples texts, each the (cropped) prompt `start` followed by max_new_tokens sampled tokens.
-    model: our GPT (put in eval mode here); encoding: a tiktoken encoding, e.g. get_gpt2_encoding().
-    Deterministic for a seed on a given device; the model's own RNG state is not touched."""
+    model: our GPT, not wrapped in DDP (eval mode while sampling, its mode restored after);
+    encoding: a tiktoken encoding, e.g. get_gpt2_encoding().
+    Deterministic for a seed on a given device; the global RNG state is not touched."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
+    was_training = model.training
+    model.eval()  # no dropout
     generator = torch.Generator(device=device).manual_seed(seed)
     prompt = torch.tensor(encode_prompt(encoding, start, model.config.block_size), device=device)[None]  # (1, T)
     texts = []
     for _ in range(num_samples):  # one at a time: logits are (T, V) per sequence, large for GPT-2's vocab
         ids = generate(model, prompt, max_new_tokens, temperature, top_k, generator, vocab_size=encoding.n_vocab)
         texts.append(encoding.decode(ids[0].tolist()))
+    model.train(was_training)
     return texts
 
 
