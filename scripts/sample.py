@@ -1,0 +1,184 @@
+"""
+Sample text from a trained run's checkpoint (nanoGPT's sample.py, with key=value overrides).
+
+    python scripts/sample.py                                    # out/shakespeare_sophiag, what `python train.py` writes
+    python scripts/sample.py out_dir=out/shakespeare_sophiag start="ROMEO:" num_samples=5 max_new_tokens=100
+    python scripts/sample.py out_dir=RUN start=FILE:prompt.txt temperature=0.9 top_k=null seed=7
+
+`start` is taken verbatim (no YAML parsing, so `start=ROMEO:` stays text); `FILE:path` reads the prompt
+from a file. The same seed gives the same text on the same device. train.py and other code can call
+sample_text() / generate() directly.
+"""
+
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR))  # run from anywhere: import model, data
+
+from data.common import get_gpt2_encoding
+from model import GPT, GPTConfig
+
+DEFAULTS = {
+    "out_dir": str(REPO_DIR / "out" / "shakespeare_sophiag"),  # the run folder, holding ckpt.pt
+    "start": "\n",  # the prompt, or FILE:path to read it from a file
+    "num_samples": 3,
+    "max_new_tokens": 200,
+    "temperature": 0.8,  # < 1 sharper, > 1 more random; 0 = always the most likely token
+    "top_k": 200,  # sample among the k most likely tokens only; null = all
+    "seed": 1337,
+    "device": "auto",  # auto (cuda when available) | cpu | cuda | cuda:N
+}
+TEXT_KEYS = ("out_dir", "start", "device")
+
+
+class SampleError(Exception):
+    """Bad input: main() prints the message on one line and exits with status 2."""
+
+
+# -----------------------------------------------------------------------------------------------------
+# Generation, usable from train.py
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, vocab_size=None):
+    """idx (B, T) token ids -> (B, T + max_new_tokens), one sampled token at a time.
+    The context is cropped to the last block_size tokens (the position embedding covers no more).
+    vocab_size: only the first vocab_size logits compete, so that the padding rows of a padded
+    embedding (50257..50303 for GPT-2's tokenizer) are never sampled."""
+    block_size = model.config.block_size
+    for _ in range(max_new_tokens):
+        context = idx[:, -block_size:]  # (B, <= block_size)
+        logits, _ = model(context)  # (B, T, V)
+        logits = logits[:, -1, :vocab_size]  # (B, V): only the next token's
+        if temperature == 0:
+            next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+                logits = logits.masked_fill(logits < kth_best, float("-inf"))
+            probs = F.softmax(logits, dim=-1)  # (B, V)
+            next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        idx = torch.cat((idx, next_id), dim=1)
+    return idx
+
+
+def encode_prompt(encoding, start, block_size):
+    """The prompt's token ids, at most block_size of them (the last ones, with a note on stderr).
+    An empty prompt becomes <|endoftext|>, GPT-2's start of a document."""
+    ids = encoding.encode(start, allowed_special={"<|endoftext|>"}) or [encoding.eot_token]
+    if len(ids) > block_size:
+        print(f"note: the prompt has {len(ids)} tokens, more than the model's block_size={block_size}: "
+              f"keeping its last {block_size}", file=sys.stderr)
+        ids = ids[-block_size:]
+    return ids
+
+
+def sample_text(model, encoding, start="\n", num_samples=1, max_new_tokens=200, temperature=0.8, top_k=200,
+                seed=1337, device=None):
+    """num_samples texts, each the (cropped) prompt `start` followed by max_new_tokens sampled tokens.
+    model: our GPT, not wrapped in DDP (eval mode while sampling, its mode restored after);
+    encoding: a tiktoken encoding, e.g. get_gpt2_encoding().
+    Deterministic for a seed on a given device; the global RNG state is not touched."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt = torch.tensor(encode_prompt(encoding, start, model.config.block_size), device=device)[None]  # (1, T)
+    texts = []
+    for _ in range(num_samples):  # one at a time: logits are (T, V) per sequence, large for GPT-2's vocab
+        ids = generate(model, prompt, max_new_tokens, temperature, top_k, generator, vocab_size=encoding.n_vocab)
+        texts.append(encoding.decode(ids[0].tolist()))
+    model.train(was_training)
+    return texts
+
+
+# -----------------------------------------------------------------------------------------------------
+# Loading a run, shared with scripts/export_hf.py
+
+def load_run(out_dir, device="cpu", usage="set out_dir= to a run folder that holds ckpt.pt"):
+    """(our GPT with the checkpoint's weights, in eval mode, the checkpoint dict) from out_dir/ckpt.pt.
+    usage: how to name a run folder on the caller's command line, for the error message."""
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    if not ckpt_path.is_file():
+        raise SampleError(f"{out_dir} holds no checkpoint (no ckpt.pt): train one there first with "
+                          f"`python train.py out_dir={out_dir}`, or {usage}")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        model_args = {k: v for k, v in ckpt["config"]["model"].items() if k != "name"}
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(ckpt["model"])
+    # truncated or corrupt file, not a train.py checkpoint, or one from an incompatible model.py
+    except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
+        raise SampleError(f"cannot load {ckpt_path} as a train.py checkpoint ({type(e).__name__}: {e})") from None
+    return model.to(device).eval(), ckpt
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise SampleError(f"device={name} but CUDA is not available: use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def read_prompt(start):
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[len("FILE:"):]).expanduser()
+    if not path.is_file():
+        raise SampleError(f"start={start}: no such file {path}")
+    return path.read_text(encoding="utf-8")
+
+
+# -----------------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv):
+    """key=value overrides on top of DEFAULTS: numbers through OmegaConf's parsing, the text keys verbatim."""
+    for arg in argv:
+        if "=" not in arg:
+            raise SampleError(f"expected key=value, got {arg!r} (e.g. out_dir={arg})")
+    raw = dict(arg.split("=", 1) for arg in argv)
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise SampleError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    # YAML would turn `start=ROMEO:` into a mapping and `start=` into null: text keys stay text
+    numbers = OmegaConf.from_cli([f"{k}={v}" for k, v in raw.items() if k not in TEXT_KEYS])
+    args = {**DEFAULTS, **OmegaConf.to_container(numbers), **{k: v for k, v in raw.items() if k in TEXT_KEYS}}
+    if not args["out_dir"]:
+        raise SampleError("out_dir= is empty: pass the run folder that holds ckpt.pt, e.g. out_dir=out/shakespeare_sophiag")
+    for key in ("num_samples", "max_new_tokens", "seed"):
+        if not isinstance(args[key], int) or args[key] < 0:
+            raise SampleError(f"{key}={args[key]} must be a whole number >= 0")
+    if not isinstance(args["temperature"], (int, float)) or args["temperature"] < 0:
+        raise SampleError(f"temperature={args['temperature']} must be a number >= 0 (0 = greedy)")
+    if args["top_k"] is not None and (not isinstance(args["top_k"], int) or args["top_k"] < 1):
+        raise SampleError(f"top_k={args['top_k']} must be a whole number >= 1, or null for no limit")
+    return args
+
+
+def main(argv=None):
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        device = pick_device(args["device"])
+        start = read_prompt(args["start"])
+        model, _ = load_run(args["out_dir"], device)
+    except SampleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    texts = sample_text(model, get_gpt2_encoding(), start, args["num_samples"], args["max_new_tokens"],
+                        args["temperature"], args["top_k"], args["seed"], device)
+    for text in texts:
+        print(text)
+        print("---------------")
+
+
+if __name__ == "__main__":
+    main()
