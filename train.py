@@ -20,13 +20,13 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -61,8 +61,20 @@ def resolve_run_name(cfg):
     return re.sub(r"[^A-Za-z0-9_.=,-]+", "-", name)
 
 
-def check_config(cfg, world_size):
-    """Derive the batch split and raise ConfigError for anything that would fail later."""
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a step's global batch, and the Hessian batch, split into micro-batches on each rank."""
+    grad_accum: int         # training micro-batches per rank per step
+    lr_decay_steps: int     # the cosine ends here (optim.lr -> min_lr)
+    sophia: bool            # SophiaG/SophiaH: refresh the Hessian every optim.hess_interval steps
+    hess_batch: int = 0     # sequences in one global Hessian batch
+    hess_accum: int = 0     # Hessian micro-batches per rank
+    hess_micro: int = 0     # sequences per Hessian micro-batch
+    step_bs: int = 0        # Sophia's step(bs=...): see plan_batches
+
+
+def plan_batches(cfg, world_size):
+    """Check the configuration and split the batches; raise ConfigError for anything that would fail later."""
     def need(ok, message):
         if not ok:
             raise ConfigError(message)
@@ -81,6 +93,8 @@ def check_config(cfg, world_size):
     for key in ("eval_interval", "eval_steps", "log_interval", "ckpt_interval", "micro_batch_size",
                 "total_batch_size"):
         need(cfg[key] >= 1, f"{key}={cfg[key]}: set it to 1 or more")
+    for beta in optim.get("betas", []):
+        need(0 <= beta < 1, f"optim.betas={list(optim.betas)}: each beta must lie in [0, 1)")
 
     # The global batch is fixed in sequences; each rank runs grad_accum micro-batches of micro_batch_size.
     per_step = cfg.micro_batch_size * world_size
@@ -89,27 +103,24 @@ def check_config(cfg, world_size):
          f"x world_size={world_size} = {per_step}: pick a micro_batch_size that divides "
          f"{cfg.total_batch_size / world_size:g} (total_batch_size / world_size), or change total_batch_size")
     grad_accum = cfg.total_batch_size // per_step
+    if optim.name not in ("sophiag", "sophiah"):
+        return BatchPlan(grad_accum, lr_decay_steps, sophia=False)
 
-    hess_batch, hess_accum, hess_micro = 0, 0, 0
-    if optim.name in ("sophiag", "sophiah"):
-        need(optim.rho > 0, f"optim.rho={optim.rho}: rho must be positive (the paper uses 0.03-0.08)")
-        need(optim.hess_interval >= 1, f"optim.hess_interval={optim.hess_interval}: set it to 1 or more")
-        expected = {"sophiag": "gnb", "sophiah": "hutchinson"}[optim.name]
-        need(optim.estimator == expected,
-             f"optim.estimator={optim.estimator} does not fit optim={optim.name}: SophiaG squares a sampled-label "
-             f"gradient (gnb), SophiaH takes u*(Hu) (hutchinson); use optim={'sophiah' if expected == 'gnb' else 'sophiag'}")
-        # the Hessian batch runs in micro-batches of micro_batch_size, or in one smaller one per rank
-        hess_batch = optim.hess_batch_size or cfg.total_batch_size
-        hess_per_rank = hess_batch // world_size
-        hess_micro = min(cfg.micro_batch_size, hess_per_rank)
-        need(hess_batch % world_size == 0 and hess_micro >= 1 and hess_per_rank % hess_micro == 0,
-             f"optim.hess_batch_size={hess_batch} does not split over world_size={world_size} in micro-batches of "
-             f"micro_batch_size={cfg.micro_batch_size}: use a multiple of {per_step}, or a multiple of "
-             f"{world_size} below {per_step} (the paper's half batch: {cfg.total_batch_size // 2})")
-        hess_accum = hess_per_rank // hess_micro
-    for beta in optim.get("betas", []):
-        need(0 <= beta < 1, f"optim.betas={list(optim.betas)}: each beta must lie in [0, 1)")
-    return grad_accum, hess_batch, hess_accum, hess_micro, lr_decay_steps
+    need(optim.rho > 0, f"optim.rho={optim.rho}: rho must be positive (the paper uses 0.03-0.08)")
+    need(optim.hess_interval >= 1, f"optim.hess_interval={optim.hess_interval}: set it to 1 or more")
+    # the Hessian batch runs in micro-batches of micro_batch_size, or in one smaller one per rank
+    hess_batch = optim.hess_batch_size or cfg.total_batch_size
+    hess_per_rank = hess_batch // world_size
+    hess_micro = min(cfg.micro_batch_size, hess_per_rank)
+    need(hess_batch % world_size == 0 and hess_micro >= 1 and hess_per_rank % hess_micro == 0,
+         f"optim.hess_batch_size={hess_batch} does not split over world_size={world_size} in micro-batches of "
+         f"micro_batch_size={cfg.micro_batch_size}: use a multiple of {per_step}, or a multiple of "
+         f"{world_size} below {per_step} (the paper's half batch: {cfg.total_batch_size // 2})")
+    # GNB's estimate is B·grad² of the mean loss over B predictions: SophiaG takes B as `bs` (official).
+    # Hutchinson's u*(Hu) is already the Hessian of the mean loss, so SophiaH's rho is gamma itself (bs=1).
+    step_bs = hess_batch * cfg.model.block_size if optim.name == "sophiag" else 1
+    return BatchPlan(grad_accum, lr_decay_steps, sophia=True, hess_batch=hess_batch,
+                     hess_accum=hess_per_rank // hess_micro, hess_micro=hess_micro, step_bs=step_bs)
 
 
 def random_seed(seed, step, chunk, purpose):
@@ -186,7 +197,7 @@ def load_data(cfg, is_master, distributed):
 # -----------------------------------------------------------------------------------------------------
 # Optimizers: one parameter grouping (weight decay on >=2-D weights only) for all of them.
 
-def build_optimizer(cfg, model, device):
+def build_optimizer(cfg, model):
     optim = cfg.optim
     groups = model.configure_optimizer_groups(optim.weight_decay)
     betas = tuple(optim.betas)
@@ -299,24 +310,44 @@ def start_wandb(cfg, run_name, out_dir, run_id):
 
 
 # -----------------------------------------------------------------------------------------------------
+# Set-up: processes and device, run directory, data, model and optimizer.
 
-def train(cfg):
-    # ---- processes and devices
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    is_master = rank == 0
+@dataclass(frozen=True)
+class Env:
+    """This process: its rank among world_size, its device, and the precision it computes in."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dtype: str  # "float32" or "bfloat16" (autocast)
 
-    grad_accum, hess_batch, hess_accum, hess_micro, lr_decay_steps = check_config(cfg, world_size)  # before anything expensive
+    @property
+    def distributed(self):
+        return self.world_size > 1
 
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.dtype == "bfloat16" else nullcontext()
+
+
+def world_size_from_env():
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup_processes(cfg):
+    """Pick the device and precision, and join the process group under torchrun."""
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = world_size_from_env()
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={cfg.device} but CUDA is not available: use device=auto or device=cpu")
-        if device.type == "cuda" and distributed:
+        if device.type == "cuda" and world_size > 1:
             device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -326,15 +357,16 @@ def train(cfg):
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "bfloat16" and device.type == "cpu":
+    if dtype == "bfloat16" and device.type == "cpu" and rank == 0:
         print("note: bfloat16 autocast on CPU is much slower than float32 on most CPUs")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
-
-    if distributed:
+    if world_size > 1:
         from datetime import timedelta
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=30))
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+    return Env(rank, local_rank, world_size, device, dtype)
 
+
+def resolve_out_dir(cfg):
+    """The run directory, and the checkpoint to resume from (None for a fresh run), refused early if bad."""
     run_name = resolve_run_name(cfg)
     # out_dir may interpolate ${run_name}, so that each run of a sweep gets a folder of its own:
     # python train.py -m config=shakespeare_adamw optim.lr=1e-3,2e-3 'out_dir=out/sweep/${run_name}'
@@ -342,253 +374,359 @@ def train(cfg):
     out_dir = Path(cfg.out_dir) if cfg.out_dir else REPO_DIR / "out" / run_name
     out_dir = out_dir if out_dir.is_absolute() else Path.cwd() / out_dir
     ckpt_path = out_dir / "ckpt.pt"
-    resuming = cfg.resume and ckpt_path.exists()
     if ckpt_path.exists() and not cfg.resume:
         raise ConfigError(f"{ckpt_path} exists and resume=false would overwrite it: set resume=true to "
                           f"continue it, or out_dir= to a fresh directory")
+    ckpt = load_checkpoint(ckpt_path, cfg) if ckpt_path.exists() else None
+    return out_dir, ckpt
 
-    ckpt = load_checkpoint(ckpt_path, cfg) if resuming else None  # refuse a bad checkpoint before the work
 
-    # ---- data
+@dataclass
+class Streams:
+    train: SequenceStream
+    hessian: SequenceStream  # fresh training data for the Hessian estimate
+    val: SequenceStream      # the same validation sequences for every run
+
+
+def load_streams(cfg, env, plan):
+    train_tokens, val_tokens = load_data(cfg, env.is_master, env.distributed)
     seq_len = cfg.model.block_size
-    train_tokens, val_tokens = load_data(cfg, is_master, distributed)
-    train_stream = SequenceStream(train_tokens, seq_len, cfg.seed)
-    hess_stream = SequenceStream(train_tokens, seq_len, cfg.seed + 1)  # fresh data for the Hessian estimate
-    val_stream = SequenceStream(val_tokens, seq_len, 0)  # the same validation sequences for every run
-    if hess_batch > train_stream.num_seqs:
-        raise ConfigError(f"optim.hess_batch_size={hess_batch} sequences exceed the {train_stream.num_seqs:,} "
+    streams = Streams(train=SequenceStream(train_tokens, seq_len, cfg.seed),
+                      hessian=SequenceStream(train_tokens, seq_len, cfg.seed + 1),
+                      val=SequenceStream(val_tokens, seq_len, 0))
+    if plan.hess_batch > streams.train.num_seqs:
+        raise ConfigError(f"optim.hess_batch_size={plan.hess_batch} sequences exceed the {streams.train.num_seqs:,} "
                           f"training sequences: lower optim.hess_batch_size")
+    return streams
 
-    # ---- model and optimizer
+
+@dataclass
+class Progress:
+    """Where the run stands: everything a checkpoint needs besides the model and the optimizer."""
+    step: int = 0
+    train_seqs: int = 0        # sequences the training stream has handed out
+    hess_seqs: int = 0         # sequences the Hessian stream has handed out
+    elapsed_before: float = 0  # seconds spent before this process started (earlier jobs of a resumed run)
+    wandb_run_id: str | None = None
+
+
+@dataclass
+class Run:
+    """What the loop's steps share, built once by build_run. Only `progress` and the `since_log` sums change."""
+    cfg: DictConfig
+    env: Env
+    plan: BatchPlan
+    out_dir: Path
+    streams: Streams
+    raw_model: GPT
+    model: torch.nn.Module     # raw_model, compiled and/or wrapped in DDP
+    params: list               # the trainable tensors, each once (the tied embedding/head too)
+    optimizer: torch.optim.Optimizer
+    progress: Progress
+    metrics: "MetricsLog | None"  # rank 0 only
+    peak_flops: float             # the device's peak, for MFU
+    wandb_run: object = None
+    # since the last log line, on the device (read at log steps only, so no per-step sync)
+    loss_sum: torch.Tensor = None
+    clipped_steps: torch.Tensor = None
+    hessian_skipped: torch.Tensor = None  # since the start of this process
+    skipped_steps: int = 0
+
+    @property
+    def ckpt_path(self):
+        return self.out_dir / "ckpt.pt"
+
+
+def build_run(cfg, env, plan):
+    out_dir, ckpt = resolve_out_dir(cfg)  # a bad checkpoint is refused before the expensive work
+    streams = load_streams(cfg, env, plan)
+
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
-    raw_model = GPT(GPTConfig(**model_args)).to(device)
-    optimizer = build_optimizer(cfg, raw_model, device)
+    raw_model = GPT(GPTConfig(**model_args)).to(env.device)
+    optimizer = build_optimizer(cfg, raw_model)
     if cfg.optim.name == "sophiah":
-        check_double_backward(raw_model, device, autocast)
-
-    step, data_state, wandb_run_id, elapsed_before = 0, {"train_seqs": 0, "hess_seqs": 0}, None, 0.0
-    if resuming:
+        check_double_backward(raw_model, env.device, env.autocast())
+    progress = Progress()
+    if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        step, data_state = ckpt["step"], ckpt["data_state"]
-        wandb_run_id, elapsed_before = ckpt.get("wandb_run_id"), ckpt.get("elapsed_s", 0.0)
-        if is_master:
-            print(f"resumed from {ckpt_path} at step {step}")
-
+        progress = Progress(step=ckpt["step"], train_seqs=ckpt["data_state"]["train_seqs"],
+                            hess_seqs=ckpt["data_state"]["hess_seqs"], elapsed_before=ckpt.get("elapsed_s", 0.0),
+                            wandb_run_id=ckpt.get("wandb_run_id"))
+        if env.is_master:
+            print(f"resumed from {out_dir / 'ckpt.pt'} at step {progress.step}")
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    if distributed:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    # Sophia's win rate per part: the token embedding (also the head) holds most coordinates of a small model
-    win_rate_parts = {"embedding": [raw_model.transformer.wte.weight],
-                      "blocks": list(raw_model.transformer.h.parameters())}
+    if env.distributed:
+        model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
-    flops_per_token = raw_model.flops_per_token()
-    peak = peak_flops(device, dtype, cpu_peak=cfg.cpu_peak_flops)
-    tokens_per_step = cfg.total_batch_size * seq_len
+    run = Run(cfg=cfg, env=env, plan=plan, out_dir=out_dir, streams=streams, raw_model=raw_model, model=model,
+              params=[p for p in raw_model.parameters() if p.requires_grad], optimizer=optimizer,
+              progress=progress, metrics=None, peak_flops=peak_flops(env.device, env.dtype, cfg.cpu_peak_flops),
+              loss_sum=torch.zeros((), device=env.device), clipped_steps=torch.zeros((), device=env.device),
+              hessian_skipped=torch.zeros((), device=env.device, dtype=torch.long))
+    if env.is_master:
+        start_run_dir(run, resumed=ckpt is not None)
+    return run
 
-    # ---- run directory, metrics, W&B (rank 0 only)
-    wandb_run = None
-    if is_master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        config_yaml = OmegaConf.to_yaml(OmegaConf.merge(cfg, {"run_name": run_name, "out_dir": str(out_dir)}),
-                                        resolve=True)
-        (out_dir / "config.yaml").write_text(config_yaml)
-        if cfg.wandb.enabled:
-            wandb_run, wandb_run_id = start_wandb(cfg, run_name, out_dir, wandb_run_id)
-        metrics = MetricsLog(out_dir / "metrics.jsonl", step if resuming else None, wandb_run)
-        print(f"run {run_name}: {raw_model.num_params() / 1e6:.2f}M parameters, optimizer {cfg.optim.name}, "
-              f"{world_size} rank(s) x {grad_accum} micro-batch(es) of {cfg.micro_batch_size} = "
-              f"{tokens_per_step:,} tokens/step, device {device} {dtype}")
 
-    # ---- preemption: SIGUSR1 (SLURM's notice) -> checkpoint, requeue, exit 0; SIGTERM -> checkpoint, exit 0
-    stop_signal = {"received": 0}
+def start_run_dir(run, resumed):
+    """Rank 0: config.yaml, metrics.jsonl (trimmed to the checkpoint on resume), W&B, and the run's header."""
+    cfg = run.cfg
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.merge(cfg, {"run_name": cfg.run_name, "out_dir": str(run.out_dir)})
+    (run.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved, resolve=True))
+    if cfg.wandb.enabled:
+        run.wandb_run, run.progress.wandb_run_id = start_wandb(cfg, cfg.run_name, run.out_dir,
+                                                               run.progress.wandb_run_id)
+    run.metrics = MetricsLog(run.out_dir / "metrics.jsonl", run.progress.step if resumed else None, run.wandb_run)
+    env = run.env
+    print(f"run {cfg.run_name}: {run.raw_model.num_params() / 1e6:.2f}M parameters, optimizer {cfg.optim.name}, "
+          f"{env.world_size} rank(s) x {run.plan.grad_accum} micro-batch(es) of {cfg.micro_batch_size} = "
+          f"{tokens_per_step(cfg):,} tokens/step, device {env.device} {env.dtype}")
 
-    def on_signal(signum, frame):
-        stop_signal["received"] = signum
 
-    signal.signal(signal.SIGUSR1, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+def tokens_per_step(cfg):
+    return cfg.total_batch_size * cfg.model.block_size
 
-    def checkpoint():
-        if is_master:
-            save_checkpoint(ckpt_path, {
-                "format": CHECKPOINT_FORMAT, "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step, "data_state": dict(data_state),
-                "config": OmegaConf.to_container(cfg, resolve=True), "run_name": run_name,
-                "wandb_run_id": wandb_run_id, "elapsed_s": elapsed_before + time.time() - t_start,
-                "torch_version": torch.__version__})
-        if distributed:
-            dist.barrier()
 
-    @torch.no_grad()
-    def evaluate():
-        """Mean loss over eval_steps fixed validation micro-batches, spread over the ranks."""
-        model.eval()
-        total = torch.zeros(2, device=device)  # (sum of losses, number of micro-batches)
-        for i in range(rank, cfg.eval_steps, world_size):
-            x, y = val_stream.batch(i * cfg.micro_batch_size, cfg.micro_batch_size, device)
-            with autocast:
-                _, loss = raw_model(x, y)  # the plain module: no DDP hooks for a forward-only pass
-            total += torch.stack([loss.float(), torch.ones((), device=device)])
-        if distributed:
-            dist.all_reduce(total)
-        model.train()
-        return (total[0] / total[1]).item()
+# -----------------------------------------------------------------------------------------------------
+# The loop's steps: a training step, the Hessian refresh, evaluation, logging, checkpoints, stopping.
 
-    def forward_backward(x, y, scale, last):
+def train_step(run, lr):
+    """One optimizer step over the global batch; returns the gradient norm before clipping (0-d, device)."""
+    cfg, env, plan, progress = run.cfg, run.env, run.plan, run.progress
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    for micro in range(plan.grad_accum):
+        # micro-batch number `chunk` of the global batch: the same sequences and dropout masks whatever the
+        # world size, so two ranks compute exactly what one process computes over two micro-steps
+        chunk = env.rank * plan.grad_accum + micro
+        torch.manual_seed(random_seed(cfg.seed, progress.step, chunk, "dropout"))
+        x, y = run.streams.train.batch(progress.train_seqs + chunk * cfg.micro_batch_size, cfg.micro_batch_size,
+                                       env.device)
         # DDP all-reduces the gradients only on the last micro-step
-        sync = model.no_sync() if distributed and not last else nullcontext()
-        with sync:
-            with autocast:
-                _, loss = model(x, y)
-            (loss * scale).backward()
-        return loss.detach()
+        last = micro == plan.grad_accum - 1
+        with run.model.no_sync() if env.distributed and not last else nullcontext():
+            with env.autocast():
+                _, loss = run.model(x, y)  # x, y: (micro_batch_size, block_size)
+            (loss / plan.grad_accum).backward()
+        run.loss_sum += loss.detach() / plan.grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if cfg.grad_clip > 0:
+        run.clipped_steps += (grad_norm > cfg.grad_clip).float()
+    # the one host sync of a step (on CUDA it waits for the backward to finish, then the step's kernels are
+    # launched): a non-finite gradient skips the update instead of poisoning the optimizer state
+    if torch.isfinite(grad_norm):
+        run.optimizer.step(**({"bs": plan.step_bs} if plan.sophia else {}))
+    else:
+        run.skipped_steps += 1
+        if env.is_master:
+            print(f"step {progress.step}: non-finite gradient norm, update skipped")
+    run.optimizer.zero_grad(set_to_none=True)
+    progress.train_seqs += cfg.total_batch_size
+    return grad_norm
 
-    def refresh_hessian():
-        """Every hess_interval steps: fill p.grad with the estimator's sample, then update the EMA."""
-        generator = torch.Generator(device=device)
-        for micro in range(hess_accum):
-            chunk = rank * hess_accum + micro  # as in the training step: independent of the world size
-            generator.manual_seed(random_seed(cfg.seed, step, chunk, "hessian"))  # sampled labels or probes
-            x, y = hess_stream.batch(data_state["hess_seqs"] + chunk * hess_micro, hess_micro, device)
-            if cfg.optim.name == "sophiag":
-                sync = model.no_sync() if distributed and micro < hess_accum - 1 else nullcontext()
-                with sync:
-                    with autocast:
-                        logits, _ = model(x)  # (B, T, vocab): labels are sampled from these
-                    sophia.gnb_backward(logits, 1.0 / hess_accum, generator)
-            else:
-                # Hutchinson needs double backward: the plain module, with the math attention kernel
-                with math_attention(), autocast:
-                    _, loss = raw_model(x, y)
-                sophia.hutchinson_backward(loss, params, 1.0 / hess_accum, generator, cfg.optim.probe)
-        if cfg.optim.name == "sophiah" and distributed:
-            for p in params:  # the DDP hooks did not run: average u*(Hu) over ranks by hand
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        if cfg.optim.name == "sophiag" and cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # as the official loop does
-        applied = optimizer.update_hessian()  # a 0-d bool on the device: False if the estimate was not finite
-        hessian_skipped.add_(~applied)  # read at the next log step, so no sync here
-        optimizer.zero_grad(set_to_none=True)
-        data_state["hess_seqs"] += hess_batch
 
-    # GNB's estimate is B * grad^2 of the mean loss over B predictions: SophiaG takes B as `bs`.
-    # Hutchinson's u*(Hu) is already the Hessian of the mean loss, so SophiaH's rho is gamma itself (bs=1).
-    step_kwargs = {}
-    if cfg.optim.name == "sophiag":
-        step_kwargs = {"bs": hess_batch * seq_len}
-    elif cfg.optim.name == "sophiah":
-        step_kwargs = {"bs": 1}
-
-    # ---- the loop
-    def log_eval():
-        nonlocal eval_seconds
-        t0 = time.time()
-        val_loss = evaluate()
-        eval_seconds += time.time() - t0
-        if is_master:
-            metrics.log({"step": step, "tokens": step * tokens_per_step, "val/loss": val_loss,
-                         "time/elapsed_s": elapsed_before + time.time() - t_start})
-            print(f"step {step}: val loss {val_loss:.4f}")
-
-    t_start = time.time()
-    t_last, step_last, eval_seconds = t_start, step, 0.0
-    loss_sum = torch.zeros((), device=device)
-    clipped_steps = torch.zeros((), device=device)
-    hessian_skipped = torch.zeros((), device=device, dtype=torch.long)
-    skipped_steps = 0
-    model.train()
-    if step == 0:
-        log_eval()
-    while step < cfg.max_steps:
-        lr = get_lr(step, cfg, lr_decay_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(grad_accum):
-            # micro-batch number `chunk` of the global batch: the same sequences and dropout masks whatever
-            # the world size, so two ranks compute exactly what one process computes over two micro-steps
-            chunk = rank * grad_accum + micro
-            torch.manual_seed(random_seed(cfg.seed, step, chunk, "dropout"))
-            x, y = train_stream.batch(data_state["train_seqs"] + chunk * cfg.micro_batch_size,
-                                      cfg.micro_batch_size, device)
-            loss_sum += forward_backward(x, y, 1.0 / grad_accum, last=micro == grad_accum - 1) / grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if cfg.grad_clip > 0:
-            clipped_steps += (grad_norm > cfg.grad_clip).float()
-        # the one host sync of a step (on CUDA it waits for the backward to finish, then the step's kernels
-        # are launched): a non-finite gradient skips the update instead of poisoning the optimizer state
-        if torch.isfinite(grad_norm):
-            optimizer.step(**step_kwargs)
+def refresh_hessian(run):
+    """Fill p.grad with the estimator's sample over a fresh Hessian batch, then update Sophia's Hessian EMA."""
+    cfg, env, plan, progress = run.cfg, run.env, run.plan, run.progress
+    generator = torch.Generator(device=env.device)
+    for micro in range(plan.hess_accum):
+        chunk = env.rank * plan.hess_accum + micro  # as in the training step: independent of the world size
+        generator.manual_seed(random_seed(cfg.seed, progress.step, chunk, "hessian"))  # sampled labels or probes
+        x, y = run.streams.hessian.batch(progress.hess_seqs + chunk * plan.hess_micro, plan.hess_micro, env.device)
+        if cfg.optim.name == "sophiag":
+            last = micro == plan.hess_accum - 1
+            with run.model.no_sync() if env.distributed and not last else nullcontext():
+                with env.autocast():
+                    logits, _ = run.model(x)  # (B, T, vocab): labels are sampled from these
+                sophia.gnb_backward(logits, 1.0 / plan.hess_accum, generator)
         else:
-            skipped_steps += 1
-            if is_master:
-                print(f"step {step}: non-finite gradient norm, update skipped")
-        optimizer.zero_grad(set_to_none=True)
-        data_state["train_seqs"] += cfg.total_batch_size
+            # Hutchinson needs double backward: the plain module, with the math attention kernel
+            with math_attention(), env.autocast():
+                _, loss = run.raw_model(x, y)
+            sophia.hutchinson_backward(loss, run.params, 1.0 / plan.hess_accum, generator, cfg.optim.probe)
+    if cfg.optim.name == "sophiah" and env.distributed:
+        for p in run.params:  # the DDP hooks did not run: average u*(Hu) over ranks by hand
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+    if cfg.optim.name == "sophiag" and cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)  # as the official loop does
+    applied = run.optimizer.update_hessian()  # a 0-d bool on the device: False if the estimate was not finite
+    run.hessian_skipped.add_(~applied)  # read at the next log step, so no sync here
+    run.optimizer.zero_grad(set_to_none=True)
+    progress.hess_seqs += plan.hess_batch
 
-        if hess_accum and step % cfg.optim.hess_interval == cfg.optim.hess_interval - 1:
-            refresh_hessian()
-        step += 1
 
-        stop = False
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            if distributed:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            now = time.time()
-            steps_done = step - step_last
-            tokens_per_s = steps_done * tokens_per_step / (now - t_last - eval_seconds)
-            record = {"step": step, "tokens": step * tokens_per_step,
-                      "train/loss": loss_sum.item() / steps_done, "lr": lr, "grad_norm": grad_norm.item(),
-                      "time/elapsed_s": elapsed_before + now - t_start, "throughput/tokens_per_s": tokens_per_s,
-                      "mfu": estimate_mfu(tokens_per_s / world_size, flops_per_token, peak)}
-            if hess_accum:
-                record["optim/clip_rate"] = clipped_steps.item() / steps_done
-                stats = optimizer.sophia_stats(step_kwargs["bs"], parts=win_rate_parts)
-                record.update({k: float(v) for k, v in stats.items()})
-                if hessian_skipped.item():
-                    record["optim/hessian_skipped"] = hessian_skipped.item()
-                    if is_master:
-                        print(f"step {step}: {hessian_skipped.item()} non-finite Hessian estimate(s) skipped so far")
-            if skipped_steps:
-                record["skipped_steps"] = skipped_steps
-            if is_master:
-                metrics.log(record)
-                print(f"step {step}: loss {record['train/loss']:.4f}, lr {lr:.2e}, "
-                      f"grad norm {record['grad_norm']:.3f}, {tokens_per_s:,.0f} tokens/s, "
-                      f"mfu {100 * record['mfu']:.1f}%")
-            loss_sum.zero_()
-            clipped_steps.zero_()
-            t_last, step_last, eval_seconds = now, step, 0.0
-            # preemption: every rank must stop at the same step, so they agree here, at a log step
-            signals = torch.tensor(float(stop_signal["received"]), device=device)
-            if distributed:
-                dist.all_reduce(signals, op=dist.ReduceOp.MAX)
-            stop = bool(signals.item()) and step < cfg.max_steps
+@torch.no_grad()
+def evaluate(run):
+    """Mean loss over eval_steps fixed validation micro-batches, spread over the ranks."""
+    cfg, env = run.cfg, run.env
+    run.model.eval()
+    total = torch.zeros(2, device=env.device)  # (sum of losses, number of micro-batches)
+    for i in range(env.rank, cfg.eval_steps, env.world_size):
+        x, y = run.streams.val.batch(i * cfg.micro_batch_size, cfg.micro_batch_size, env.device)
+        with env.autocast():
+            _, loss = run.raw_model(x, y)  # the plain module: no DDP hooks for a forward-only pass
+        total += torch.stack([loss.float(), torch.ones((), device=env.device)])
+    if env.distributed:
+        dist.all_reduce(total)
+    run.model.train()
+    return (total[0] / total[1]).item()
 
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            log_eval()
-        if stop:
-            checkpoint()
-            if is_master:
-                print(f"stop signal received: checkpoint at step {step} in {ckpt_path}")
-                job_id = os.environ.get("SLURM_JOB_ID")
-                # SLURM's preemption notice (USR1) puts the job back in the queue, to resume from here;
-                # SIGTERM (scancel, or the end of the time limit) only checkpoints: a cancel stays a cancel
-                if job_id and stop_signal["received"] == signal.SIGUSR1:
-                    subprocess.run(["scontrol", "requeue", job_id], check=False)
-                    print(f"requeued SLURM job {job_id}")
+
+class Clock:
+    """Wall-clock time of the run, and of the training steps alone (evaluation left out) since the last log."""
+
+    def __init__(self, elapsed_before, step):
+        self.start = time.time()
+        self.elapsed_before = elapsed_before
+        self.last_log, self.step_at_last_log, self.eval_seconds = self.start, step, 0.0
+
+    def elapsed(self):
+        return self.elapsed_before + time.time() - self.start
+
+    def since_log(self, step):
+        """(steps, seconds spent training) since the last log line, and start a new window."""
+        now = time.time()
+        steps, seconds = step - self.step_at_last_log, now - self.last_log - self.eval_seconds
+        self.last_log, self.step_at_last_log, self.eval_seconds = now, step, 0.0
+        return steps, seconds
+
+
+def log_eval(run, clock):
+    t0 = time.time()
+    val_loss = evaluate(run)
+    clock.eval_seconds += time.time() - t0
+    step = run.progress.step
+    if run.env.is_master:
+        run.metrics.log({"step": step, "tokens": step * tokens_per_step(run.cfg), "val/loss": val_loss,
+                         "time/elapsed_s": clock.elapsed()})
+        print(f"step {step}: val loss {val_loss:.4f}")
+
+
+def log_train(run, clock, lr, grad_norm):
+    """The metrics line of a log step: averages since the last one, then the sums start again."""
+    cfg, env, step = run.cfg, run.env, run.progress.step
+    if env.distributed:
+        dist.all_reduce(run.loss_sum, op=dist.ReduceOp.AVG)
+    steps, seconds = clock.since_log(step)
+    tokens_per_s = steps * tokens_per_step(cfg) / seconds
+    record = {"step": step, "tokens": step * tokens_per_step(cfg), "train/loss": run.loss_sum.item() / steps,
+              "lr": lr, "grad_norm": grad_norm.item(), "time/elapsed_s": clock.elapsed(),
+              "throughput/tokens_per_s": tokens_per_s,
+              "mfu": estimate_mfu(tokens_per_s / env.world_size, run.raw_model.flops_per_token(), run.peak_flops)}
+    if run.plan.sophia:
+        record["optim/clip_rate"] = run.clipped_steps.item() / steps
+        # the token embedding (also the head) holds most coordinates of a small model: its own win rate
+        parts = {"embedding": [run.raw_model.transformer.wte.weight],
+                 "blocks": list(run.raw_model.transformer.h.parameters())}
+        record.update({k: float(v) for k, v in run.optimizer.sophia_stats(run.plan.step_bs, parts).items()})
+        if run.hessian_skipped.item():
+            record["optim/hessian_skipped"] = run.hessian_skipped.item()
+            if env.is_master:
+                print(f"step {step}: {run.hessian_skipped.item()} non-finite Hessian estimate(s) skipped so far")
+    if run.skipped_steps:
+        record["skipped_steps"] = run.skipped_steps
+    if env.is_master:
+        run.metrics.log(record)
+        print(f"step {step}: loss {record['train/loss']:.4f}, lr {lr:.2e}, grad norm {record['grad_norm']:.3f}, "
+              f"{tokens_per_s:,.0f} tokens/s, mfu {100 * record['mfu']:.1f}%")
+    run.loss_sum.zero_()
+    run.clipped_steps.zero_()
+
+
+def save(run, clock):
+    """Rank 0 writes the checkpoint; every rank waits, so that none runs ahead of a checkpoint in progress."""
+    if run.env.is_master:
+        p = run.progress
+        save_checkpoint(run.ckpt_path, {
+            "format": CHECKPOINT_FORMAT, "model": run.raw_model.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "step": p.step,
+            "data_state": {"train_seqs": p.train_seqs, "hess_seqs": p.hess_seqs},
+            "config": OmegaConf.to_container(run.cfg, resolve=True), "run_name": run.cfg.run_name,
+            "wandb_run_id": p.wandb_run_id, "elapsed_s": clock.elapsed(), "torch_version": torch.__version__})
+    if run.env.distributed:
+        dist.barrier()
+
+
+class StopSignals:
+    """SIGUSR1 (SLURM's preemption notice), SIGTERM (scancel, the time limit) and Ctrl-C ask the run to
+    checkpoint at the end of the current step and exit; a second Ctrl-C quits at once."""
+
+    def __init__(self, env):
+        self.env, self.received = env, 0
+        # the ranks agree on stopping every step; with NCCL that goes through a small gloo group on the CPU,
+        # so it never waits for the GPU
+        self.group = dist.new_group(backend="gloo") if env.distributed else None
+        for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.on_signal)
+
+    def on_signal(self, signum, frame):
+        self.received = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C interrupts
+            if self.env.is_master:
+                print("\nCtrl-C: checkpointing at the end of this step (Ctrl-C again to quit without it)", flush=True)
+
+    def agreed(self):
+        """Did any rank receive a signal? Every rank gets the same answer at the same step."""
+        if not self.env.distributed:
+            return self.received
+        flag = torch.tensor([self.received])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag)
+
+
+def stop_for_signal(run, clock, signum):
+    save(run, clock)
+    if run.env.is_master:
+        print(f"stop signal received: checkpoint at step {run.progress.step} in {run.ckpt_path}")
+        job_id = os.environ.get("SLURM_JOB_ID")
+        # SLURM's preemption notice (USR1) puts the job back in the queue, to resume from here;
+        # SIGTERM (scancel, or the end of the time limit) only checkpoints: a cancel stays a cancel
+        if job_id and signum == signal.SIGUSR1:
+            subprocess.run(["scontrol", "requeue", job_id], check=False)
+            print(f"requeued SLURM job {job_id}")
+
+
+# -----------------------------------------------------------------------------------------------------
+
+def train(cfg):
+    plan = plan_batches(cfg, world_size_from_env())  # before anything expensive
+    env = setup_processes(cfg)
+    run = build_run(cfg, env, plan)
+    stop = StopSignals(env)
+    clock = Clock(run.progress.elapsed_before, run.progress.step)
+    progress, k = run.progress, cfg.optim.get("hess_interval", 0)
+
+    run.model.train()
+    if progress.step == 0:
+        log_eval(run, clock)
+    while progress.step < cfg.max_steps:
+        lr = get_lr(progress.step, cfg, plan.lr_decay_steps)
+        grad_norm = train_step(run, lr)
+        if plan.sophia and progress.step % k == k - 1:
+            refresh_hessian(run)
+        progress.step += 1
+        last = progress.step == cfg.max_steps
+        if progress.step % cfg.log_interval == 0 or last:
+            log_train(run, clock, lr, grad_norm)
+        signum = stop.agreed()  # every rank stops at the same step
+        if progress.step % cfg.eval_interval == 0 or last:
+            log_eval(run, clock)
+        if signum and not last:
+            stop_for_signal(run, clock, signum)
             break
-        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            checkpoint()
+        if progress.step % cfg.ckpt_interval == 0 or last:
+            save(run, clock)
 
-    if is_master and step >= cfg.max_steps:
-        print(f"done: metrics in {out_dir / 'metrics.jsonl'}, checkpoint in {ckpt_path}")
-    if wandb_run is not None:
-        wandb_run.finish()
-    if distributed:
+    if env.is_master and progress.step >= cfg.max_steps:
+        print(f"done: metrics in {run.out_dir / 'metrics.jsonl'}, checkpoint in {run.ckpt_path}")
+    if run.wandb_run is not None:
+        run.wandb_run.finish()
+    if env.distributed:
         dist.destroy_process_group()
 
 

@@ -75,30 +75,38 @@ def test_resume_continues_exactly(tmp_path, optim):
         torch.testing.assert_close(b["model"][name], tensor, rtol=1e-6, atol=1e-7)
 
 
-def test_sigusr1_checkpoints_and_the_rerun_finishes(tmp_path):
-    """SLURM's preemption notice: the run checkpoints, exits 0, and the same command picks it up."""
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT])
+def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, signum):
+    """SLURM's preemption notice (USR1) or Ctrl-C (INT): the run checkpoints at the end of the step, exits 0,
+    and the same command continues to the same weights as an uninterrupted run. log_interval is larger than
+    the run, so acting on the signal cannot wait for a log step."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out}", "max_steps=400",
-           "optim=adamw"]
+    args = ["max_steps=400", "optim=adamw", "log_interval=1000"]
+    cmd = [sys.executable, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out}", *args]
     proc = subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while time.time() < deadline:  # wait for the loop: an evaluation after step 0
         metrics = out / "metrics.jsonl"
-        if metrics.exists() and any('"train/loss"' in l for l in metrics.read_text().splitlines()):
+        if metrics.exists() and any(r["step"] > 0 for r in read_metrics(out)):
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signum)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
-    assert "stop signal received" in output
+    assert "stop signal received" in output and "Traceback" not in output
+    if signum == signal.SIGINT:
+        assert "Ctrl-C: checkpointing at the end of this step" in output
     saved = torch.load(out / "ckpt.pt", weights_only=False)
     assert 0 < saved["step"] < 400
-    assert max(r["step"] for r in read_metrics(out)) == saved["step"]
+    assert max(r["step"] for r in read_metrics(out)) <= saved["step"]
 
-    run_train(["max_steps=400", "optim=adamw"], out)
-    steps = [r["step"] for r in read_metrics(out) if "train/loss" in r]
-    assert steps == list(range(1, 401))
+    run_train(args, out)
+    run_train(args, tmp_path / "uninterrupted")
+    assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == list(range(0, 401, 4))  # each once
+    resumed = torch.load(out / "ckpt.pt", weights_only=False)["model"]
+    for name, tensor in torch.load(tmp_path / "uninterrupted" / "ckpt.pt", weights_only=False)["model"].items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_two_ranks_equal_one_process_with_accumulation(tmp_path):
