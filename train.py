@@ -11,6 +11,8 @@ be compared. Randomness is a function of (seed, step, rank): the data order, the
 Hessian estimator's samples, so a resumed run continues exactly as if it had never stopped.
 """
 
+import errno
+import fcntl
 import json
 import math
 import os
@@ -40,7 +42,11 @@ CHECKPOINT_FORMAT = 1
 
 
 class ConfigError(ValueError):
-    """Bad input found before any training: the message names the fix."""
+    """Bad input found before any training: the message names the fix. Exit status 2."""
+
+
+class RunError(RuntimeError):
+    """The run cannot go on (it diverged, the disk is full): the message says what was kept. Exit status 1."""
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -86,6 +92,20 @@ def plan_batches(cfg, world_size):
     lr_decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.max_steps
     need(cfg.warmup_steps >= 0 and lr_decay_steps >= 1,
          f"warmup_steps={cfg.warmup_steps}, lr_decay_steps={lr_decay_steps}: use warmup_steps >= 0, lr_decay_steps >= 1")
+    need(cfg.warmup_steps <= cfg.max_steps,
+         f"warmup_steps={cfg.warmup_steps} > max_steps={cfg.max_steps}: the learning rate would never reach "
+         f"optim.lr; lower warmup_steps (the paper warms up for 2% of the steps)")
+    need(lr_decay_steps >= cfg.warmup_steps,
+         f"lr_decay_steps={lr_decay_steps} < warmup_steps={cfg.warmup_steps}: the learning rate would drop to "
+         f"min_lr right after the warmup; set lr_decay_steps >= warmup_steps (null = max_steps)")
+    need(cfg.max_skipped_updates >= 1, f"max_skipped_updates={cfg.max_skipped_updates}: set it to 1 or more")
+    model = cfg.model
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        need(model[key] >= 1, f"model.{key}={model[key]}: set it to 1 or more")
+    need(model.n_embd % model.n_head == 0,
+         f"model.n_embd={model.n_embd} is not a multiple of model.n_head={model.n_head}: each head gets "
+         f"n_embd / n_head dimensions; pick n_head dividing n_embd")
+    need(0 <= model.dropout < 1, f"model.dropout={model.dropout}: use a value in [0, 1)")
     need(optim.lr > 0, f"optim.lr={optim.lr}: the learning rate must be positive")
     need(0 <= cfg.min_lr <= optim.lr, f"min_lr={cfg.min_lr} must lie in [0, optim.lr={optim.lr}]")
     need(cfg.dtype in ("auto", "float32", "bfloat16"),
@@ -177,21 +197,27 @@ class SequenceStream:
 
 
 def load_data(cfg, is_master, distributed):
-    data_dir = Path(cfg.data.dir) if cfg.data.dir else REPO_DIR / "data" / cfg.data.name
-    if not data_dir.is_absolute():
-        data_dir = REPO_DIR / data_dir
-    missing = not (data_dir / "meta.json").exists()
-    if missing and cfg.data.name == "shakespeare":  # the embedded corpus prepares itself
-        if is_master:
-            print(f"preparing the Shakespeare corpus in {data_dir} (once)")
-            from data.shakespeare.prepare import prepare
-            prepare(out_dir=data_dir)
-        if distributed:
-            dist.barrier()
+    if cfg.data.dir:
+        data_dir = Path(cfg.data.dir) if Path(cfg.data.dir).is_absolute() else REPO_DIR / cfg.data.dir
+        if not data_dir.is_dir():
+            raise ConfigError(f"data.dir={cfg.data.dir} does not exist: fix the path, or prepare the data there "
+                              f"with python data/{cfg.data.name}/prepare.py --out-dir {data_dir}")
+    else:
+        data_dir = REPO_DIR / "data" / cfg.data.name
+        if cfg.data.name == "shakespeare" and not (data_dir / "meta.json").exists():  # the embedded corpus
+            if is_master:
+                print(f"preparing the Shakespeare corpus in {data_dir} (once)")
+                from data.shakespeare.prepare import prepare
+                prepare(out_dir=data_dir)
+            if distributed:
+                dist.barrier()
     try:
         return open_split(data_dir, "train"), open_split(data_dir, "val")
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    except OSError as e:  # unreadable: permissions, a broken mount
+        raise ConfigError(f"cannot read the data in {data_dir} ({e.strerror}: {e.filename}): fix its permissions, "
+                          f"or set data.dir= to a readable copy") from None
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -234,21 +260,49 @@ def check_double_backward(model, device, autocast):
 # Checkpoints: written to a temporary file and renamed, so a crash never leaves half a checkpoint.
 
 def save_checkpoint(path, state):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")  # per process: two writers never share one
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # never leave a partial file behind; the previous checkpoint is untouched
+        # torch.save turns a failed write into a RuntimeError whose context is the OSError
+        os_error = next((x for x in (e, e.__cause__, e.__context__) if isinstance(x, OSError)), None)
+        if os_error is None:
+            raise
+        no_space = os_error.errno == errno.ENOSPC
+        why = "no space left on the device" if no_space else os_error.strerror or str(os_error)
+        raise RunError(f"could not write the checkpoint {path} ({why}); the previous checkpoint is kept. "
+                       f"{'Free some space' if no_space else 'Fix the cause'}, then rerun the same command to resume "
+                       f"from it") from None
+
+
+def first_non_finite(named_tensors):
+    """The name of the first floating-point tensor holding NaN or inf, or None."""
+    for name, t in named_tensors:
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def optimizer_tensors(optimizer_state):
+    """(name, tensor) for every tensor of an optimizer state_dict, named like "state[3].exp_avg"."""
+    for index, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            yield f"optimizer state[{index}].{key}", value
 
 
 def load_checkpoint(path, cfg):
     try:
         # mmap: every rank reads the checkpoint, and the page cache shares one copy among a node's ranks
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # truncated, corrupt, or not a checkpoint at all
-        raise ConfigError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); move it away to "
-                          f"start over, or set out_dir= to a fresh directory") from None
+    except Exception as e:  # empty, truncated, corrupt, or not a checkpoint at all
+        raise ConfigError(f"cannot read the checkpoint {path} ({path.stat().st_size:,} bytes, {type(e).__name__}: "
+                          f"not a complete torch checkpoint); move it away to start over, or set out_dir= to a "
+                          f"fresh directory") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path} is not a checkpoint of this train.py (format {CHECKPOINT_FORMAT}); "
                           f"set out_dir= to a fresh directory")
@@ -261,7 +315,36 @@ def load_checkpoint(path, cfg):
     if ckpt["config"]["optim"]["name"] != cfg.optim.name:
         raise ConfigError(f"the checkpoint in {path.parent} was trained with optim={ckpt['config']['optim']['name']}, "
                           f"not optim={cfg.optim.name}: set out_dir= to a fresh directory to switch optimizers")
+    bad = first_non_finite(ckpt["model"].items()) or first_non_finite(optimizer_tensors(ckpt["optimizer"]))
+    if bad:
+        raise ConfigError(f"the checkpoint {path} holds NaN/inf in {bad}: it comes from a diverged run; move it "
+                          f"away and start over (with a lower optim.lr), or set out_dir= to a fresh directory")
     return ckpt
+
+
+def lock_run_dir(out_dir):
+    """Rank 0 holds an exclusive lock on the run directory for the life of the run, so that a second process
+    (a command started twice, a requeued job overlapping its predecessor, a sweep reusing a folder) cannot
+    interleave its metrics and checkpoints with ours. The OS drops the lock when the process dies, so a crash
+    never leaves the directory locked. Returns the open lock file; closing it releases the lock."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / "run.lock", "a+")
+    except OSError as e:
+        raise ConfigError(f"cannot write to out_dir={out_dir} ({e.strerror}): set out_dir= to a writable "
+                          f"directory") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise ConfigError(f"{out_dir} is in use by another training process (PID {holder}): wait for it to "
+                          f"finish or stop it, or set out_dir= to another directory") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 class MetricsLog:
@@ -286,8 +369,10 @@ class MetricsLog:
             path.unlink()
 
     def log(self, record):
+        # NaN/inf are not JSON: a diverged value is written as null
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite, allow_nan=False) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
@@ -365,20 +450,21 @@ def setup_processes(cfg):
     return Env(rank, local_rank, world_size, device, dtype)
 
 
-def resolve_out_dir(cfg):
-    """The run directory, and the checkpoint to resume from (None for a fresh run), refused early if bad."""
+def resolve_out_dir(cfg, env):
+    """The run directory, its lock (rank 0), and the checkpoint to resume from (None for a fresh run)."""
     run_name = resolve_run_name(cfg)
     # out_dir may interpolate ${run_name}, so that each run of a sweep gets a folder of its own:
     # python train.py -m config=shakespeare_adamw optim.lr=1e-3,2e-3 'out_dir=out/sweep/${run_name}'
     cfg.run_name = run_name
     out_dir = Path(cfg.out_dir) if cfg.out_dir else REPO_DIR / "out" / run_name
     out_dir = out_dir if out_dir.is_absolute() else Path.cwd() / out_dir
+    lock = lock_run_dir(out_dir) if env.is_master else None
     ckpt_path = out_dir / "ckpt.pt"
     if ckpt_path.exists() and not cfg.resume:
         raise ConfigError(f"{ckpt_path} exists and resume=false would overwrite it: set resume=true to "
                           f"continue it, or out_dir= to a fresh directory")
     ckpt = load_checkpoint(ckpt_path, cfg) if ckpt_path.exists() else None
-    return out_dir, ckpt
+    return out_dir, lock, ckpt
 
 
 @dataclass
@@ -394,6 +480,10 @@ def load_streams(cfg, env, plan):
     streams = Streams(train=SequenceStream(train_tokens, seq_len, cfg.seed),
                       hessian=SequenceStream(train_tokens, seq_len, cfg.seed + 1),
                       val=SequenceStream(val_tokens, seq_len, 0))
+    if cfg.eval_steps * cfg.micro_batch_size > streams.val.num_seqs:
+        raise ConfigError(f"eval_steps={cfg.eval_steps} x micro_batch_size={cfg.micro_batch_size} sequences exceed the "
+                          f"{streams.val.num_seqs:,} validation sequences of model.block_size={seq_len} (each "
+                          f"evaluation would reuse some): set eval_steps <= {streams.val.num_seqs // cfg.micro_batch_size}")
     if plan.hess_batch > streams.train.num_seqs:
         raise ConfigError(f"optim.hess_batch_size={plan.hess_batch} sequences exceed the {streams.train.num_seqs:,} "
                           f"training sequences: lower optim.hess_batch_size")
@@ -431,6 +521,8 @@ class Run:
     clipped_steps: torch.Tensor = None
     hessian_skipped: torch.Tensor = None  # since the start of this process
     skipped_steps: int = 0
+    consecutive_skips: int = 0  # updates skipped in a row (non-finite gradient): the run stops at max_skipped_updates
+    lock: object = None         # rank 0: the open lock file of the run directory
 
     @property
     def ckpt_path(self):
@@ -438,7 +530,7 @@ class Run:
 
 
 def build_run(cfg, env, plan):
-    out_dir, ckpt = resolve_out_dir(cfg)  # a bad checkpoint is refused before the expensive work
+    out_dir, lock, ckpt = resolve_out_dir(cfg, env)  # a bad checkpoint is refused before the expensive work
     streams = load_streams(cfg, env, plan)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -462,7 +554,7 @@ def build_run(cfg, env, plan):
 
     run = Run(cfg=cfg, env=env, plan=plan, out_dir=out_dir, streams=streams, raw_model=raw_model, model=model,
               params=[p for p in raw_model.parameters() if p.requires_grad], optimizer=optimizer,
-              progress=progress, metrics=None, peak_flops=peak_flops(env.device, env.dtype, cfg.cpu_peak_flops),
+              progress=progress, metrics=None, lock=lock, peak_flops=peak_flops(env.device, env.dtype, cfg.cpu_peak_flops),
               loss_sum=torch.zeros((), device=env.device), clipped_steps=torch.zeros((), device=env.device),
               hessian_skipped=torch.zeros((), device=env.device, dtype=torch.long))
     if env.is_master:
@@ -484,6 +576,7 @@ def start_run_dir(run, resumed):
     print(f"run {cfg.run_name}: {run.raw_model.num_params() / 1e6:.2f}M parameters, optimizer {cfg.optim.name}, "
           f"{env.world_size} rank(s) x {run.plan.grad_accum} micro-batch(es) of {cfg.micro_batch_size} = "
           f"{tokens_per_step(cfg):,} tokens/step, device {env.device} {env.dtype}")
+    print(f"run directory: {run.out_dir}")
 
 
 def tokens_per_step(cfg):
@@ -519,10 +612,16 @@ def train_step(run, lr):
     # launched): a non-finite gradient skips the update instead of poisoning the optimizer state
     if torch.isfinite(grad_norm):
         run.optimizer.step(**({"bs": plan.step_bs} if plan.sophia else {}))
+        run.consecutive_skips = 0
     else:
         run.skipped_steps += 1
+        run.consecutive_skips += 1
         if env.is_master:
             print(f"step {progress.step}: non-finite gradient norm, update skipped")
+        if run.consecutive_skips >= cfg.max_skipped_updates:  # the same on every rank: the norm is all-reduced
+            raise RunError(f"step {progress.step}: {run.consecutive_skips} updates in a row skipped for non-finite "
+                           f"gradients: the run diverged. The last checkpoint in {run.out_dir} is kept; lower "
+                           f"optim.lr (now {cfg.optim.lr}) and resume or start over")
     run.optimizer.zero_grad(set_to_none=True)
     progress.train_seqs += cfg.total_batch_size
     return grad_norm
@@ -577,12 +676,14 @@ def evaluate(run):
 
 
 class Clock:
-    """Wall-clock time of the run, and of the training steps alone (evaluation left out) since the last log."""
+    """Wall-clock time of the run, the time the training steps alone took since the last log line (evaluation
+    left out), and a smoothed time per step for the estimate of the time left."""
 
     def __init__(self, elapsed_before, step):
         self.start = time.time()
         self.elapsed_before = elapsed_before
         self.last_log, self.step_at_last_log, self.eval_seconds = self.start, step, 0.0
+        self.seconds_per_step = None  # exponential moving average over log windows
 
     def elapsed(self):
         return self.elapsed_before + time.time() - self.start
@@ -592,7 +693,20 @@ class Clock:
         now = time.time()
         steps, seconds = step - self.step_at_last_log, now - self.last_log - self.eval_seconds
         self.last_log, self.step_at_last_log, self.eval_seconds = now, step, 0.0
+        per_step = seconds / steps
+        self.seconds_per_step = per_step if self.seconds_per_step is None else \
+            0.7 * self.seconds_per_step + 0.3 * per_step
         return steps, seconds
+
+    def time_left(self, steps_left):
+        return steps_left * (self.seconds_per_step or 0.0)
+
+
+def duration(seconds):
+    """3725.2 -> '1:02:05'."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def log_eval(run, clock):
@@ -631,14 +745,26 @@ def log_train(run, clock, lr, grad_norm):
         record["skipped_steps"] = run.skipped_steps
     if env.is_master:
         run.metrics.log(record)
-        print(f"step {step}: loss {record['train/loss']:.4f}, lr {lr:.2e}, grad norm {record['grad_norm']:.3f}, "
-              f"{tokens_per_s:,.0f} tokens/s, mfu {100 * record['mfu']:.1f}%")
+        print(f"step {step}/{cfg.max_steps}: loss {record['train/loss']:.4f}, lr {lr:.2e}, "
+              f"grad norm {record['grad_norm']:.3f}, {tokens_per_s:,.0f} tokens/s, mfu {100 * record['mfu']:.1f}%, "
+              f"{duration(clock.elapsed())} elapsed, {duration(clock.time_left(cfg.max_steps - step))} left")
     run.loss_sum.zero_()
     run.clipped_steps.zero_()
 
 
 def save(run, clock):
-    """Rank 0 writes the checkpoint; every rank waits, so that none runs ahead of a checkpoint in progress."""
+    """Rank 0 writes the checkpoint; every rank waits, so that none runs ahead of a checkpoint in progress.
+    A model that is diverging never replaces a good checkpoint."""
+    if run.consecutive_skips:
+        if run.env.is_master:
+            print(f"step {run.progress.step}: checkpoint postponed: the last update was skipped (non-finite gradient)")
+        return
+    # every rank holds the same weights, so every rank decides the same way without communicating
+    bad = first_non_finite(run.raw_model.state_dict().items())
+    bad = bad or first_non_finite(optimizer_tensors(run.optimizer.state_dict()))
+    if bad:
+        raise RunError(f"step {run.progress.step}: {bad} holds NaN/inf: the run diverged. The last checkpoint in "
+                       f"{run.out_dir} is kept; lower optim.lr (now {run.cfg.optim.lr}) and resume or start over")
     if run.env.is_master:
         p = run.progress
         save_checkpoint(run.ckpt_path, {
@@ -691,6 +817,14 @@ def stop_for_signal(run, clock, signum):
             print(f"requeued SLURM job {job_id}")
 
 
+def print_sample(run):
+    """A few lines of text from the trained model, so that a first run shows what it learned."""
+    from data.common import get_gpt2_encoding
+    from scripts.sample import sample_text
+    text = sample_text(run.raw_model, get_gpt2_encoding(), max_new_tokens=64, seed=run.cfg.seed)[0]
+    print(f"a sample (more: python scripts/sample.py out_dir={run.out_dir}):\n{text.strip()}\n")
+
+
 # -----------------------------------------------------------------------------------------------------
 
 def train(cfg):
@@ -724,8 +858,11 @@ def train(cfg):
 
     if env.is_master and progress.step >= cfg.max_steps:
         print(f"done: metrics in {run.out_dir / 'metrics.jsonl'}, checkpoint in {run.ckpt_path}")
+        print_sample(run)
     if run.wandb_run is not None:
         run.wandb_run.finish()
+    if run.lock is not None:
+        run.lock.close()  # a sweep's next run in this process may use the folder
     if env.distributed:
         dist.destroy_process_group()
 
@@ -737,6 +874,9 @@ def main(cfg: DictConfig):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

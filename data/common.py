@@ -235,7 +235,13 @@ def write_meta(data_dir, meta):
 def read_meta(data_dir):
     """meta.json as a dict, or None when the directory holds no finished preparation."""
     path = Path(data_dir) / "meta.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} is not valid JSON (damaged, or written by something else): prepare the data "
+                         f"again with {prepare_command_for(data_dir)}") from None
 
 
 def split_sizes_match(data_dir, meta):

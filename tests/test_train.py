@@ -121,7 +121,7 @@ def test_two_ranks_equal_one_process_with_accumulation(tmp_path):
                 "optim/win_rate/embedding", "optim/win_rate/blocks"):
         assert by_step(two, key) == pytest.approx(by_step(one, key), rel=1e-4), key
     # only rank 0 wrote, into the one directory
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ckpt.pt", "config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ckpt.pt", "config.yaml", "metrics.jsonl", "run.lock"]
 
 
 def test_one_step_equals_torch_adamw_by_hand(tmp_path):

@@ -1,0 +1,200 @@
+"""Nothing lost, nothing silent: train.py as an operator meets it. Two processes on one run directory, a
+diverging run, checkpoints that hold NaN, a full disk, unreadable files, and settings that would run
+silently wrong. Real processes throughout; the references are an uninterrupted run and the files on disk."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_DIR, TINY, read_metrics, run_train
+
+pytestmark = pytest.mark.usefixtures("shakespeare_bins")
+SHAKESPEARE = REPO_DIR / "data" / "shakespeare"
+
+
+def start_train(args, out_dir):
+    cmd = [sys.executable, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out_dir}", *args]
+    return subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_training(out_dir, timeout_s=120):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if any(r["step"] > 0 for r in read_metrics(out_dir)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no training step logged in {out_dir} within {timeout_s} s")
+
+
+def strict_json_lines(path):
+    """metrics.jsonl parsed as strict JSON: NaN and Infinity are not JSON and fail here."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in {path}")
+    return [json.loads(line, parse_constant=refuse) for line in Path(path).read_text().splitlines()]
+
+
+def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
+    out = tmp_path / "run"
+    args = ["max_steps=400", "optim=adamw", "log_interval=1000"]
+    first = start_train(args, out)
+    try:
+        wait_for_training(out)
+        second = run_train(args, out, check=False)
+        assert second.returncode == 2
+        assert f"is in use by another training process (PID {first.pid})" in second.stderr
+        assert second.stderr.count("\n") == 1  # one line
+    finally:
+        first.send_signal(signal.SIGTERM)
+        output, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, output
+    steps_logged = [r["step"] for r in read_metrics(out)]
+    assert len(steps_logged) == len(set(steps_logged))  # the refused process wrote nothing
+    assert not list(out.glob("ckpt.pt.tmp*"))
+    # the lock went with the first process: the same command now resumes and finishes
+    run_train(args, out)
+    assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == list(range(0, 401, 4))
+
+
+def test_a_diverging_run_stops_and_keeps_the_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    run_train(["max_steps=4", "optim=adamw"], out)  # a good checkpoint at step 4
+    good = torch.load(out / "ckpt.pt", weights_only=False)
+    result = run_train(["max_steps=60", "optim=adamw", "optim.lr=1e6", "min_lr=0", "max_skipped_updates=5"],
+                       out, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "updates in a row skipped for non-finite gradients: the run diverged" in result.stderr
+    assert "done" not in result.stdout
+    kept = torch.load(out / "ckpt.pt", weights_only=False)
+    assert kept["step"] == good["step"] == 4
+    for name, tensor in good["model"].items():
+        torch.testing.assert_close(kept["model"][name], tensor, rtol=0, atol=0)
+    records = strict_json_lines(out / "metrics.jsonl")
+    assert any(r.get("train/loss", 0) is None or r.get("grad_norm", 0) is None for r in records)  # NaN -> null
+
+
+def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(tmp_path):
+    out = tmp_path / "run"
+    run_train(["max_steps=4", "optim=sophiag"], out)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    index = sorted(ckpt["optimizer"]["state"])[1]
+    ckpt["optimizer"]["state"][index]["hessian"].view(-1)[0] = float("nan")
+    torch.save(ckpt, out / "ckpt.pt")
+    result = run_train(["max_steps=8", "optim=sophiag"], out, check=False)
+    assert result.returncode == 2
+    assert f"holds NaN/inf in optimizer state[{index}].hessian" in result.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage, not a checkpoint"])
+def test_an_empty_or_garbage_checkpoint_is_one_line(tmp_path, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(content)
+    result = run_train(["max_steps=2"], out, check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "cannot read the checkpoint" in result.stderr and f"({len(content)} bytes" in result.stderr
+    assert "_use_new_zipfile_serialization" not in result.stderr
+
+
+def test_a_full_disk_keeps_the_good_checkpoint_and_says_so(tmp_path):
+    """A real full disk: a tmpfs with room for one checkpoint and a half."""
+    probe = tmp_path / "probe"
+    run_train(["max_steps=2", "optim=adamw"], probe)
+    size = (probe / "ckpt.pt").stat().st_size
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2}", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        out = disk / "run"
+        result = run_train(["max_steps=4", "ckpt_interval=2", "optim=adamw"], out, check=False)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "no space left on the device" in result.stderr and "the previous checkpoint is kept" in result.stderr
+        assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
+        assert not list(out.glob("ckpt.pt.tmp*"))  # the partial file is gone
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["warmup_steps=20", "max_steps=10"], "warmup_steps=20 > max_steps=10"),
+    (["warmup_steps=5", "lr_decay_steps=3", "max_steps=10"], "lr_decay_steps=3 < warmup_steps=5"),
+    (["eval_steps=100000"], "set eval_steps <="),
+    (["data.dir=/nonexistent/shakespeare"], "data.dir=/nonexistent/shakespeare does not exist"),
+    (["model.n_head=3"], "model.n_embd=32 is not a multiple of model.n_head=3"),
+    (["model.n_embd=-1"], "model.n_embd=-1: set it to 1 or more"),
+    (["max_skipped_updates=0"], "max_skipped_updates=0"),
+])
+def test_settings_that_would_run_silently_wrong_are_refused(tmp_path, args, message):
+    result = run_train(args, tmp_path / "run", check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not Path("/nonexistent").exists()
+
+
+def copy_of_the_corpus(where):
+    where.mkdir(parents=True)
+    for name in ("meta.json", "train.bin", "val.bin"):
+        shutil.copy(SHAKESPEARE / name, where / name)
+    return where
+
+
+def test_a_damaged_meta_json_names_the_file_and_the_command(tmp_path):
+    data = copy_of_the_corpus(tmp_path / "data")
+    (data / "meta.json").write_text("{ not json")
+    result = run_train([f"data.dir={data}"], tmp_path / "run", check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"{data / 'meta.json'} is not valid JSON" in result.stderr
+    assert f"python data/<dataset>/prepare.py --out-dir {data}" in result.stderr
+
+
+def as_nobody():
+    """Run a subprocess without root's powers, so that file permissions apply (root ignores them)."""
+    if os.geteuid() != 0:
+        return None
+    return lambda: (os.setgid(65534), os.setuid(65534))
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder the unprivileged user can use (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="sophia-perm-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_unprivileged(args, out_dir):
+    cmd = [sys.executable, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out_dir}", *args]
+    return subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, timeout=300, preexec_fn=as_nobody(),
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(out_dir.parent)})
+
+
+def test_an_unreadable_train_bin_is_one_line(shared_tmp):
+    data = copy_of_the_corpus(shared_tmp / "data")
+    shared_tmp.joinpath("data").chmod(0o755)
+    (data / "train.bin").chmod(0o000)
+    result = run_unprivileged([f"data.dir={data}"], shared_tmp / "run")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"cannot read the data in {data} (Permission denied" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_read_only_out_dir_is_one_line(shared_tmp):
+    read_only = shared_tmp / "read_only"
+    read_only.mkdir(mode=0o555)
+    read_only.chmod(0o555)
+    result = run_unprivileged([], read_only / "run")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"cannot write to out_dir={read_only / 'run'} (Permission denied)" in result.stderr
+    assert result.stderr.count("\n") == 1
