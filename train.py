@@ -529,7 +529,43 @@ class Run:
         return self.out_dir / "ckpt.pt"
 
 
+def adopt_pretrained_architecture(cfg, env):
+    """init_from=NAME_OR_DIR: the model's shape comes from that GPT-2. Of the model knobs only dropout and
+    block_size (up to the pretrained model's positions) stay ours."""
+    from transformers import AutoConfig
+    try:
+        hc = AutoConfig.from_pretrained(cfg.init_from)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"init_from={cfg.init_from}: no model found ({type(e).__name__}); give an HF GPT-2 name "
+                          f"(gpt2, gpt2-medium, ...: needs the network or the HF cache), a folder written by "
+                          f"save_pretrained or scripts/export_hf.py, or init_from=scratch") from None
+    if hc.model_type != "gpt2":
+        raise ConfigError(f"init_from={cfg.init_from} is a {hc.model_type} model: only GPT-2 models convert to ours "
+                          f"(GPT2LMHeadModel); give a GPT-2, or init_from=scratch")
+    if cfg.model.block_size > hc.n_positions:
+        raise ConfigError(f"model.block_size={cfg.model.block_size} exceeds the {hc.n_positions} positions of "
+                          f"init_from={cfg.init_from}: set model.block_size <= {hc.n_positions}")
+    pretrained = {"n_layer": hc.n_layer, "n_head": hc.n_head, "n_embd": hc.n_embd, "vocab_size": hc.vocab_size,
+                  "bias": True, "scale_attn_by_inverse_layer_idx": hc.scale_attn_by_inverse_layer_idx}
+    ignored = [f"model.{k}={cfg.model[k]}" for k, v in pretrained.items() if cfg.model[k] != v]
+    if ignored and env.is_master:
+        print(f"note: init_from={cfg.init_from} sets the architecture; ignoring {', '.join(ignored)}")
+    for key, value in pretrained.items():
+        cfg.model[key] = value
+
+
+def load_pretrained_weights(raw_model, cfg):
+    try:
+        state = GPT.from_hf(cfg.init_from).state_dict()
+    except ValueError as e:  # a GPT-2 variant ours cannot represent exactly
+        raise ConfigError(f"init_from={cfg.init_from}: {e}") from None
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:cfg.model.block_size]  # our block size
+    raw_model.load_state_dict(state)
+
+
 def build_run(cfg, env, plan):
+    if cfg.init_from != "scratch":
+        adopt_pretrained_architecture(cfg, env)  # before the checkpoint's model is compared with ours
     out_dir, lock, ckpt = resolve_out_dir(cfg, env)  # a bad checkpoint is refused before the expensive work
     streams = load_streams(cfg, env, plan)
 
@@ -540,6 +576,8 @@ def build_run(cfg, env, plan):
     if cfg.optim.name == "sophiah":
         check_double_backward(raw_model, env.device, env.autocast())
     progress = Progress()
+    if ckpt is None and cfg.init_from != "scratch":
+        load_pretrained_weights(raw_model, cfg)
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
