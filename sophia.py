@@ -15,11 +15,8 @@ holds the gradient of the loss against labels sampled from the model (gnb_backwa
 `bs` is the number of predictions (tokens) in the Hessian batch: rho·bs plays the paper's γ and the
 batch factor B of the Gauss-Newton-Bartlett estimator B·ĝ⊙ĝ.
 
-SophiaH: the same step rule with the Hutchinson estimate h ← β2·h + (1 − β2)·u⊙(Hu) (p.grad holds u⊙Hu,
-see hutchinson_backward); that can be negative, so the denominator is max(rho·bs·h, 1e-15): negative
-curvature gives a plain sign step. Note that u⊙Hu estimates the Hessian of the *mean* loss, with no
-batch factor B, so rho·bs·h is bs times larger than SophiaG's for the same curvature: pick SophiaH's rho
-about 1/bs of SophiaG's.
+SophiaH: the same step rule with the Hutchinson estimate h ← β2·h + (1 − β2)·u⊙(Hu) and negative
+curvature clipped; its rho convention is in the SophiaH docstring.
 
 Two implementations of each step, chosen by `fused` (default True):
 - fused=True: one compiled kernel per parameter tensor (torch.compile; inductor writes one C++ loop on
@@ -313,7 +310,9 @@ class SophiaG(Optimizer):
 
 
 class SophiaH(SophiaG):
-    """Sophia with the Hutchinson estimator (p.grad holds u⊙Hu): negative curvature clipped."""
+    """Sophia with the Hutchinson estimator: p.grad holds u⊙Hu for update_hessian(), an estimate of the
+    diagonal Hessian of the mean loss with no batch factor, so rho is the paper's γ itself: call
+    step(bs=1), and θ ← θ − lr·clip(m / max(rho·h, 1e-15), −1, 1). Negative curvature gets a sign step."""
 
     clip_negative_curvature = True   # denominator max(rho·bs·h, 1e-15)
     estimate_is_squared = False      # update_hessian uses p.grad linearly
