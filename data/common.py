@@ -58,9 +58,8 @@ def tiktoken_cache_has_gpt2():
 
 def can_reach(host, timeout_s=3.0):
     """Can we open a TCP connection to host:443 within timeout_s? tiktoken downloads with requests.get and no
-    timeout, so without this probe a firewalled machine could wait minutes. Offline with no DNS, tiktoken fails
-    in ~0.3 s; a blackholed route is what the timeout is for. The probe runs in a daemon thread so that a slow
-    DNS lookup (not covered by the socket timeout) cannot hold us either."""
+    timeout, so without this probe a firewalled (blackholed) machine could wait minutes. The probe runs in a
+    daemon thread so that a slow DNS lookup (not covered by the socket timeout) cannot hold us either."""
     reached = []
 
     def probe():
@@ -204,7 +203,7 @@ def write_split(data_dir, split, tokenized, batch_docs=1024):
     a time, so the corpus never sits in RAM. Written to {split}.bin.tmp, renamed when complete. Returns the
     number of tokens."""
     from tqdm import tqdm
-    # Sum the lengths through arrow: datasets' numpy-format column is converted row by row (minutes for OWT).
+    # Sum the lengths through arrow: datasets' numpy-format column is converted row by row (slow for OWT).
     num_tokens = int(tokenized.with_format("arrow")["len"].to_numpy().sum())
     if num_tokens == 0:
         raise ValueError(f"the {split} split is empty: give the dataset more documents")

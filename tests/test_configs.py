@@ -12,7 +12,7 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ["adamw", "lion", "sophiag", "sophiah"]
 SIZES = {"small": (12, 12, 768), "medium": (24, 16, 1024), "large": (36, 20, 1280)}
 
-# reference.md's table of the official configurations: lr, min_lr, weight decay, betas, rho
+# the official repository's configs: lr, min_lr, weight decay, betas, rho
 OFFICIAL = {
     ("small", "sophiag"): (6e-4, 1.5e-5, 0.2, [0.965, 0.99], 0.05),
     ("medium", "sophiag"): (7e-4, 1e-5, 0.2, [0.965, 0.99], 0.08),

@@ -20,10 +20,7 @@ large may hold only its first few GB. Whether the default's row order equals the
 Expected result: nanoGPT reports 9,035,582,198 train tokens (train.bin ~17 GB) and 4,434,897 val tokens (val.bin
 ~8.5 MB) for this split and tokenizer; the script prints how its counts compare, and equal val counts are a good
 sign that the split selected the same documents. Disk, estimated: ~25 GB of parquet downloads plus roughly 60 GB of
-datasets cache (the text as arrow, ~40 GB, and the tokenized ids, ~18 GB), besides the .bin files. Time, an
-estimate rather than a measurement: the GPT-2 tokenizer ran at ~1.6M tokens/s per core on Shakespeare (2-core
-CPU, tiktoken 0.14), so ~95 core-minutes of tokenizing, ~10 min with 16 processes, plus the download and the
-arrow conversion.
+datasets cache (the text as arrow, ~40 GB, and the tokenized ids, ~18 GB), besides the .bin files.
 """
 
 import argparse
