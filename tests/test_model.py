@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import model
 from model import GPT, GPTConfig
 
 SMALL = dict(n_layer=3, n_head=4, n_embd=64)  # tiny but with several layers, so layer_idx scaling shows
@@ -162,39 +161,6 @@ def test_param_and_flop_count_by_hand():
     # PaLM appendix B: 6N + 12·L·H·Q·T, Q = C / H
     assert m.flops_per_token() == 6 * non_embedding + 12 * L * H * (C // H) * T
     assert m.flops_per_token(seq_len=32) == 6 * non_embedding + 12 * L * H * (C // H) * 32
-    # MFU is achieved model FLOP/s over peak
-    assert model.estimate_mfu(1000.0, m.flops_per_token(), 1e12) == pytest.approx(
-        1000.0 * m.flops_per_token() / 1e12)
-
-
-def test_gpu_peak_lookup(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert model.peak_flops("cuda", torch.bfloat16) == 989e12
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
-    assert model.peak_flops("cuda", "bfloat16") == 756e12
-    # more specific names win over their prefixes
-    for name, bf16_peak in [("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA A10G", 70e12),
-                            ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12)]:
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
-        assert model.peak_flops("cuda:0", torch.bfloat16) == bf16_peak, name
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
-    assert model.peak_flops("cuda", torch.bfloat16) == 312e12
-    # fp32: true fp32 unless TF32 matmuls are allowed
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
-    assert model.peak_flops("cuda", torch.float32) == 19.5e12
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
-    assert model.peak_flops("cuda", torch.float32) == 156e12
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
-    with pytest.raises(ValueError, match="GPU_PEAK_FLOPS"):
-        model.peak_flops("cuda", torch.bfloat16)
-
-
-def test_cpu_peak_given_or_measured():
-    assert model.peak_flops("cpu", torch.float32, cpu_peak=123e9) == 123e9
-    measured = model.peak_flops("cpu", torch.float32)
-    assert measured > 1e8  # any CPU of this century does > 0.1 GFLOP/s in an fp32 matmul
-    assert model.peak_flops("cpu", torch.float32) == measured  # cached: measured once per process
 
 
 @pytest.mark.parametrize("bias", [False, True])
