@@ -228,6 +228,40 @@ def test_gradients_match_hf():
         assert p.grad.layout == torch.strided, name  # dense, as optimizers expect
 
 
+def test_tied_embedding_grad_is_dense_whatever_reaches_it_first():
+    """On CPU the lookup's gradient is sparse. .grad must end dense and right when the lookup is the only
+    path (a backward from the embedding output) and when it is accumulated before or after a full loss."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=8))
+    wte = m.transformer.wte.weight
+    idx = torch.randint(0, 50, (2, 12))
+    embedded = {}
+    m.transformer.drop.register_forward_hook(lambda module, args, out: embedded.update(x=out))
+    weights = torch.randn(2, 12, 8)
+    lookup_only = torch.zeros(50, 8).index_add_(0, idx.flatten(), weights.view(-1, 8))  # d(Σ w·x)/d wte by hand
+
+    def lookup_backward():
+        m(idx)
+        (embedded["x"] * weights).sum().backward()
+
+    def loss_backward():
+        m(idx, idx)[1].backward()
+
+    lookup_backward()
+    assert wte.grad.layout == torch.strided
+    torch.testing.assert_close(wte.grad, lookup_only)
+
+    wte.grad = None
+    loss_backward()
+    full_loss = wte.grad.clone()
+    for first, second in ((lookup_backward, loss_backward), (loss_backward, lookup_backward)):
+        wte.grad = None
+        first()
+        second()
+        assert wte.grad.layout == torch.strided
+        torch.testing.assert_close(wte.grad, full_loss + lookup_only)
+
+
 def test_from_hf_local_directory(tmp_path):
     # the offline way to load a checkpoint: a save_pretrained directory
     hf = hf_reference(False)
