@@ -18,16 +18,18 @@ F.cross_entropy forward+backward on data labels, and against the official recipe
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sophia  # noqa: E402
+REPO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
+
+import sophia
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cpu")
@@ -84,7 +86,9 @@ def bench_optimizers():
     for p in decay + no_decay:
         p.grad = torch.randn_like(p) * 1e-3
     n_params = sum(p.numel() for p in decay + no_decay)
-    groups = lambda: [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def groups():
+        return [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
 
     hess_bs = 480 * 1024  # the paper's tokens per batch: SophiaG's bs; SophiaH's rho is γ itself (bs=1)
     candidates = {

@@ -14,27 +14,27 @@ other processes on a shared machine disturb far less than wall time.
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run from anywhere: import model
-import mfu  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+REPO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
-MODEL_PRESETS = sorted(f[:-len(".yaml")] for f in os.listdir(os.path.join(REPO, "configs", "model"))
-                       if f.endswith(".yaml"))
+import mfu
+from model import GPT, GPTConfig
+
+MODEL_PRESETS = sorted(path.stem for path in (REPO_DIR / "configs" / "model").glob("*.yaml"))
 
 
 def model_config(name, seq):
     """GPTConfig from the training preset configs/model/<name>.yaml, block_size at least seq."""
     from omegaconf import OmegaConf
-    preset = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "configs", "model", f"{name}.yaml")))
+    preset = OmegaConf.to_container(OmegaConf.load(REPO_DIR / "configs" / "model" / f"{name}.yaml"))
     cfg = {k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__}  # drops e.g. `name`
     cfg["block_size"] = max(cfg.get("block_size", 1024), seq)
     cfg["dropout"] = 0.0
@@ -103,7 +103,7 @@ def main():
                 opt.zero_grad(set_to_none=True)
         steps[name] = step
 
-    for name, step in steps.items():
+    for step in steps.values():
         for _ in range(args.warmup):
             step()
     sync()

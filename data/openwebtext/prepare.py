@@ -32,8 +32,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable for `data.common`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data.common import (base_meta, is_prepared, load_documents, prepare_command_for,
-                         write_meta, write_splits)
+from data.common import base_meta, is_prepared, load_documents, prepare_command_for, write_meta, write_splits
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent
 DEFAULT_REVISION = "963532436460638ab26b7633e23776e6c7e37d59"  # Skylion007/openwebtext: the full parquet upload
@@ -77,8 +76,10 @@ def prepare(out_dir=None, dataset=DEFAULT_DATASET, num_proc=max(1, (os.cpu_count
     splits = {"train": splits["train"], "val": splits["test"]}
 
     counts = write_splits(out_dir, splits, num_proc)
-    command = prepare_command_for(out_dir, "openwebtext") + ("" if dataset == DEFAULT_DATASET else f" --dataset {dataset}")
-    command += ("" if val_fraction == VAL_FRACTION else f" --val-fraction {val_fraction}") + ("" if seed == SEED else f" --seed {seed}")
+    command = prepare_command_for(out_dir, "openwebtext")
+    command += "" if dataset == DEFAULT_DATASET else f" --dataset {dataset}"
+    command += "" if val_fraction == VAL_FRACTION else f" --val-fraction {val_fraction}"
+    command += "" if seed == SEED else f" --seed {seed}"
     meta = base_meta("openwebtext", settings, str(dataset), counts, command)
     write_meta(out_dir, meta)
     print(f"{out_dir}: train {counts['train']['tokens']:,} tokens ({counts['train']['documents']:,} documents), "

