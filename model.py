@@ -6,7 +6,7 @@ F.scaled_dot_product_attention (flash kernels on GPU), tanh-approximated GELU (G
 tied input/output embeddings, GPT-2 initialisation. Module names follow HF's GPT2LMHeadModel so that
 GPT.from_hf / model.to_hf are a transpose of the Conv1D weights and nothing else.
 
-Also here: the FLOP count per token (PaLM appendix B), the peak FLOP/s of the device in use, and MFU.
+Also here: the FLOP count per token (PaLM appendix B); the device's peak and MFU are in mfu.py.
 
 Double backward (Hessian-vector products for Sophia-H): the flash / memory-efficient SDPA kernels have
 no derivative of their backward, so run that forward under
@@ -14,7 +14,6 @@ no derivative of their backward, so run that forward under
 """
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -42,23 +41,16 @@ class GPTConfig:
 
 def cross_entropy(logits, targets):
     """Mean cross-entropy over the rows whose target is not -1. logits (N, V), targets (N,).
-    fp32 on CPU (eager) goes through CrossEntropyCPU below, which gives F.cross_entropy's loss and
-    gradient with half the passes over the (N, V) logits; everything else through F.cross_entropy
-    (fused kernels on GPU, what torch.compile fuses best, fp32 accumulation for bf16 logits)."""
+    CrossEntropyCPU for fp32 CPU eager; F.cross_entropy elsewhere (fused kernels on GPU and under compile)."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and not torch.compiler.is_compiling():
         return CrossEntropyCPU.apply(logits, targets)
     return F.cross_entropy(logits, targets, ignore_index=-1)
 
 
 class CrossEntropyCPU(torch.autograd.Function):
-    """F.cross_entropy(logits, targets, ignore_index=-1), computed so that one exp pass serves both the
-    loss and its gradient (softmax - onehot): F.cross_entropy writes log_softmax, then in backward
-    zero-fills a one-hot gradient and reads both again. Rows go in chunks that stay in cache.
-    Measured on this project's 2-core CPU at 1024 x 50304 fp32: about half the time of F.cross_entropy."""
+    """F.cross_entropy(logits, targets, ignore_index=-1), faster on CPU: one exp pass serves loss and gradient."""
 
-    # 128 x 50304 fp32 = 26 MB: each chunk's four passes run out of L3 rather than memory, and the
-    # number of small parallel regions stays low (each one costs a scheduler wait on a busy machine)
-    ROWS_PER_CHUNK = 128
+    ROWS_PER_CHUNK = 128  # a chunk's passes stay in cache, and there are few small parallel regions
 
     @staticmethod
     def forward(ctx, logits, targets):
@@ -157,6 +149,11 @@ class Block(nn.Module):
         return x
 
 
+def _densify_grad(param):
+    if param.grad.is_sparse:
+        param.grad = param.grad.to_dense()
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -171,6 +168,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding, as GPT-2
+        # the lookup's gradient may arrive sparse (see forward): optimizers and DDP need .grad dense
+        self.transformer.wte.weight.register_post_accumulate_grad_hook(_densify_grad)
 
         # GPT-2 init: N(0, 0.02) for weights, zero biases; the projections that write into the residual
         # stream get std 0.02 / sqrt(2 * n_layer) so the residual's variance does not grow with depth.
@@ -199,11 +198,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} > block_size {self.config.block_size}: "
                              f"shorten the input or build the model with block_size >= {T}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-        # On CPU (eager) the lookup's gradient goes sparse: B*T rows added into the head's dense
-        # (vocab, C) gradient of the same tied weight, instead of a zero-filled (vocab, C) tensor plus a
-        # full add. The weight's .grad is still dense (the head's gradient arrives first), so optimizers
-        # and DDP (which sees a non-sparse nn.Embedding) are unaffected. GPUs and torch.compile do the
-        # dense version fast enough.
+        # On CPU (eager) the lookup's gradient is sparse: B*T rows added into the head's dense gradient
+        # of the tied weight, not a zero-filled (vocab, C) tensor. _densify_grad keeps .grad dense.
         sparse_grad = idx.device.type == "cpu" and not torch.compiler.is_compiling()
         tok_emb = F.embedding(idx, self.transformer.wte.weight, sparse=sparse_grad)  # (B, T, C)
         x = tok_emb + self.transformer.wpe(pos)  # (B, T, C)
@@ -285,7 +281,7 @@ class GPT(nn.Module):
                 p.copy_(src)
         return hf.to(self.transformer.wte.weight.device)
 
-    # ---------------------------------------------------------------- FLOPs, MFU, optimizer groups
+    # ---------------------------------------------------------------- FLOPs, optimizer groups
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token, PaLM appendix B: 6N + 12·L·H·Q·T.
@@ -306,71 +302,3 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]  # the tied weight appears once
         return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
                 {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
-
-
-# ---------------------------------------------------------------- device peak FLOP/s
-
-# Dense (no sparsity) peak FLOP/s from NVIDIA's datasheets, keyed by a lower-case substring of
-# torch.cuda.get_device_name(). "bf16" is the tensor-core figure (fp16 the same), "tf32" for fp32
-# matmuls with TF32 allowed, "fp32" for true fp32. Order matters: more specific names first.
-GPU_PEAK_FLOPS = [
-    ("h100 pcie", {"bf16": 756e12, "tf32": 378e12, "fp32": 51.2e12}),
-    ("h100 nvl", {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
-    ("h100", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),  # SXM
-    ("h200", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),  # also GH200
-    ("a100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
-    ("a10g", {"bf16": 70e12, "tf32": 35e12, "fp32": 31.2e12}),  # AWS's A10G datasheet, not the A10's
-    ("a10", {"bf16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
-    ("l40s", {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
-    ("l40", {"bf16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12}),
-    ("l4", {"bf16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
-    ("v100", {"bf16": 125e12, "tf32": 15.7e12, "fp32": 15.7e12}),  # no bf16/TF32: fp16 tensor cores
-    ("rtx 4090", {"bf16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12}),
-    ("rtx 3090", {"bf16": 71e12, "tf32": 35.6e12, "fp32": 35.6e12}),
-    ("t4", {"bf16": 65e12, "tf32": 8.1e12, "fp32": 8.1e12}),
-]
-
-_cpu_peak_cache = {}
-
-
-def measure_cpu_matmul_flops(n=2048, repeats=5, clock=time.perf_counter):
-    """Best achieved fp32 FLOP/s of an n x n matmul on this CPU with torch's current thread count.
-    clock=time.process_time gives FLOPs per CPU-second instead (scripts/bench_train.py, shared machines)."""
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    torch.mm(a, b)  # warm-up: thread pool, caches
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = clock()
-        torch.mm(a, b)
-        best = min(best, clock() - t0)
-    return 2 * n ** 3 / best
-
-
-def peak_flops(device, dtype, cpu_peak=None):
-    """Peak FLOP/s of the device a run uses: the GPU table above, or on CPU the given cpu_peak or one
-    measured by timing fp32 matmuls (once per process and thread count)."""
-    device = torch.device(device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, dtype)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        for key, peaks in GPU_PEAK_FLOPS:
-            if key in name:
-                if dtype in (torch.bfloat16, torch.float16):
-                    return peaks["bf16"]
-                tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-                return peaks["tf32"] if tf32 else peaks["fp32"]
-        raise ValueError(f"unknown GPU {name!r} for the peak FLOP/s table: add it to model.GPU_PEAK_FLOPS")
-    if device.type == "cpu":
-        if cpu_peak is not None:
-            return float(cpu_peak)
-        key = torch.get_num_threads()
-        if key not in _cpu_peak_cache:
-            _cpu_peak_cache[key] = measure_cpu_matmul_flops()
-        return _cpu_peak_cache[key]
-    raise ValueError(f"no peak FLOP/s known for device type {device.type!r}; pass cpu_peak or use cpu/cuda")
-
-
-def estimate_mfu(tokens_per_s, flops_per_token, peak):
-    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak."""
-    return tokens_per_s * flops_per_token / peak

@@ -15,21 +15,18 @@ holds the gradient of the loss against labels sampled from the model (gnb_backwa
 `bs` is the number of predictions (tokens) in the Hessian batch: rho·bs plays the paper's γ and the
 batch factor B of the Gauss-Newton-Bartlett estimator B·ĝ⊙ĝ.
 
-SophiaH: the same step rule with the Hutchinson estimate h ← β2·h + (1 − β2)·u⊙(Hu) (p.grad holds u⊙Hu,
-see hutchinson_backward); that can be negative, so the denominator is max(rho·bs·h, 1e-15): negative
-curvature gives a plain sign step. Note that u⊙Hu estimates the Hessian of the *mean* loss, with no
-batch factor B, so rho·bs·h is bs times larger than SophiaG's for the same curvature: pick SophiaH's rho
-about 1/bs of SophiaG's.
+SophiaH: the same step rule with the Hutchinson estimate h ← β2·h + (1 − β2)·u⊙(Hu) and negative
+curvature clipped; its rho convention is in the SophiaH docstring.
 
 Two implementations of each step, chosen by `fused` (default True):
 - fused=True: one compiled kernel per parameter tensor (torch.compile; inductor writes one C++ loop on
-  CPU, one Triton kernel on CUDA) that reads θ, g, m, h once and writes θ, m once: 6 memory passes
-  against fused AdamW's 7; equal-size tensors go BUNDLE at a time through one compiled call.
-  Hyper-parameters go in as a small tensor, so a new lr every step does not recompile, and nothing
-  in step() or update_hessian() waits for the device. If compiling fails (no C++ compiler,
-  unsupported platform), a warning says so and the same code runs eagerly.
+  CPU, one Triton kernel on CUDA) that reads θ, g, m, h once and writes θ, m once; equal-size tensors
+  go BUNDLE at a time through one compiled call. Hyper-parameters go in as a small tensor, so a new lr
+  every step does not recompile, and nothing in step() or update_hessian() waits for the device. If
+  compiling fails (no C++ compiler, unsupported platform), a warning says so and the same code runs
+  eagerly.
 - fused=False: the readable reference, a per-tensor loop of the formula above as the official code
-  writes it (about seven kernels, ~15 memory passes, per tensor).
+  writes it.
 
 A non-finite Hessian estimate (NaN/inf anywhere in this refresh) is skipped whole: the state is left as
 it was, and update_hessian() returns a 0-d bool tensor, False when it skipped. On the fused path this
@@ -62,8 +59,8 @@ def _sophia_update(param, grad, exp_avg, hessian, hyper):
 
 
 def _sophia_update_bundle(params, grads, exp_avgs, hessians, hyper):
-    # the same update for a few tensors of one size in one compiled call: on CPU the per-call cost of
-    # a compiled function (~25 us) over GPT-2's 75 tensors is what separated this step from fused AdamW's
+    # the same update for a few tensors of one size in one compiled call: fewer calls, each with a
+    # fixed cost on CPU
     for param, grad, exp_avg, hessian in zip(params, grads, exp_avgs, hessians):
         _sophia_update(param, grad, exp_avg, hessian, hyper)
 
@@ -113,7 +110,7 @@ def _all_finite(estimates, square):
     """0-d bool on estimates[0]'s device: the refresh is usable. One read pass, no host sync.
     Uses the L2 norm of each tensor (NaN and inf propagate into it), squared for GNB: finite norms
     mean finite entries (and squares). A finite estimate whose norm overflows (entries ~1e19 in fp32)
-    counts as non-finite too. The inf-norm would be exact but is ~20x slower on CPU."""
+    counts as non-finite too. The inf-norm would be exact but is much slower on CPU."""
     norms = torch._foreach_norm(estimates, 2)
     if square:
         norms = torch._foreach_mul(norms, norms)
@@ -313,7 +310,9 @@ class SophiaG(Optimizer):
 
 
 class SophiaH(SophiaG):
-    """Sophia with the Hutchinson estimator (p.grad holds u⊙Hu): negative curvature clipped."""
+    """Sophia with the Hutchinson estimator: p.grad holds u⊙Hu for update_hessian(), an estimate of the
+    diagonal Hessian of the mean loss with no batch factor, so rho is the paper's γ itself: call
+    step(bs=1), and θ ← θ − lr·clip(m / max(rho·h, 1e-15), −1, 1). Negative curvature gets a sign step."""
 
     clip_negative_curvature = True   # denominator max(rho·bs·h, 1e-15)
     estimate_is_squared = False      # update_hessian uses p.grad linearly
@@ -375,8 +374,9 @@ class Lion(Optimizer):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Hessian estimators. Each ACCUMULATES into p.grad, like loss.backward(); train.py zeroes the grads,
-# calls one of these once per micro-batch with scale = 1/grad_accum, then optimizer.update_hessian().
+# Hessian estimators. Each ACCUMULATES into p.grad, like loss.backward(): from zeroed grads, call one
+# per micro-batch of the Hessian batch with scale = 1 / (number of those micro-batches), so that p.grad
+# holds the estimate for the whole batch, then optimizer.update_hessian().
 
 
 def sample_categorical(probs, generator=None, max_block=256):
@@ -387,12 +387,11 @@ def sample_categorical(probs, generator=None, max_block=256):
     block. block = the largest divisor of V up to max_block (192 for V = 50304). The cumulative sums
     are in float64 (they are small), so each entry is drawn with its float32 probability up to the
     fp32 round-off of its block's sum; an entry of probability 0 is never drawn (up to that round-off).
-    On 1024 x 50304 here (one thread): ~14 ms, against ~140 ms for one fp32 cumsum + searchsorted,
-    ~120 ms for the softmax itself, and seconds for torch.multinomial or distributions.Categorical."""
+    Not torch.multinomial or distributions.Categorical: both are far slower on GPT-2-sized rows."""
     n, v = probs.shape
     block = max(d for d in range(1, min(v, max_block) + 1) if v % d == 0)
     blocks = probs.view(n, v // block, block)                               # (N, nb, block)
-    block_mass = blocks.sum(-1).double()           # (N, nb); an fp32 sum: 25x faster than a fp64 one
+    block_mass = blocks.sum(-1).double()           # (N, nb); summed in fp32 (fp64 is much slower)
     block_end = block_mass.cumsum(-1)                                       # (N, nb)
     u = torch.rand(n, 1, dtype=torch.float64, device=probs.device, generator=generator)
     u = u * block_end[:, -1:]                                               # (N, 1) in [0, row sum)

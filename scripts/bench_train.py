@@ -7,34 +7,34 @@ both alike; the median step time is reported.
     python scripts/bench_train.py --model gpt2_small --batch 4 --seq 256 --steps 10
     python scripts/bench_train.py --model gpt2_medium --batch 8 --seq 1024 --device cuda --dtype bfloat16 --compile
 
-MFU = tokens/s * flops_per_token(seq) / peak: on GPU the peak from model.peak_flops' table; on CPU the
-fp32 2048^3 matmul timing model.peak_flops uses, repeated between the steps (median). On CPU the table
+MFU = tokens/s * flops_per_token(seq) / peak: on GPU the peak from mfu.peak_flops' table; on CPU the
+fp32 2048^3 matmul timing mfu.peak_flops uses, repeated between the steps (median). On CPU the table
 also gives CPU time per step and MFU per CPU-second (the same matmul timed by process CPU time), which
 other processes on a shared machine disturb far less than wall time.
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run from anywhere: import model
-import model  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+REPO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
-MODEL_PRESETS = sorted(f[:-len(".yaml")] for f in os.listdir(os.path.join(REPO, "configs", "model"))
-                       if f.endswith(".yaml"))
+import mfu
+from model import GPT, GPTConfig
+
+MODEL_PRESETS = sorted(path.stem for path in (REPO_DIR / "configs" / "model").glob("*.yaml"))
 
 
 def model_config(name, seq):
     """GPTConfig from the training preset configs/model/<name>.yaml, block_size at least seq."""
     from omegaconf import OmegaConf
-    preset = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "configs", "model", f"{name}.yaml")))
+    preset = OmegaConf.to_container(OmegaConf.load(REPO_DIR / "configs" / "model" / f"{name}.yaml"))
     cfg = {k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__}  # drops e.g. `name`
     cfg["block_size"] = max(cfg.get("block_size", 1024), seq)
     cfg["dropout"] = 0.0
@@ -69,7 +69,7 @@ def main():
     torch.manual_seed(0)
     ours = GPT(config).to(device)
     flops_per_token = ours.flops_per_token(seq_len=args.seq)  # attention term at the length trained on
-    peak = model.peak_flops(device, dtype, cpu_peak=args.cpu_peak)
+    peak = mfu.peak_flops(device, dtype, cpu_peak=args.cpu_peak)
     x = torch.randint(0, 50257, (args.batch, args.seq), device=device)
     y = torch.randint(0, 50257, (args.batch, args.seq), device=device)
 
@@ -103,7 +103,7 @@ def main():
                 opt.zero_grad(set_to_none=True)
         steps[name] = step
 
-    for name, step in steps.items():
+    for step in steps.values():
         for _ in range(args.warmup):
             step()
     sync()
@@ -111,7 +111,7 @@ def main():
     # work, wall time counts the time our threads wait for a core, CPU time mostly does not.
     wall = {name: [] for name in steps}
     cpu = {name: [] for name in steps}
-    # The peak moves with the load too: time the same fp32 matmul model.peak_flops uses between the
+    # The peak moves with the load too: time the same fp32 matmul mfu.peak_flops uses between the
     # steps, on both clocks, so that MFU compares like with like.
     peaks_wall, peaks_cpu = [], []
     measure_peak = device.type == "cpu" and args.cpu_peak is None
@@ -124,8 +124,8 @@ def main():
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
         if measure_peak:
-            peaks_wall.append(model.measure_cpu_matmul_flops(repeats=2))
-            peaks_cpu.append(model.measure_cpu_matmul_flops(repeats=2, clock=time.process_time))
+            peaks_wall.append(mfu.measure_cpu_matmul_flops(repeats=2))
+            peaks_cpu.append(mfu.measure_cpu_matmul_flops(repeats=2, clock=time.process_time))
     if measure_peak:
         peak = statistics.median(peaks_wall)
 
@@ -147,12 +147,12 @@ def main():
     for name in steps:
         med = statistics.median(wall[name])
         ratio = f"{statistics.median(wall['hf']) / med:.3f}" if "hf" in wall else "-"
-        mfu = model.estimate_mfu(tokens / med, flops_per_token, peak)
-        line = f"{name:<6} {med:>8.3f} {tokens / med:>9.1f} {ratio:>6} {100 * mfu:>5.1f}%"
+        utilisation = mfu.estimate_mfu(tokens / med, flops_per_token, peak)
+        line = f"{name:<6} {med:>8.3f} {tokens / med:>9.1f} {ratio:>6} {100 * utilisation:>5.1f}%"
         if measure_peak:
             cpu_med = statistics.median(cpu[name])
             cpu_ratio = f"{statistics.median(cpu['hf']) / cpu_med:.3f}" if "hf" in cpu else "-"
-            mfu_cpu = model.estimate_mfu(tokens / cpu_med, flops_per_token, peak_cpu)  # per CPU-second
+            mfu_cpu = mfu.estimate_mfu(tokens / cpu_med, flops_per_token, peak_cpu)  # per CPU-second
             line += f" | {cpu_med:>10.3f} {cpu_ratio:>6} {100 * mfu_cpu:>12.1f}%"
         print(line)
 

@@ -20,7 +20,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_DIR))  # run from anywhere: import model, data, scripts.sample
+sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
 from data.common import EOT_TOKEN, GPT2_VOCAB_SIZE
 from scripts.sample import DEFAULTS as SAMPLE_DEFAULTS

@@ -6,7 +6,7 @@
 #      see configs/config/gpt2_small_adamw_official.yaml), seeds 1337, 2, 3;
 #   3. scripts/compare.py: loss curves, steps to AdamW's final loss, and the speed-up with its spread;
 #   4. SophiaG's win rate per part: the token embedding and the transformer blocks.
-# Usage: bash scripts/reproduce_cpu.sh            (about 75 minutes on 2 CPU cores)
+# Usage: bash scripts/reproduce_cpu.sh            (its duration on 2 CPU cores: see the README)
 # Rerunning it reuses finished runs (train.py resumes them at their last step).
 #        STEPS=100 OUT=out/repro_quick bash scripts/reproduce_cpu.sh
 set -euo pipefail

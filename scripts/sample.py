@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_DIR))  # run from anywhere: import model, data
+sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
 from data.common import get_gpt2_encoding
 from model import GPT, GPTConfig

@@ -1,12 +1,56 @@
-"""Shared test set-up: import the repo's top-level modules, never reach a network service."""
+"""What several test files share: train.py run as users run it on a tiny model, its metrics, the Hydra
+configs as train.py composes them, the prepared Shakespeare corpus. No test reaches a network service."""
+
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_DIR))
+import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+
+# a small model and batch: a step takes a few milliseconds, a run a few seconds (mostly start-up)
+TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+        "total_batch_size=4", "micro_batch_size=2", "eval_interval=4", "eval_steps=2",
+        "log_interval=1", "ckpt_interval=4", "warmup_steps=2", "cpu_peak_flops=1e11"]
+
+
+def run_train(args, out_dir, check=True, launcher=(sys.executable,), env=None):
+    """train.py in a subprocess with TINY, then args; fails the test with its output unless check=False."""
+    cmd = [*launcher, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out_dir}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, env=env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def read_metrics(out_dir):
+    """The events of out_dir/metrics.jsonl, [] while the run has not written it yet."""
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def compose_config(preset=None, overrides=()):
+    """The config train.py runs with for `python train.py [config=preset] overrides...`, as a plain dict."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    preset_override = [f"config={preset}"] if preset else []
+    with initialize_config_dir(config_dir=str(REPO_DIR / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*preset_override, *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_bins():
+    """The embedded corpus, prepared once before the runs that read it (so that no run's timing or output
+    includes the preparation)."""
+    from data.shakespeare.prepare import prepare
+    prepare()

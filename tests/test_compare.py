@@ -1,7 +1,6 @@
 """scripts/compare.py against closed forms: synthetic run directories whose loss curves cross the target at
 steps known in closed form, several seeds (mean/std against numpy), and the bad inputs it must survive."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,10 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
+from scripts import compare
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("compare", os.path.join(REPO, "scripts", "compare.py"))
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
 
 EVAL_STEPS = np.arange(100, 1001, 100)  # evals every 100 steps up to 1000
 TOKENS_PER_STEP = 1024
@@ -368,6 +366,20 @@ def test_plot_writes_a_png(tmp_path):
         assert len(ax.get_lines()) == 2 + 1 + 1 + 1  # and the dashed target
     assert [t.get_text() for t in steps_ax.get_legend().get_texts()] == \
         ["adamw (baseline), 2 seeds", "sophiag, 1 seed", "target 3.100"]
+
+    # the curves drawn are the runs' values: per panel x in steps, tokens and minutes (600 s at most)
+    adamw_losses = [3 + (100 + 10 * i) / EVAL_STEPS for i in range(2)]
+    sophia_loss = 3 + 50 / EVAL_STEPS
+    panels = [(EVAL_STEPS, EVAL_STEPS), (EVAL_STEPS * TOKENS_PER_STEP, EVAL_STEPS * TOKENS_PER_STEP),
+              (EVAL_STEPS * 0.5 / 60, EVAL_STEPS * 0.6 / 60)]
+    for ax, (adamw_x, sophia_x) in zip(fig.axes, panels):
+        seed0, seed1, adamw_mean, sophia, target = (line.get_xydata() for line in ax.get_lines())
+        np.testing.assert_allclose(seed0, np.column_stack([adamw_x, adamw_losses[0]]), rtol=1e-12)
+        np.testing.assert_allclose(seed1, np.column_stack([adamw_x, adamw_losses[1]]), rtol=1e-12)
+        np.testing.assert_allclose(adamw_mean, np.column_stack([adamw_x, (adamw_losses[0] + adamw_losses[1]) / 2]),
+                                   rtol=1e-12)
+        np.testing.assert_allclose(sophia, np.column_stack([sophia_x, sophia_loss]), rtol=1e-12)
+        np.testing.assert_allclose(target[:, 1], 3.1)
 
 
 def test_plot_of_single_seeds_on_a_log_axis(tmp_path):

@@ -2,17 +2,14 @@
 
 Fairness: the presets of one model size may differ in the optimizer block (and its min_lr) alone, so that
 Sophia, AdamW and Lion share model, data order, batch, schedule, seed, loss scaling and evaluation."""
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-REPO_DIR = Path(__file__).resolve().parents[1]
+from conftest import compose_config
+
 OPTIMIZERS = ["adamw", "lion", "sophiag", "sophiah"]
 SIZES = {"small": (12, 12, 768), "medium": (24, 16, 1024), "large": (36, 20, 1280)}
 
-# reference.md's table of the official configurations: lr, min_lr, weight decay, betas, rho
+# the official repository's configs: lr, min_lr, weight decay, betas, rho
 OFFICIAL = {
     ("small", "sophiag"): (6e-4, 1.5e-5, 0.2, [0.965, 0.99], 0.05),
     ("medium", "sophiag"): (7e-4, 1e-5, 0.2, [0.965, 0.99], 0.08),
@@ -27,12 +24,6 @@ LION_LR = {"small": 1e-4, "medium": 1e-4, "large": 8e-5}
 OFFICIAL_ACCUMULATION = {"small": 6, "medium": 10, "large": 12}
 
 
-def composed(preset, overrides=()):
-    with initialize_config_dir(config_dir=str(REPO_DIR / "configs"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"config={preset}", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
 def flatten(tree, prefix=""):
     flat = {}
     for key, value in tree.items():
@@ -45,7 +36,7 @@ def flatten(tree, prefix=""):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_presets_of_one_size_differ_only_in_the_optimizer(size):
-    configs = {opt: flatten(composed(f"gpt2_{size}_{opt}")) for opt in OPTIMIZERS}
+    configs = {opt: flatten(compose_config(f"gpt2_{size}_{opt}")) for opt in OPTIMIZERS}
     reference = configs["adamw"]
     for opt, flat in configs.items():
         differing = {k for k in set(flat) | set(reference) if flat.get(k) != reference.get(k)}
@@ -63,7 +54,7 @@ def test_presets_of_one_size_differ_only_in_the_optimizer(size):
 
 @pytest.mark.parametrize("size, opt", list(OFFICIAL))
 def test_presets_carry_the_official_hyperparameters(size, opt):
-    cfg = composed(f"gpt2_{size}_{opt}")
+    cfg = compose_config(f"gpt2_{size}_{opt}")
     lr, min_lr, wd, betas, rho = OFFICIAL[(size, opt)]
     assert (cfg["optim"]["lr"], cfg["min_lr"], cfg["optim"]["weight_decay"], cfg["optim"]["betas"]) == \
         (lr, min_lr, wd, betas)
@@ -73,13 +64,13 @@ def test_presets_carry_the_official_hyperparameters(size, opt):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_lion_presets_use_the_paper_learning_rate(size):
-    cfg = composed(f"gpt2_{size}_lion")
+    cfg = compose_config(f"gpt2_{size}_lion")
     assert cfg["optim"]["lr"] == LION_LR[size] and cfg["optim"]["betas"] == [0.95, 0.98]
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_official_adamw_presets_differ_from_the_fair_one_in_clip_and_eps_only(size):
-    fair, official = flatten(composed(f"gpt2_{size}_adamw")), flatten(composed(f"gpt2_{size}_adamw_official"))
+    fair, official = flatten(compose_config(f"gpt2_{size}_adamw")), flatten(compose_config(f"gpt2_{size}_adamw_official"))
     differing = {k for k in set(fair) | set(official) if fair.get(k) != official.get(k)}
     assert differing == {"grad_clip", "optim.eps"}
     A = OFFICIAL_ACCUMULATION[size]
@@ -92,6 +83,7 @@ def train_tiny_adamw(loss_scale, max_norm, eps, A=4, steps=6):
     """A tiny GPT trained with torch's AdamW over A micro-batches per step; returns (weights, the gradient
     norms seen by clip_grad_norm_)."""
     import torch
+
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
@@ -129,19 +121,8 @@ def test_official_adamw_equals_clip_and_eps_over_accumulation():
 
 
 def test_shakespeare_presets_differ_only_in_the_optimizer():
-    sophia, adamw = flatten(composed("shakespeare_sophiag")), flatten(composed("shakespeare_adamw"))
+    sophia, adamw = flatten(compose_config("shakespeare_sophiag")), flatten(compose_config("shakespeare_adamw"))
     differing = {k for k in set(sophia) | set(adamw) if sophia.get(k) != adamw.get(k)}
     assert differing and all(k.startswith("optim.") for k in differing), sorted(differing)
     # python train.py runs the Sophia preset
-    assert flatten(composed("shakespeare_sophiag")) == flatten(
-        OmegaConf.to_container(_default_config(), resolve=True))
-
-
-def _default_config():
-    with initialize_config_dir(config_dir=str(REPO_DIR / "configs"), version_base="1.3"):
-        return compose(config_name="train")
-
-
-def test_command_line_overrides_beat_the_preset():
-    cfg = composed("gpt2_small_sophiag", ["optim.hess_interval=3", "optim.lr=1e-3", "model=tiny"])
-    assert cfg["optim"]["hess_interval"] == 3 and cfg["optim"]["lr"] == 1e-3 and cfg["model"]["n_layer"] == 4
+    assert flatten(compose_config("shakespeare_sophiag")) == flatten(compose_config())

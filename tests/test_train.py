@@ -2,51 +2,24 @@
 
 References: an uninterrupted second run (resume), one process with gradient accumulation (DDP), and a
 hand-written step with torch's own AdamW (the loop)."""
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-
-# a small model and batch: a step takes a few milliseconds, a run a few seconds (mostly start-up)
-TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
-        "total_batch_size=4", "micro_batch_size=2", "eval_interval=4", "eval_steps=2",
-        "log_interval=1", "ckpt_interval=4", "warmup_steps=2", "cpu_peak_flops=1e11"]
-
-
-def run_train(args, out_dir, check=True, launcher=(sys.executable,), env=None):
-    cmd = [*launcher, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out_dir}", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    result = subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, env=env, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def read_metrics(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+from conftest import REPO_DIR, TINY, read_metrics, run_train
 
 
 def by_step(records, key):
     return {r["step"]: r[key] for r in records if key in r}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shakespeare_bins():
-    """The embedded corpus, prepared once (train.py would do it too; doing it here keeps timings honest)."""
-    from data.shakespeare.prepare import prepare
-    prepare()
-
-
 @pytest.mark.parametrize("optim", ["adamw", "sophiag", "sophiah", "lion"])
+@pytest.mark.usefixtures("shakespeare_bins")
 def test_resume_continues_exactly(tmp_path, optim):
     """Stop after 4 of 8 steps, run the same command again: the losses equal an uninterrupted run's."""
     common = [f"optim={optim}", "max_steps=8", "optim.hess_interval=2"] if optim.startswith("sophia") \
@@ -75,6 +48,7 @@ def test_resume_continues_exactly(tmp_path, optim):
         torch.testing.assert_close(b["model"][name], tensor, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.usefixtures("shakespeare_bins")
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT])
 def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, signum):
     """SLURM's preemption notice (USR1) or Ctrl-C (INT): the run checkpoints at the end of the step, exits 0,
@@ -109,6 +83,7 @@ def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, signum):
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.usefixtures("shakespeare_bins")
 def test_two_ranks_equal_one_process_with_accumulation(tmp_path):
     """torchrun with 2 gloo ranks sees the samples one process sees over two micro-batches."""
     args = ["optim=sophiag", "max_steps=4", "optim.hess_interval=2", "total_batch_size=4", "micro_batch_size=2"]
@@ -124,6 +99,7 @@ def test_two_ranks_equal_one_process_with_accumulation(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ckpt.pt", "config.yaml", "metrics.jsonl", "run.lock"]
 
 
+@pytest.mark.usefixtures("shakespeare_bins")
 def test_one_step_equals_torch_adamw_by_hand(tmp_path):
     """The loop's first step, rebuilt by hand from the same pieces with torch's reference AdamW."""
     # warmup_steps=0: with a warmup, step 0's learning rate is 0 (the official schedule) and nothing would move
@@ -156,8 +132,9 @@ def test_one_step_equals_torch_adamw_by_hand(tmp_path):
 def test_lr_schedule_matches_torch_schedulers():
     """The official schedule: lr·step/warmup (0 at step 0), cosine to min_lr, then min_lr. torch's LinearLR
     cannot start at a factor of 0, so the warmup's reference is LambdaLR with the official expression."""
-    import train
     from omegaconf import OmegaConf
+
+    import train
     cfg = OmegaConf.create({"warmup_steps": 5, "min_lr": 1e-4, "optim": {"lr": 1e-3}})
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=1e-3)
@@ -202,6 +179,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["model.block_size=2000000"], "lower model.block_size"),
     (["no_such_knob=1"], "no_such_knob"),
 ])
+@pytest.mark.usefixtures("shakespeare_bins")
 def test_bad_input_stops_before_training(tmp_path, args, message):
     result = run_train(["max_steps=2"] + args, tmp_path / "run", check=False)
     assert result.returncode != 0
@@ -209,6 +187,7 @@ def test_bad_input_stops_before_training(tmp_path, args, message):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.usefixtures("shakespeare_bins")
 def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -1,9 +1,8 @@
 """W&B for real, offline: the run directory wandb writes is inspected, nothing is mocked."""
-import os
-
+import pytest
 import torch
 
-from test_train import read_metrics, run_train
+from conftest import read_metrics, run_train
 
 METRIC_KEYS = [b"train/loss", b"val/loss", b"lr", b"grad_norm", b"time/elapsed_s", b"throughput/tokens_per_s",
                b"mfu", b"optim/win_rate", b"optim/clip_rate", b"optim/hessian_norm", b"tokens"]
@@ -13,6 +12,7 @@ def offline_runs(out_dir):
     return sorted((out_dir / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.usefixtures("shakespeare_bins")
 def test_offline_run_logs_every_metric_and_a_resumed_job_continues_the_same_run(tmp_path):
     out = tmp_path / "run"
     env = {"WANDB_MODE": "offline"}
@@ -32,6 +32,7 @@ def test_offline_run_logs_every_metric_and_a_resumed_job_continues_the_same_run(
     assert [r["step"] for r in read_metrics(out) if "train/loss" in r] == [1, 2, 3, 4]
 
 
+@pytest.mark.usefixtures("shakespeare_bins")
 def test_wandb_without_login_warns_and_training_goes_on(tmp_path):
     env = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path),
            "WANDB_CONFIG_DIR": str(tmp_path / "cfg"), "WANDB_BASE_URL": "http://127.0.0.1:9"}

@@ -20,10 +20,7 @@ large may hold only its first few GB. Whether the default's row order equals the
 Expected result: nanoGPT reports 9,035,582,198 train tokens (train.bin ~17 GB) and 4,434,897 val tokens (val.bin
 ~8.5 MB) for this split and tokenizer; the script prints how its counts compare, and equal val counts are a good
 sign that the split selected the same documents. Disk, estimated: ~25 GB of parquet downloads plus roughly 60 GB of
-datasets cache (the text as arrow, ~40 GB, and the tokenized ids, ~18 GB), besides the .bin files. Time, an
-estimate rather than a measurement: the GPT-2 tokenizer ran at ~1.6M tokens/s per core on Shakespeare (2-core
-CPU, tiktoken 0.14), so ~95 core-minutes of tokenizing, ~10 min with 16 processes, plus the download and the
-arrow conversion.
+datasets cache (the text as arrow, ~40 GB, and the tokenized ids, ~18 GB), besides the .bin files.
 """
 
 import argparse
@@ -35,8 +32,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable for `data.common`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data.common import (base_meta, is_prepared, load_documents, prepare_command_for,
-                         write_meta, write_splits)
+from data.common import base_meta, is_prepared, load_documents, prepare_command_for, write_meta, write_splits
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent
 DEFAULT_REVISION = "963532436460638ab26b7633e23776e6c7e37d59"  # Skylion007/openwebtext: the full parquet upload
@@ -80,8 +76,10 @@ def prepare(out_dir=None, dataset=DEFAULT_DATASET, num_proc=max(1, (os.cpu_count
     splits = {"train": splits["train"], "val": splits["test"]}
 
     counts = write_splits(out_dir, splits, num_proc)
-    command = prepare_command_for(out_dir, "openwebtext") + ("" if dataset == DEFAULT_DATASET else f" --dataset {dataset}")
-    command += ("" if val_fraction == VAL_FRACTION else f" --val-fraction {val_fraction}") + ("" if seed == SEED else f" --seed {seed}")
+    command = prepare_command_for(out_dir, "openwebtext")
+    command += "" if dataset == DEFAULT_DATASET else f" --dataset {dataset}"
+    command += "" if val_fraction == VAL_FRACTION else f" --val-fraction {val_fraction}"
+    command += "" if seed == SEED else f" --seed {seed}"
     meta = base_meta("openwebtext", settings, str(dataset), counts, command)
     write_meta(out_dir, meta)
     print(f"{out_dir}: train {counts['train']['tokens']:,} tokens ({counts['train']['documents']:,} documents), "

