@@ -355,16 +355,15 @@ class MetricsLog:
         self.path, self.wandb_run = path, wandb_run
         if resume_step is not None and path.exists():
             # drop what the interrupted run logged after its last checkpoint: each step is logged once
-            lines = [l for l in path.read_text().splitlines() if l.strip()]
             kept = []
-            for line in lines:
+            for line in path.read_text().splitlines():
                 try:
                     if json.loads(line)["step"] <= resume_step:
                         kept.append(line)
                 except (json.JSONDecodeError, KeyError):
                     pass  # a line cut by the crash
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(l + "\n" for l in kept))
+            tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)
         elif path.exists():
             path.unlink()
@@ -382,6 +381,7 @@ def start_wandb(cfg, run_name, out_dir, run_id):
     """One W&B run per training run, resumable by id; a W&B failure never stops training."""
     try:
         import secrets
+
         import wandb
         run_id = run_id or secrets.token_hex(6)  # kept in the checkpoint: a resumed job continues this W&B run
         run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=run_name, id=run_id,

@@ -2,6 +2,7 @@
 random GPT-2 saved locally. Reference: HF's own GPT2LMHeadModel and its weights."""
 import pytest
 import torch
+
 from conftest import run_train
 
 pytestmark = pytest.mark.usefixtures("shakespeare_bins")

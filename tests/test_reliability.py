@@ -7,12 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import REPO_DIR, TINY, read_metrics, run_train
 
 pytestmark = pytest.mark.usefixtures("shakespeare_bins")
@@ -158,43 +158,28 @@ def test_a_damaged_meta_json_names_the_file_and_the_command(tmp_path):
     assert f"python data/<dataset>/prepare.py --out-dir {data}" in result.stderr
 
 
-def as_nobody():
-    """Run a subprocess without root's powers, so that file permissions apply (root ignores them)."""
+def without_root_powers():
+    """A launcher under which file permissions apply: root bypasses them unless it drops these capabilities."""
     if os.geteuid() != 0:
-        return None
-    return lambda: (os.setgid(65534), os.setuid(65534))
+        return (sys.executable,)
+    drop = "-dac_override,-dac_read_search"
+    return ("setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", sys.executable)
 
 
-@pytest.fixture
-def shared_tmp():
-    """A folder the unprivileged user can use (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="sophia-perm-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def run_unprivileged(args, out_dir):
-    cmd = [sys.executable, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out_dir}", *args]
-    return subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, timeout=300, preexec_fn=as_nobody(),
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(out_dir.parent)})
-
-
-def test_an_unreadable_train_bin_is_one_line(shared_tmp):
-    data = copy_of_the_corpus(shared_tmp / "data")
-    shared_tmp.joinpath("data").chmod(0o755)
+def test_an_unreadable_train_bin_is_one_line(tmp_path):
+    data = copy_of_the_corpus(tmp_path / "data")
     (data / "train.bin").chmod(0o000)
-    result = run_unprivileged([f"data.dir={data}"], shared_tmp / "run")
+    result = run_train([f"data.dir={data}"], tmp_path / "run", check=False, launcher=without_root_powers())
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"cannot read the data in {data} (Permission denied" in result.stderr
     assert result.stderr.count("\n") == 1
 
 
-def test_a_read_only_out_dir_is_one_line(shared_tmp):
-    read_only = shared_tmp / "read_only"
-    read_only.mkdir(mode=0o555)
+def test_a_read_only_out_dir_is_one_line(tmp_path):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
     read_only.chmod(0o555)
-    result = run_unprivileged([], read_only / "run")
+    result = run_train([], read_only / "run", check=False, launcher=without_root_powers())
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"cannot write to out_dir={read_only / 'run'} (Permission denied)" in result.stderr
     assert result.stderr.count("\n") == 1
