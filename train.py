@@ -31,6 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import config_schema  # registers the configuration's schema with Hydra, before @hydra.main composes
 import sophia
 from data.common import open_split
 from model import GPT, GPTConfig, estimate_mfu, peak_flops
