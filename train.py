@@ -741,4 +741,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    config_schema.check_command_line()  # --help; a wrong type or unknown key: one line, exit 2
     main()
