@@ -213,9 +213,12 @@ def sweep_points(overrides):
         raise ConfigCheckError(one_line(e)) from None
     if any(o.is_sweep_override() and not o.is_discrete_sweep() for o in parsed):
         return []  # range/interval sweeps belong to another sweeper: Hydra checks them alone
-    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
-               else [o.input_line] for o in parsed]
-    return [list(point) for point in itertools.product(*choices)]
+    choices = {}  # as BasicSweeper.split_arguments: a later override of a key replaces an earlier one
+    for o in parsed:
+        key = o.get_key_element()
+        values = o.sweep_string_iterator() if o.is_sweep_override() else [o.get_value_element_as_str()]
+        choices[key] = [f"{key}={v}" for v in values]
+    return [list(point) for point in itertools.product(*choices.values())]
 
 
 def compose_checked(overrides):
