@@ -33,6 +33,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import config_schema  # registers the configuration's schema with Hydra, before @hydra.main composes
 import sophia
 from data.common import open_split
 from mfu import estimate_mfu, peak_flops
@@ -919,4 +920,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    config_schema.check_command_line()  # --help; a wrong type or unknown key: one line, exit 2
     main()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import config_schema  # noqa: F401  (registers the schema that configs/*.yaml name in their defaults)
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
