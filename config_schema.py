@@ -100,6 +100,7 @@ class TrainConfig:
     run_name: str | None = MISSING          # null -> the preset name plus the command-line overrides
     resume: bool = MISSING                  # continue from out_dir/ckpt.pt when it exists (a requeued SLURM job needs this)
     seed: int = MISSING                     # seed of the initial weights, the data order, dropout and the Hessian samples
+    init_from: str = MISSING                # scratch | an HF GPT-2 name (gpt2, gpt2-medium, ...) | a save_pretrained folder: start from its weights
     device: str = MISSING                   # auto (cuda:LOCAL_RANK when CUDA is there, else cpu) | cpu | cuda | cuda:N
     dtype: str = MISSING                    # auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = MISSING                 # torch.compile the model (before DDP)
@@ -108,6 +109,7 @@ class TrainConfig:
     lr_decay_steps: int | None = MISSING    # cosine decay from optim.lr to min_lr over this many steps; null -> max_steps
     min_lr: float = MISSING                 # learning rate at the end of the cosine decay
     grad_clip: float = MISSING              # clip the global gradient norm at this value; 0 disables
+    max_skipped_updates: int = MISSING      # stop (exit 1) after this many updates in a row skipped for a non-finite gradient
     total_batch_size: int = MISSING         # sequences per optimizer step, over all ranks and micro-steps (the paper: 480)
     micro_batch_size: int = MISSING         # sequences per forward/backward on one rank; accumulation is derived
     eval_interval: int = MISSING            # evaluate every this many steps (and at the end)
