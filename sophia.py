@@ -81,15 +81,41 @@ def _hessian_update_hutchinson(hessian, u_hu, hyper, finite):
     hessian.copy_(torch.where(finite, hessian * beta2 + one_minus_beta2 * u_hu, hessian))
 
 
+# cpp.dynamic_threads: on CPU, inductor otherwise decides once, from the size of the first tensor it
+# sees, whether the loop is multi-threaded; a small first tensor (a LayerNorm weight) would make every
+# later call single-threaded. With it the kernel always has an OpenMP region.
+INDUCTOR_OPTIONS = {"cpp.dynamic_threads": True}
+
+
+@functools.cache
+def _inductor_options():
+    """INDUCTOR_OPTIONS less those the running torch's inductor does not have. torch.compile rejects an
+    unknown option outright, which would send every step down the slow eager fallback: leave the option
+    out instead, and say so once."""
+    from torch._inductor import config
+    missing = object()
+
+    def known(key):
+        node = config
+        for part in key.split("."):
+            node = getattr(node, part, missing)
+            if node is missing:
+                return False
+        return True
+
+    unknown = [key for key in INDUCTOR_OPTIONS if not known(key)]
+    if unknown:
+        warnings.warn(f"torch {torch.__version__}: inductor has no option {', '.join(unknown)}; compiling the "
+                      f"fused Sophia kernels without it (still compiled; on CPU possibly fewer threads)")
+    return {key: value for key, value in INDUCTOR_OPTIONS.items() if key not in unknown}
+
+
 @functools.cache
 def _compiled(fn):
     # Compiled on first use (importing this module stays cheap). dynamic=True and 1-D views (see
     # _flat): one kernel for every tensor size and rank, so GPT-2's 75 tensors cost one compilation
     # per dtype, not 75, and stay well under dynamo's limit of 8 variants per function.
-    # cpp.dynamic_threads: on CPU, inductor otherwise decides once, from the size of the first tensor
-    # it sees, whether the loop is multi-threaded; a small first tensor (a LayerNorm weight) would make
-    # every later call single-threaded. With it the kernel always has an OpenMP region.
-    return torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=_inductor_options())
 
 
 def _flat(*tensors):

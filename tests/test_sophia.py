@@ -404,3 +404,29 @@ def test_sample_categorical_draws_from_the_given_probabilities():
     assert (freq[expected == 0] == 0).all()
     sigma = (expected * (1 - expected) / n).sqrt()
     assert ((freq - expected).abs() <= 5 * sigma + 1e-12).all()
+
+
+def test_an_inductor_option_this_torch_lacks_is_left_out_not_a_fallback(monkeypatch):
+    """On another torch, an option we pass may not exist: torch.compile rejects it outright (checked here),
+    so the option is dropped with a warning and the fused step is still compiled, not run eagerly."""
+    fake = "cpp.option_no_torch_has"
+    with pytest.raises(RuntimeError, match=fake):
+        torch.compile(lambda x: x + 1, options={fake: True})
+    monkeypatch.setattr(sophia, "INDUCTOR_OPTIONS", {**sophia.INDUCTOR_OPTIONS, fake: True})
+    sophia._inductor_options.cache_clear()
+    sophia._compiled.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=f"inductor has no option {fake}"):
+            assert sophia._inductor_options() == {k: v for k, v in sophia.INDUCTOR_OPTIONS.items() if k != fake}
+        params = [torch.randn(6, 5, requires_grad=True), torch.randn(5, requires_grad=True)]
+        opt = sophia.SophiaG(params, lr=1e-2)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            opt.update_hessian()
+            opt.step()
+        assert not opt._compile_failed and not [w for w in record if "torch.compile failed" in str(w.message)]
+    finally:
+        sophia._inductor_options.cache_clear()
+        sophia._compiled.cache_clear()
