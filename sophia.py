@@ -405,8 +405,9 @@ class Lion(Optimizer):
 # holds the estimate for the whole batch, then optimizer.update_hessian().
 
 
-def sample_categorical(probs, generator=None, max_block=256):
+def sample_categorical(probs, generator=None, max_block=256, uniform=None):
     """One draw per row of probs (N, V), rows non-negative (they need not sum to 1): returns (N,) int64.
+    uniform: (N, 1) float64 draws in [0, 1) to use instead of drawing them from generator.
 
     Inverse CDF in two levels, so that no (N, V) cumulative sum is written: choose a block of
     `block` consecutive entries by the block masses (N, V/block), then an entry inside the chosen
@@ -419,7 +420,7 @@ def sample_categorical(probs, generator=None, max_block=256):
     blocks = probs.view(n, v // block, block)                               # (N, nb, block)
     block_mass = blocks.sum(-1).double()           # (N, nb); summed in fp32 (fp64 is much slower)
     block_end = block_mass.cumsum(-1)                                       # (N, nb)
-    u = torch.rand(n, 1, dtype=torch.float64, device=probs.device, generator=generator)
+    u = torch.rand(n, 1, dtype=torch.float64, device=probs.device, generator=generator) if uniform is None else uniform
     u = u * block_end[:, -1:]                                               # (N, 1) in [0, row sum)
     b = torch.searchsorted(block_end, u, right=True).clamp_(max=v // block - 1)   # (N, 1) block index
     u = u - (block_end.gather(1, b) - block_mass.gather(1, b))              # mass left inside block b
@@ -435,18 +436,33 @@ def gnb_backward(logits, scale, generator=None):
     logits: (..., V) with the graph attached (e.g. (B, T, V) from the model). generator: a
     torch.Generator on logits' device, or None for the default one. Returns the number of predictions
     N = logits.numel() // V. The gradient is formed directly, d/dlogits = scale·(softmax − onehot(ŷ))/N,
-    written in place into the softmax buffer: one softmax, no log-softmax, no second (N, V) buffer.
-    Under DDP run this through the DDP model so the gradients are averaged before update_hessian()
-    squares them."""
+    written in place into the fp32 softmax buffer: one softmax, no log-softmax, no second (N, V) buffer.
+    Lower-precision (bf16) logits get a gradient of their own dtype, filled GNB_ROWS rows at a time, so
+    that no (N, V) fp32 buffer exists: a refresh then needs no more memory than a training step's
+    cross-entropy. The labels do not depend on the chunking. Under DDP run this through the DDP model so
+    the gradients are averaged before update_hessian() squares them."""
     vocab = logits.size(-1)
     with torch.no_grad():
-        probs = torch.softmax(logits.detach().reshape(-1, vocab), dim=-1, dtype=torch.float32)  # (N, V)
-        n = probs.size(0)
-        labels = sample_categorical(probs, generator)                         # (N,)
-        grad = probs.mul_(scale / n)                                          # now scale·softmax/N
-        grad[torch.arange(n, device=grad.device), labels] -= scale / n        # − scale·onehot/N
-    logits.backward(grad.view(logits.shape).to(logits.dtype))
+        flat = logits.detach().reshape(-1, vocab)                                # (N, V)
+        n = flat.size(0)
+        uniform = torch.rand(n, 1, dtype=torch.float64, device=flat.device, generator=generator)
+        grad = None if flat.dtype == torch.float32 else torch.empty_like(flat)
+        step = n if grad is None else GNB_ROWS
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            probs = torch.softmax(flat[rows], dim=-1, dtype=torch.float32)      # (rows, V)
+            labels = sample_categorical(probs, uniform=uniform[rows])           # (rows,)
+            probs.mul_(scale / n)                                               # now scale·softmax/N
+            probs[torch.arange(probs.size(0), device=probs.device), labels] -= scale / n  # − scale·onehot/N
+            if grad is None:
+                grad = probs  # fp32: the softmax buffer is the gradient
+            else:
+                grad[rows] = probs
+    logits.backward(grad.view(logits.shape))
     return n
+
+
+GNB_ROWS = 1024  # rows per chunk for bf16 logits: 200 MB of fp32 at GPT-2's vocabulary
 
 
 def hutchinson_backward(loss, params, scale, generator=None, probe="rademacher"):
