@@ -60,7 +60,7 @@ def test_smoke_runs_every_check_and_prints_the_table_last(tmp_path):
     assert figures["sophia_overhead"]["floor"] == pytest.approx(0.05)  # half batch / k = 10
     assert figures["resume"]["train_steps_logged"] == list(range(1, 21))
     assert figures["resume"]["eval_steps_logged"] == [0, 10, 20]
-    assert figures["two_process_ddp"]["backend"] == ("nccl" if cuda else "gloo") or cuda
+    assert figures["two_process_ddp"]["backend"] in (("nccl", "gloo") if cuda else ("gloo",))
     assert figures["hutchinson_closed_form"]["diagonal_exact_max_abs_diff"] <= 1e-6
 
     # the table comes last: one row per check, then the counts
