@@ -103,7 +103,7 @@ class TrainConfig:
     init_from: str = MISSING                # scratch | an HF GPT-2 name (gpt2, gpt2-medium, ...) | a save_pretrained folder: start from its weights
     device: str = MISSING                   # auto (cuda:LOCAL_RANK when CUDA is there, else cpu) | cpu | cuda | cuda:N
     dtype: str = MISSING                    # auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
-    compile: bool = MISSING                 # torch.compile the model (before DDP)
+    compile: str = MISSING                  # auto (compiled on CUDA, eager on CPU) | true | false: torch.compile the model
     max_steps: int = MISSING                # optimizer steps
     warmup_steps: int = MISSING             # linear warmup from 0 to optim.lr over this many steps
     lr_decay_steps: int | None = MISSING    # cosine decay from optim.lr to min_lr over this many steps; null -> max_steps

@@ -81,15 +81,41 @@ def _hessian_update_hutchinson(hessian, u_hu, hyper, finite):
     hessian.copy_(torch.where(finite, hessian * beta2 + one_minus_beta2 * u_hu, hessian))
 
 
+# cpp.dynamic_threads: on CPU, inductor otherwise decides once, from the size of the first tensor it
+# sees, whether the loop is multi-threaded; a small first tensor (a LayerNorm weight) would make every
+# later call single-threaded. With it the kernel always has an OpenMP region.
+INDUCTOR_OPTIONS = {"cpp.dynamic_threads": True}
+
+
+@functools.cache
+def _inductor_options():
+    """INDUCTOR_OPTIONS less those the running torch's inductor does not have. torch.compile rejects an
+    unknown option outright, which would send every step down the slow eager fallback: leave the option
+    out instead, and say so once."""
+    from torch._inductor import config
+    missing = object()
+
+    def known(key):
+        node = config
+        for part in key.split("."):
+            node = getattr(node, part, missing)
+            if node is missing:
+                return False
+        return True
+
+    unknown = [key for key in INDUCTOR_OPTIONS if not known(key)]
+    if unknown:
+        warnings.warn(f"torch {torch.__version__}: inductor has no option {', '.join(unknown)}; compiling the "
+                      f"fused Sophia kernels without it (still compiled; on CPU possibly fewer threads)")
+    return {key: value for key, value in INDUCTOR_OPTIONS.items() if key not in unknown}
+
+
 @functools.cache
 def _compiled(fn):
     # Compiled on first use (importing this module stays cheap). dynamic=True and 1-D views (see
     # _flat): one kernel for every tensor size and rank, so GPT-2's 75 tensors cost one compilation
     # per dtype, not 75, and stay well under dynamo's limit of 8 variants per function.
-    # cpp.dynamic_threads: on CPU, inductor otherwise decides once, from the size of the first tensor
-    # it sees, whether the loop is multi-threaded; a small first tensor (a LayerNorm weight) would make
-    # every later call single-threaded. With it the kernel always has an OpenMP region.
-    return torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=_inductor_options())
 
 
 def _flat(*tensors):
@@ -379,8 +405,9 @@ class Lion(Optimizer):
 # holds the estimate for the whole batch, then optimizer.update_hessian().
 
 
-def sample_categorical(probs, generator=None, max_block=256):
+def sample_categorical(probs, generator=None, max_block=256, uniform=None):
     """One draw per row of probs (N, V), rows non-negative (they need not sum to 1): returns (N,) int64.
+    uniform: (N, 1) float64 draws in [0, 1) to use instead of drawing them from generator.
 
     Inverse CDF in two levels, so that no (N, V) cumulative sum is written: choose a block of
     `block` consecutive entries by the block masses (N, V/block), then an entry inside the chosen
@@ -393,7 +420,7 @@ def sample_categorical(probs, generator=None, max_block=256):
     blocks = probs.view(n, v // block, block)                               # (N, nb, block)
     block_mass = blocks.sum(-1).double()           # (N, nb); summed in fp32 (fp64 is much slower)
     block_end = block_mass.cumsum(-1)                                       # (N, nb)
-    u = torch.rand(n, 1, dtype=torch.float64, device=probs.device, generator=generator)
+    u = torch.rand(n, 1, dtype=torch.float64, device=probs.device, generator=generator) if uniform is None else uniform
     u = u * block_end[:, -1:]                                               # (N, 1) in [0, row sum)
     b = torch.searchsorted(block_end, u, right=True).clamp_(max=v // block - 1)   # (N, 1) block index
     u = u - (block_end.gather(1, b) - block_mass.gather(1, b))              # mass left inside block b
@@ -409,18 +436,33 @@ def gnb_backward(logits, scale, generator=None):
     logits: (..., V) with the graph attached (e.g. (B, T, V) from the model). generator: a
     torch.Generator on logits' device, or None for the default one. Returns the number of predictions
     N = logits.numel() // V. The gradient is formed directly, d/dlogits = scale·(softmax − onehot(ŷ))/N,
-    written in place into the softmax buffer: one softmax, no log-softmax, no second (N, V) buffer.
-    Under DDP run this through the DDP model so the gradients are averaged before update_hessian()
-    squares them."""
+    written in place into the fp32 softmax buffer: one softmax, no log-softmax, no second (N, V) buffer.
+    Lower-precision (bf16) logits get a gradient of their own dtype, filled GNB_ROWS rows at a time, so
+    that no (N, V) fp32 buffer exists: a refresh then needs no more memory than a training step's
+    cross-entropy. The labels do not depend on the chunking. Under DDP run this through the DDP model so
+    the gradients are averaged before update_hessian() squares them."""
     vocab = logits.size(-1)
     with torch.no_grad():
-        probs = torch.softmax(logits.detach().reshape(-1, vocab), dim=-1, dtype=torch.float32)  # (N, V)
-        n = probs.size(0)
-        labels = sample_categorical(probs, generator)                         # (N,)
-        grad = probs.mul_(scale / n)                                          # now scale·softmax/N
-        grad[torch.arange(n, device=grad.device), labels] -= scale / n        # − scale·onehot/N
-    logits.backward(grad.view(logits.shape).to(logits.dtype))
+        flat = logits.detach().reshape(-1, vocab)                                # (N, V)
+        n = flat.size(0)
+        uniform = torch.rand(n, 1, dtype=torch.float64, device=flat.device, generator=generator)
+        grad = None if flat.dtype == torch.float32 else torch.empty_like(flat)
+        step = n if grad is None else GNB_ROWS
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            probs = torch.softmax(flat[rows], dim=-1, dtype=torch.float32)      # (rows, V)
+            labels = sample_categorical(probs, uniform=uniform[rows])           # (rows,)
+            probs.mul_(scale / n)                                               # now scale·softmax/N
+            probs[torch.arange(probs.size(0), device=probs.device), labels] -= scale / n  # − scale·onehot/N
+            if grad is None:
+                grad = probs  # fp32: the softmax buffer is the gradient
+            else:
+                grad[rows] = probs
+    logits.backward(grad.view(logits.shape))
     return n
+
+
+GNB_ROWS = 1024  # rows per chunk for bf16 logits: 200 MB of fp32 at GPT-2's vocabulary
 
 
 def hutchinson_backward(loss, params, scale, generator=None, probe="rademacher"):

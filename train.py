@@ -110,6 +110,8 @@ def plan_batches(cfg, world_size):
     need(0 <= model.dropout < 1, f"model.dropout={model.dropout}: use a value in [0, 1)")
     need(optim.lr > 0, f"optim.lr={optim.lr}: the learning rate must be positive")
     need(0 <= cfg.min_lr <= optim.lr, f"min_lr={cfg.min_lr} must lie in [0, optim.lr={optim.lr}]")
+    need(str(cfg.compile).lower() in ("auto", "true", "false"),
+         f"compile={cfg.compile}: use auto (compiled on CUDA), true or false")
     need(cfg.dtype in ("auto", "float32", "bfloat16"),
          f"dtype={cfg.dtype}: use auto, float32 or bfloat16 (float16 overflows Sophia's Hessian: use bfloat16)")
     for key in ("eval_interval", "eval_steps", "log_interval", "ckpt_interval", "micro_batch_size",
@@ -242,6 +244,12 @@ def math_attention():
     """The flash and memory-efficient attention kernels have no double backward; the math kernel has."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.MATH])
+
+
+def compile_enabled(cfg, device):
+    """compile=auto: compiled on CUDA; on CPU, compiling takes longer than a short run saves."""
+    choice = str(cfg.compile).lower()  # the schema types it as a string: true/false arrive as "True"/"False"
+    return device.type == "cuda" if choice == "auto" else choice == "true"
 
 
 def check_double_backward(model, device, autocast):
@@ -588,7 +596,7 @@ def build_run(cfg, env, plan):
                             wandb_run_id=ckpt.get("wandb_run_id"))
         if env.is_master:
             print(f"resumed from {out_dir / 'ckpt.pt'} at step {progress.step}")
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    model = torch.compile(raw_model) if compile_enabled(cfg, env.device) else raw_model
     if env.distributed:
         model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
@@ -878,9 +886,16 @@ def train(cfg):
     run.model.train()
     if progress.step == 0:
         log_eval(run, clock)
+    compile_start = time.time() if compile_enabled(cfg, env.device) and progress.step < cfg.max_steps else None
+    if compile_start and env.is_master:
+        print("compiling the model (torch.compile): the first step includes it...", flush=True)
     while progress.step < cfg.max_steps:
         lr = get_lr(progress.step, cfg, plan.lr_decay_steps)
         grad_norm = train_step(run, lr)
+        if compile_start:
+            if env.is_master:
+                print(f"compiled: the first step took {time.time() - compile_start:.1f} s", flush=True)
+            compile_start = None
         if plan.sophia and progress.step % k == k - 1:
             refresh_hessian(run)
         progress.step += 1

@@ -50,9 +50,43 @@ def compose_config(preset=None, overrides=()):
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def write_token_data(data_dir, vocab_size=50304, train_tokens=200_000, val_tokens=20_000, seed=0):
+    """A prepared data directory (train.bin, val.bin, meta.json, as data/common.open_split reads them) of
+    synthetic uint16 tokens: a random walk of small steps modulo vocab_size, so that a model can learn it."""
+    import numpy as np
+
+    from data.common import write_meta
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in (("train", train_tokens), ("val", val_tokens)):
+        (np.cumsum(rng.integers(0, 8, n)) % vocab_size).astype(np.uint16).tofile(data_dir / f"{split}.bin")
+        splits[split] = {"tokens": n}
+    write_meta(data_dir, {"splits": splits, "dtype": "uint16", "tokenizer": "synthetic", "source": "synthetic"})
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory):
+    """A synthetic prepared data directory, for runs that need data but not a real corpus (data.dir=)."""
+    return write_token_data(tmp_path_factory.mktemp("token_data"))
+
+
 @pytest.fixture(scope="session")
 def shakespeare_bins():
     """The embedded corpus, prepared once before the runs that read it (so that no run's timing or output
     includes the preparation)."""
     from data.shakespeare.prepare import prepare
     prepare()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda (pyproject.toml's markers) are skipped where no CUDA GPU is visible."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -391,6 +391,29 @@ def test_gnb_gradient_equals_autograd_cross_entropy_on_the_same_labels():
     torch.testing.assert_close(ours.grad, peer.grad + 1, rtol=1e-6, atol=1e-8)
 
 
+def test_gnb_with_bf16_logits_needs_no_fp32_buffer_of_their_size_and_draws_the_same_labels(monkeypatch):
+    """bf16 logits: the gradient is filled sophia.GNB_ROWS rows at a time, so the largest allocation (CPU
+    profiler) is the bf16 gradient itself, not an (N, V) fp32 softmax; the result does not depend on the
+    chunking, and equals F.cross_entropy's gradient against the labels the sampler draws from the whole."""
+    from torch.profiler import ProfilerActivity, profile
+    n, vocab = 64, 1000
+    logits0 = (torch.randn(n, vocab, generator=torch.Generator().manual_seed(0)) * 4).bfloat16()
+    grads, largest = [], []
+    for rows in (n, 8):  # one chunk, then eight
+        monkeypatch.setattr(sophia, "GNB_ROWS", rows)
+        ours = logits0.clone().requires_grad_()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            sophia.gnb_backward(ours, 0.25, torch.Generator().manual_seed(7))
+        largest.append(max(e.cpu_memory_usage for e in prof.events()))
+        grads.append(ours.grad)
+    assert largest == [n * vocab * 4, n * vocab * 2]  # an fp32 (N, V) softmax in one chunk; then only the bf16 grad
+    assert grads[0].dtype == torch.bfloat16 and torch.equal(grads[0], grads[1])
+    labels = sophia.sample_categorical(torch.softmax(logits0.float(), -1), torch.Generator().manual_seed(7))
+    peer = logits0.float().requires_grad_()
+    (0.25 * F.cross_entropy(peer, labels)).backward()
+    torch.testing.assert_close(grads[1].float(), peer.grad.bfloat16().float(), rtol=1.6e-2, atol=1e-5)
+
+
 def test_sample_categorical_draws_from_the_given_probabilities():
     gen = torch.Generator().manual_seed(0)
     p = torch.rand(30, generator=gen, dtype=torch.float32)
@@ -404,3 +427,29 @@ def test_sample_categorical_draws_from_the_given_probabilities():
     assert (freq[expected == 0] == 0).all()
     sigma = (expected * (1 - expected) / n).sqrt()
     assert ((freq - expected).abs() <= 5 * sigma + 1e-12).all()
+
+
+def test_an_inductor_option_this_torch_lacks_is_left_out_not_a_fallback(monkeypatch):
+    """On another torch, an option we pass may not exist: torch.compile rejects it outright (checked here),
+    so the option is dropped with a warning and the fused step is still compiled, not run eagerly."""
+    fake = "cpp.option_no_torch_has"
+    with pytest.raises(RuntimeError, match=fake):
+        torch.compile(lambda x: x + 1, options={fake: True})
+    monkeypatch.setattr(sophia, "INDUCTOR_OPTIONS", {**sophia.INDUCTOR_OPTIONS, fake: True})
+    sophia._inductor_options.cache_clear()
+    sophia._compiled.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=f"inductor has no option {fake}"):
+            assert sophia._inductor_options() == {k: v for k, v in sophia.INDUCTOR_OPTIONS.items() if k != fake}
+        params = [torch.randn(6, 5, requires_grad=True), torch.randn(5, requires_grad=True)]
+        opt = sophia.SophiaG(params, lr=1e-2)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            opt.update_hessian()
+            opt.step()
+        assert not opt._compile_failed and not [w for w in record if "torch.compile failed" in str(w.message)]
+    finally:
+        sophia._inductor_options.cache_clear()
+        sophia._compiled.cache_clear()
