@@ -100,7 +100,7 @@ class TrainConfig:
     run_name: str | None = MISSING          # null -> the preset name plus the command-line overrides
     resume: bool = MISSING                  # continue from out_dir/ckpt.pt when it exists (a requeued SLURM job needs this)
     seed: int = MISSING                     # seed of the initial weights, the data order, dropout and the Hessian samples
-    init_from: str = MISSING                # scratch | an HF GPT-2 name (gpt2, ...) | a save_pretrained folder: start from its weights
+    init_from: str = MISSING                # scratch | an HF GPT-2 name (gpt2, ...) | a save_pretrained folder: its weights
     device: str = MISSING                   # auto (cuda:LOCAL_RANK when CUDA is there, else cpu) | cpu | cuda | cuda:N
     dtype: str = MISSING                    # auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     compile: str = MISSING                  # auto (compiled on CUDA, eager on CPU) | true | false: torch.compile the model
