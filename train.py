@@ -442,8 +442,8 @@ def setup_processes(cfg):
         device = torch.device(cfg.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={cfg.device} but CUDA is not available: use device=auto or device=cpu")
-        if device.type == "cuda" and world_size > 1:
-            device = torch.device(f"cuda:{local_rank}")
+        if device.type == "cuda" and (world_size > 1 or device.index is None):
+            device = torch.device(f"cuda:{local_rank}")  # set_device needs an index
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # TF32 for any fp32 matmul left outside autocast. (Not via torch.backends: submitit's cloudpickle
