@@ -4,6 +4,7 @@ Train a GPT-2 with Sophia, AdamW or Lion, on one process or under torchrun, conf
     python train.py                                        # the embedded default: tiny GPT, Shakespeare, CPU
     python train.py config=shakespeare_adamw               # the same run with AdamW
     torchrun --standalone --nproc_per_node=8 train.py config=gpt2_small_sophiag
+    torchrun --standalone --nproc_per_node=8 train.py config=gpt2_xl_sophiag   # 1.5B, sharded (parallel=fsdp)
     python train.py config=gpt2_small_adamw optim.lr=3e-4 max_steps=2000 wandb.enabled=true
 
 Every optimizer goes through this one loop, with one data order and one model, so that their curves can
