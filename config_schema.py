@@ -104,6 +104,7 @@ class TrainConfig:
     device: str = MISSING                   # auto (cuda:LOCAL_RANK when CUDA is there, else cpu) | cpu | cuda | cuda:N
     dtype: str = MISSING                    # auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     compile: str = MISSING                  # auto (compiled on CUDA, eager on CPU) | true | false: torch.compile the model
+    parallel: str = MISSING                 # ddp: every rank holds the whole model | fsdp: FSDP2 shards weights, grads, state
     max_steps: int = MISSING                # optimizer steps
     warmup_steps: int = MISSING             # linear warmup from 0 to optim.lr over this many steps
     lr_decay_steps: int | None = MISSING    # cosine decay from optim.lr to min_lr over this many steps; null -> max_steps

@@ -28,6 +28,12 @@ Two implementations of each step, chosen by `fused` (default True):
 - fused=False: the readable reference, a per-tensor loop of the formula above as the official code
   writes it.
 
+Sharded parameters (DTensors, e.g. under FSDP2's fully_shard): every update is element-wise, so each
+rank updates its local shard (`.to_local()` views, plain tensors for both paths); the state stays a
+DTensor like its parameter, so that torch.distributed.checkpoint saves it sharded. sophia_stats sums
+its counts and norms over the shards, so it reports the unsharded values, and update_hessian skips a
+non-finite estimate on every rank when any shard holds NaN/inf.
+
 A non-finite Hessian estimate (NaN/inf anywhere in this refresh) is skipped whole: the state is left as
 it was, and update_hessian() returns a 0-d bool tensor, False when it skipped. On the fused path this
 flag is computed on the device (an L2-norm pass over the estimates, then torch.where), so calling
@@ -38,6 +44,8 @@ import functools
 import warnings
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,6 +129,25 @@ def _compiled(fn):
 def _flat(*tensors):
     # contiguous tensors (the usual case) go into the kernels as 1-D views of themselves
     return [t.view(-1) for t in tensors] if all(t.is_contiguous() for t in tensors) else list(tensors)
+
+
+def _local(t):
+    """This rank's shard of a DTensor (a view: updating it updates the DTensor), any other tensor as is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _shard_group(tensors):
+    """The process group that the DTensors among tensors are sharded over (one 1-D mesh), else None."""
+    return next((t.device_mesh.get_group() for t in tensors if isinstance(t, DTensor)), None)
+
+
+def _on_every_rank(flag, group):
+    """A 0-d bool flag AND-ed over the ranks of group (None: as is), so that every shard decides alike."""
+    if group is None:
+        return flag
+    flag = flag.to(torch.int32)  # collectives reduce integers, not bools
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return flag.bool()
 
 
 def _hyper(values, like):
@@ -224,11 +251,14 @@ class SophiaG(Optimizer):
                 betas2.append(group["betas"][1])
         if not estimates:
             return torch.tensor(True)
+        shards = _shard_group(estimates)
+        hessians, estimates = [_local(h) for h in hessians], [_local(e) for e in estimates]
         square = self.estimate_is_squared
 
         if not self.fused:
             # reference: check on the host, then the official in-place update
-            if not all(torch.isfinite(e * e if square else e).all() for e in estimates):
+            finite = torch.tensor(all(bool(torch.isfinite(e * e if square else e).all()) for e in estimates))
+            if not _on_every_rank(finite, shards):
                 return torch.tensor(False)
             for h, e, beta2 in zip(hessians, estimates, betas2):
                 if square:
@@ -237,7 +267,7 @@ class SophiaG(Optimizer):
                     h.mul_(beta2).add_(e, alpha=1 - beta2)
             return torch.tensor(True)
 
-        finite = _all_finite(estimates, square)  # 0-d bool on the device, no sync
+        finite = _on_every_rank(_all_finite(estimates, square), shards)  # 0-d bool on the device, no sync
         hypers = {}
         for h, e, beta2 in zip(hessians, estimates, betas2):
             key = (beta2, h.device, h.dtype)
@@ -265,10 +295,10 @@ class SophiaG(Optimizer):
                 state = self._init_state(p)
                 # complex tensors: real and imaginary parts are independent coordinates (as official)
                 as_real = torch.view_as_real if torch.is_complex(p) else (lambda t: t)
-                params.append(as_real(p))
-                grads.append(as_real(p.grad))
-                exp_avgs.append(as_real(state["exp_avg"]))
-                hessians.append(as_real(state["hessian"]))
+                params.append(as_real(_local(p)))
+                grads.append(as_real(_local(p.grad)))
+                exp_avgs.append(as_real(_local(state["exp_avg"])))
+                hessians.append(as_real(_local(state["hessian"])))
                 steps.append(state["step"])
             if not params:
                 continue
@@ -316,19 +346,28 @@ class SophiaG(Optimizer):
                 state = self.state.get(p, {})
                 if "hessian" not in state or "exp_avg" not in state:
                     continue
-                m, h = state["exp_avg"], state["hessian"]
+                m, h = _local(state["exp_avg"]), _local(state["hessian"])
                 device = device or h.device
                 unclipped[id(p)] = torch.count_nonzero(m.abs() < threshold * h).to(device, non_blocking=True)
-                sizes[id(p)] = m.numel()
-                hessians.append(h)
+                sizes[id(p)] = state["exp_avg"].numel()  # a DTensor's numel is the unsharded one
+                hessians.append(state["hessian"])
         if not hessians:
             return {"optim/win_rate": torch.tensor(0.0), "optim/hessian_norm": torch.tensor(0.0)}
+
+        shards = _shard_group(hessians)
+        # accumulated in fp64: an fp32 sum over a million entries (an embedding) is off in the third digit on CPU
+        norms = [x.to(device, non_blocking=True) for x in torch._foreach_norm(
+            [_local(h) for h in hessians], 1, dtype=torch.float64)]
+        if shards is not None:  # each rank counted its shard: one all-reduce gives the unsharded sums
+            packed = torch.stack([x.double() for x in [*unclipped.values(), *norms]])
+            dist.all_reduce(packed, group=shards)
+            unclipped = dict(zip(unclipped, packed[:len(unclipped)]))
+            norms = list(packed[len(unclipped):])
 
         def win_rate(ids):
             ids = [i for i in ids if i in unclipped]
             return torch.stack([unclipped[i] for i in ids]).sum() / sum(sizes[i] for i in ids)
 
-        norms = [x.to(device, torch.float32, non_blocking=True) for x in torch._foreach_norm(hessians, 1)]
         stats = {"optim/win_rate": win_rate(list(unclipped)), "optim/hessian_norm": torch.stack(norms).sum()}
         for name, params in (parts or {}).items():
             stats[f"optim/win_rate/{name}"] = win_rate([id(p) for p in params])
@@ -381,11 +420,13 @@ class Lion(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
             for p in params:
                 if len(self.state[p]) == 0:
                     self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            exp_avgs = [self.state[p]["exp_avg"] for p in params]
+            # sharded (DTensor) parameters: the local shards, as in SophiaG
+            exp_avgs = [_local(self.state[p]["exp_avg"]) for p in params]
+            grads = [_local(p.grad) for p in params]
+            params = [_local(p) for p in params]
             beta1, beta2 = group["betas"]
             lr = group["lr"]
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])

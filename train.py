@@ -4,6 +4,7 @@ Train a GPT-2 with Sophia, AdamW or Lion, on one process or under torchrun, conf
     python train.py                                        # the embedded default: tiny GPT, Shakespeare, CPU
     python train.py config=shakespeare_adamw               # the same run with AdamW
     torchrun --standalone --nproc_per_node=8 train.py config=gpt2_small_sophiag
+    torchrun --standalone --nproc_per_node=8 train.py config=gpt2_xl_sophiag   # 1.5B, sharded (parallel=fsdp)
     python train.py config=gpt2_small_adamw optim.lr=3e-4 max_steps=2000 wandb.enabled=true
 
 Every optimizer goes through this one loop, with one data order and one model, so that their curves can
@@ -17,10 +18,12 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config_schema  # registers the configuration's schema with Hydra, before @hydra.main composes
@@ -41,6 +45,11 @@ from model import GPT, GPTConfig
 
 REPO_DIR = Path(__file__).resolve().parent
 CHECKPOINT_FORMAT = 1
+# parallel=ddp writes one file; parallel=fsdp a torch.distributed.checkpoint directory (a symlink to it, in fact)
+CHECKPOINT_NAMES = {"ddp": "ckpt.pt", "fsdp": "ckpt.dcp"}
+CONVERTER = "scripts/convert_checkpoint.py"
+# DCP without a process group (parallel=fsdp on one process, the converter) warns that it assumes one process: it does
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 class ConfigError(ValueError):
@@ -101,6 +110,7 @@ def plan_batches(cfg, world_size):
          f"lr_decay_steps={lr_decay_steps} < warmup_steps={cfg.warmup_steps}: the learning rate would drop to "
          f"min_lr right after the warmup; set lr_decay_steps >= warmup_steps (null = max_steps)")
     need(cfg.max_skipped_updates >= 1, f"max_skipped_updates={cfg.max_skipped_updates}: set it to 1 or more")
+    need(cfg.parallel in ("ddp", "fsdp"), f"parallel={cfg.parallel}: use parallel=ddp or parallel=fsdp")
     model = cfg.model
     for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         need(model[key] >= 1, f"model.{key}={model[key]}: set it to 1 or more")
@@ -267,6 +277,67 @@ def check_double_backward(model, device, autocast):
 
 
 # -----------------------------------------------------------------------------------------------------
+# parallel=fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) shards weights, gradients and optimizer state.
+
+def is_sharded(cfg, env):
+    """parallel=fsdp over several processes (one process has nothing to shard over: it runs unsharded)."""
+    return cfg.parallel == "fsdp" and env.distributed
+
+
+def shard_model(model, env):
+    """Each transformer block is one FSDP unit (its weights all-gathered just before its forward and backward,
+    freed after); the root holds the rest, the tied embedding/head weight included, so its two uses share one
+    unit. Parameters become DTensors; each rank keeps a 1/world_size slice. On CUDA with bfloat16: bf16
+    compute on the gathered copies, fp32 sharded master weights and fp32 gradient reductions."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy()  # fp32 throughout
+    if env.device.type == "cuda" and env.dtype == "bfloat16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def gradient_sync(run, last):
+    """Gradient accumulation communicates once per step: DDP all-reduces, FSDP reduce-scatters (averaging) the
+    gradients on the last micro-batch only. Returns the context to run the micro-batch's backward in."""
+    if is_sharded(run.cfg, run.env):
+        run.raw_model.set_requires_gradient_sync(last)
+        return nullcontext()
+    return run.model.no_sync() if run.env.distributed and not last else nullcontext()
+
+
+def clip_gradients(params, max_norm):
+    """clip_grad_norm_; returns the norm before clipping as a plain 0-d tensor. On FSDP's DTensor gradients it
+    sums the shards' squares over the ranks: the global norm, as DDP's, returned as a replicated DTensor."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def hold_gathered(model, hold):
+    """FSDP for Hutchinson's double backward, which differentiates with autograd.grad w.r.t. the weights the
+    forward used (the all-gathered ones): hold=True keeps them gathered through forward and backward and
+    reduces no gradient; hold=False restores the training settings and frees them."""
+    for block in model.transformer.h:
+        block.set_reshard_after_forward(not hold, recurse=False)  # the root never frees them after forward
+    model.set_reshard_after_backward(not hold)
+    model.set_requires_gradient_sync(not hold)
+    if not hold:
+        for module in (model, *model.transformer.h):
+            module.reshard()
+
+
+def shard_estimates(params, estimates):
+    """FSDP: average the ranks' full-size Hutchinson estimates; each rank keeps its slice as the sharded .grad
+    that update_hessian reads."""
+    from torch.distributed.tensor import distribute_tensor
+    for p, estimate in zip(params, estimates):
+        estimate = estimate.to(p.dtype)
+        dist.all_reduce(estimate, op=dist.ReduceOp.AVG)
+        p.grad = distribute_tensor(estimate, p.device_mesh, p.placements, src_data_rank=None)  # no communication
+
+
+# -----------------------------------------------------------------------------------------------------
 # Checkpoints: written to a temporary file and renamed, so a crash never leaves half a checkpoint.
 
 def save_checkpoint(path, state):
@@ -291,11 +362,17 @@ def save_checkpoint(path, state):
 
 
 def first_non_finite(named_tensors):
-    """The name of the first floating-point tensor holding NaN or inf, or None."""
-    for name, t in named_tensors:
-        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
+    """The name of the first floating-point tensor holding NaN or inf, or None. Sharded tensors (DTensors) are
+    checked shard by shard, and the ranks agree on the answer: then every rank must call this."""
+    named = [(name, t) for name, t in named_tensors if torch.is_tensor(t) and t.is_floating_point()]
+    shard = next((t for _, t in named if isinstance(t, DTensor)), None)
+    if shard is None:
+        return next((name for name, t in named if not bool(torch.isfinite(t).all())), None)
+    device = shard.to_local().device
+    bad = torch.stack([~torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all().to(device)
+                       for _, t in named]).int()
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=shard.device_mesh.get_group())
+    return next((name for (name, _), b in zip(named, bad.tolist()) if b), None)
 
 
 def optimizer_tensors(optimizer_state):
@@ -306,11 +383,16 @@ def optimizer_tensors(optimizer_state):
 
 
 def load_checkpoint(path, cfg):
+    """The checkpoint's dict, checked against cfg. A sharded one (a directory): its training state only; the
+    weights and optimizer state load later, into the sharded model (load_sharded)."""
+    sharded = path.is_dir()
+    state_file = path / "train_state.pt" if sharded else path
     try:
         # mmap: every rank reads the checkpoint, and the page cache shares one copy among a node's ranks
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = torch.load(state_file, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # empty, truncated, corrupt, or not a checkpoint at all
-        raise ConfigError(f"cannot read the checkpoint {path} ({path.stat().st_size:,} bytes, {type(e).__name__}: "
+        size = f"{state_file.stat().st_size:,} bytes" if state_file.exists() else "missing"
+        raise ConfigError(f"cannot read the checkpoint {state_file} ({size}, {type(e).__name__}: "
                           f"not a complete torch checkpoint); move it away to start over, or set out_dir= to a "
                           f"fresh directory") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -325,11 +407,73 @@ def load_checkpoint(path, cfg):
     if ckpt["config"]["optim"]["name"] != cfg.optim.name:
         raise ConfigError(f"the checkpoint in {path.parent} was trained with optim={ckpt['config']['optim']['name']}, "
                           f"not optim={cfg.optim.name}: set out_dir= to a fresh directory to switch optimizers")
-    bad = first_non_finite(ckpt["model"].items()) or first_non_finite(optimizer_tensors(ckpt["optimizer"]))
+    if not sharded:
+        check_finite(path, ckpt["model"], ckpt["optimizer"])
+    return ckpt
+
+
+def saved_step(path):
+    """The step a checkpoint of either format was written at; -1 when it cannot be read."""
+    state_file = path / "train_state.pt" if path.is_dir() else path
+    try:
+        return int(torch.load(state_file, map_location="cpu", weights_only=False, mmap=True)["step"])
+    except Exception:
+        return -1
+
+
+def check_finite(path, model_state, optimizer_state):
+    bad = first_non_finite(model_state.items()) or first_non_finite(optimizer_tensors(optimizer_state))
     if bad:
         raise ConfigError(f"the checkpoint {path} holds NaN/inf in {bad}: it comes from a diverged run; move it "
                           f"away and start over (with a lower optim.lr), or set out_dir= to a fresh directory")
-    return ckpt
+
+
+def save_sharded(path, model, optimizer, train_state, env):
+    """parallel=fsdp: every rank writes its shards with torch.distributed.checkpoint into the free one of two
+    directories, path.a and path.b; rank 0 adds train_state.pt, then points the symlink `path` at the new
+    directory (a rename: atomic) and removes the old one. A crash at any point leaves the previous checkpoint
+    whole, and `path` on it. Works on one process too (the model then unsharded)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    current = os.readlink(path) if path.is_symlink() else None
+    slot = path.with_name(f"{path.name}.{'b' if current == path.name + '.a' else 'a'}")
+    if env.is_master:
+        shutil.rmtree(slot, ignore_errors=True)  # what a crashed save left there
+    if env.distributed:
+        dist.barrier()  # no rank writes into the directory before it is empty
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=slot,
+                 no_dist=not dist.is_initialized())
+    except Exception as e:  # every rank gets the exception of any: the disk is full, not writable
+        if env.is_master:
+            shutil.rmtree(slot, ignore_errors=True)
+        raise RunError(f"could not write the checkpoint {slot} ({e}); the previous checkpoint is kept. Fix the "
+                       f"cause, then rerun the same command to resume from it") from None
+    if env.is_master:
+        save_checkpoint(slot / "train_state.pt", train_state)
+        link = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+        link.unlink(missing_ok=True)
+        link.symlink_to(slot.name)  # relative: the run directory can move
+        os.replace(link, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the swap itself reaches the disk
+        finally:
+            os.close(fd)
+        if current:
+            shutil.rmtree(path.with_name(current), ignore_errors=True)
+
+
+def load_sharded(path, model, optimizer):
+    """Weights and optimizer state from a sharded checkpoint, into the (sharded or not) model: DCP reads the
+    slices this rank holds, whatever the world size that wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # fills the optimizer state to load into
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path,
+             no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
 def lock_run_dir(out_dir):
@@ -469,11 +613,19 @@ def resolve_out_dir(cfg, env):
     out_dir = Path(cfg.out_dir) if cfg.out_dir else REPO_DIR / "out" / run_name
     out_dir = out_dir if out_dir.is_absolute() else Path.cwd() / out_dir
     lock = lock_run_dir(out_dir) if env.is_master else None
-    ckpt_path = out_dir / "ckpt.pt"
+    ckpt_path = out_dir / CHECKPOINT_NAMES[cfg.parallel]
     if ckpt_path.exists() and not cfg.resume:
         raise ConfigError(f"{ckpt_path} exists and resume=false would overwrite it: set resume=true to "
                           f"continue it, or out_dir= to a fresh directory")
     ckpt = load_checkpoint(ckpt_path, cfg) if ckpt_path.exists() else None
+    # the other parallel= mode's checkpoint: refuse it, and refuse to resume behind it (a converted copy)
+    mode, other = next((m, out_dir / name) for m, name in CHECKPOINT_NAMES.items() if m != cfg.parallel)
+    other_step = saved_step(other) if cfg.resume and other.exists() else None
+    if other_step is not None and (ckpt is None or other_step > ckpt["step"]):
+        newer = f", newer than {ckpt_path.name} (step {ckpt['step']})" if ckpt else ""
+        raise ConfigError(f"{out_dir} holds a parallel={mode} checkpoint ({other.name}, step {other_step}{newer}): "
+                          f"resume with parallel={mode}, or convert it for parallel={cfg.parallel} first: "
+                          f"python {CONVERTER} {out_dir} --to {cfg.parallel}")
     return out_dir, lock, ckpt
 
 
@@ -519,7 +671,7 @@ class Run:
     out_dir: Path
     streams: Streams
     raw_model: GPT
-    model: torch.nn.Module     # raw_model, compiled and/or wrapped in DDP
+    model: torch.nn.Module     # raw_model, compiled and/or wrapped in DDP (FSDP shards raw_model itself)
     params: list               # the trainable tensors, each once (the tied embedding/head too)
     optimizer: torch.optim.Optimizer
     progress: Progress
@@ -536,7 +688,7 @@ class Run:
 
     @property
     def ckpt_path(self):
-        return self.out_dir / "ckpt.pt"
+        return self.out_dir / CHECKPOINT_NAMES[self.cfg.parallel]
 
 
 def adopt_pretrained_architecture(cfg, env):
@@ -582,22 +734,31 @@ def build_run(cfg, env, plan):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     raw_model = GPT(GPTConfig(**model_args)).to(env.device)
-    optimizer = build_optimizer(cfg, raw_model)
     if cfg.optim.name == "sophiah":
         check_double_backward(raw_model, env.device, env.autocast())
-    progress = Progress()
     if ckpt is None and cfg.init_from != "scratch":
         load_pretrained_weights(raw_model, cfg)
+    if is_sharded(cfg, env):
+        shard_model(raw_model, env)  # before the optimizer: sharding replaces the parameters
+    elif cfg.parallel == "fsdp" and env.is_master:
+        print("note: parallel=fsdp with one process: the model is not sharded (checkpoints still are, in ckpt.dcp)")
+    optimizer = build_optimizer(cfg, raw_model)
+    progress = Progress()
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt_path = out_dir / CHECKPOINT_NAMES[cfg.parallel]
+        if cfg.parallel == "fsdp":
+            load_sharded(ckpt_path, raw_model, optimizer)
+            check_finite(ckpt_path, raw_model.state_dict(), optimizer.state_dict())
+        else:
+            raw_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
         progress = Progress(step=ckpt["step"], train_seqs=ckpt["data_state"]["train_seqs"],
                             hess_seqs=ckpt["data_state"]["hess_seqs"], elapsed_before=ckpt.get("elapsed_s", 0.0),
                             wandb_run_id=ckpt.get("wandb_run_id"))
         if env.is_master:
-            print(f"resumed from {out_dir / 'ckpt.pt'} at step {progress.step}")
+            print(f"resumed from {ckpt_path} at step {progress.step}")
     model = torch.compile(raw_model) if compile_enabled(cfg, env.device) else raw_model
-    if env.distributed:
+    if env.distributed and cfg.parallel == "ddp":
         model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
     run = Run(cfg=cfg, env=env, plan=plan, out_dir=out_dir, streams=streams, raw_model=raw_model, model=model,
@@ -646,14 +807,13 @@ def train_step(run, lr):
         torch.manual_seed(random_seed(cfg.seed, progress.step, chunk, "dropout"))
         x, y = run.streams.train.batch(progress.train_seqs + chunk * cfg.micro_batch_size, cfg.micro_batch_size,
                                        env.device)
-        # DDP all-reduces the gradients only on the last micro-step
-        last = micro == plan.grad_accum - 1
-        with run.model.no_sync() if env.distributed and not last else nullcontext():
+        # DDP all-reduces (FSDP reduce-scatters) the gradients only on the last micro-step
+        with gradient_sync(run, last=micro == plan.grad_accum - 1):
             with env.autocast():
                 _, loss = run.model(x, y)  # x, y: (micro_batch_size, block_size)
             (loss / plan.grad_accum).backward()
         run.loss_sum += loss.detach() / plan.grad_accum
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    grad_norm = clip_gradients(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     if cfg.grad_clip > 0:
         run.clipped_steps += (grad_norm > cfg.grad_clip).float()
     # the one host sync of a step (on CUDA it waits for the backward to finish, then the step's kernels are
@@ -679,13 +839,16 @@ def refresh_hessian(run):
     """Fill p.grad with the estimator's sample over a fresh Hessian batch, then update Sophia's Hessian EMA."""
     cfg, env, plan, progress = run.cfg, run.env, run.plan, run.progress
     generator = torch.Generator(device=env.device)
+    hold = cfg.optim.name == "sophiah" and is_sharded(cfg, env)
+    if hold:
+        hold_gathered(run.raw_model, True)
+        estimates = None  # summed here: FSDP would take the gathered weights' .grad for its own accumulation
     for micro in range(plan.hess_accum):
         chunk = env.rank * plan.hess_accum + micro  # as in the training step: independent of the world size
         generator.manual_seed(random_seed(cfg.seed, progress.step, chunk, "hessian"))  # sampled labels or probes
         x, y = run.streams.hessian.batch(progress.hess_seqs + chunk * plan.hess_micro, plan.hess_micro, env.device)
         if cfg.optim.name == "sophiag":
-            last = micro == plan.hess_accum - 1
-            with run.model.no_sync() if env.distributed and not last else nullcontext():
+            with gradient_sync(run, last=micro == plan.hess_accum - 1):
                 with env.autocast():
                     logits, _ = run.model(x)  # (B, T, vocab): labels are sampled from these
                 sophia.gnb_backward(logits, 1.0 / plan.hess_accum, generator)
@@ -693,8 +856,18 @@ def refresh_hessian(run):
             # Hutchinson needs double backward: the plain module, with the math attention kernel
             with math_attention(), env.autocast():
                 _, loss = run.raw_model(x, y)
-            sophia.hutchinson_backward(loss, run.params, 1.0 / plan.hess_accum, generator, cfg.optim.probe)
-    if cfg.optim.name == "sophiah" and env.distributed:
+            # under FSDP the parameters are the gathered weights now, in the order of run.params
+            params = list(run.raw_model.parameters()) if hold else run.params
+            sophia.hutchinson_backward(loss, params, 1.0 / plan.hess_accum, generator, cfg.optim.probe)
+            if hold:
+                grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in params]
+                estimates = grads if estimates is None else [a + b for a, b in zip(estimates, grads)]
+                for q in params:
+                    q.grad = None
+    if hold:
+        hold_gathered(run.raw_model, False)
+        shard_estimates(run.params, estimates)
+    elif cfg.optim.name == "sophiah" and env.distributed:
         for p in run.params:  # the DDP hooks did not run: average u*(Hu) over ranks by hand
             if p.grad is not None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
@@ -712,11 +885,17 @@ def evaluate(run):
     cfg, env = run.cfg, run.env
     run.model.eval()
     total = torch.zeros(2, device=env.device)  # (sum of losses, number of micro-batches)
-    for i in range(env.rank, cfg.eval_steps, env.world_size):
-        x, y = run.streams.val.batch(i * cfg.micro_batch_size, cfg.micro_batch_size, env.device)
+    # FSDP all-gathers in every forward, so every rank runs as many (the extra ones are not counted)
+    end = math.ceil(cfg.eval_steps / env.world_size) * env.world_size if is_sharded(cfg, env) else cfg.eval_steps
+    for i in range(env.rank, end, env.world_size):
+        x, y = run.streams.val.batch(min(i, cfg.eval_steps - 1) * cfg.micro_batch_size, cfg.micro_batch_size,
+                                     env.device)
         with env.autocast():
             _, loss = run.raw_model(x, y)  # the plain module: no DDP hooks for a forward-only pass
-        total += torch.stack([loss.float(), torch.ones((), device=env.device)])
+        if i < cfg.eval_steps:
+            total += torch.stack([loss.float(), torch.ones((), device=env.device)])
+    if is_sharded(cfg, env):
+        run.raw_model.reshard()  # the root keeps its gathered weights after a forward (for a backward): free them
     if env.distributed:
         dist.all_reduce(total)
     run.model.train()
@@ -807,20 +986,23 @@ def save(run, clock):
         if run.env.is_master:
             print(f"step {run.progress.step}: checkpoint postponed: the last update was skipped (non-finite gradient)")
         return
-    # every rank holds the same weights, so every rank decides the same way without communicating
+    # every rank holds the same weights, so every rank decides the same way without communicating (FSDP's
+    # shards: first_non_finite agrees over the ranks)
     bad = first_non_finite(run.raw_model.state_dict().items())
     bad = bad or first_non_finite(optimizer_tensors(run.optimizer.state_dict()))
     if bad:
         raise RunError(f"step {run.progress.step}: {bad} holds NaN/inf: the run diverged. The last checkpoint in "
                        f"{run.out_dir} is kept; lower optim.lr (now {run.cfg.optim.lr}) and resume or start over")
-    if run.env.is_master:
-        p = run.progress
-        save_checkpoint(run.ckpt_path, {
-            "format": CHECKPOINT_FORMAT, "model": run.raw_model.state_dict(),
-            "optimizer": run.optimizer.state_dict(), "step": p.step,
-            "data_state": {"train_seqs": p.train_seqs, "hess_seqs": p.hess_seqs},
-            "config": OmegaConf.to_container(run.cfg, resolve=True), "run_name": run.cfg.run_name,
-            "wandb_run_id": p.wandb_run_id, "elapsed_s": clock.elapsed(), "torch_version": torch.__version__})
+    p = run.progress
+    train_state = {"format": CHECKPOINT_FORMAT, "step": p.step,
+                   "data_state": {"train_seqs": p.train_seqs, "hess_seqs": p.hess_seqs},
+                   "config": OmegaConf.to_container(run.cfg, resolve=True), "run_name": run.cfg.run_name,
+                   "wandb_run_id": p.wandb_run_id, "elapsed_s": clock.elapsed(), "torch_version": torch.__version__}
+    if run.cfg.parallel == "fsdp":  # every rank writes its shards
+        save_sharded(run.ckpt_path, run.raw_model, run.optimizer, train_state, run.env)
+    elif run.env.is_master:
+        save_checkpoint(run.ckpt_path, {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                                        **train_state})
     if run.env.distributed:
         dist.barrier()
 
@@ -870,7 +1052,11 @@ def print_sample(run):
     from data.common import get_gpt2_encoding
     from scripts.sample import sample_text
     text = sample_text(run.raw_model, get_gpt2_encoding(), max_new_tokens=64, seed=run.cfg.seed)[0]
-    print(f"a sample (more: python scripts/sample.py out_dir={run.out_dir}):\n{text.strip()}\n")
+    more = f"python scripts/sample.py out_dir={run.out_dir}"
+    if run.cfg.parallel == "fsdp":
+        more = f"python {CONVERTER} {run.out_dir}, then {more}"
+    if run.env.is_master:
+        print(f"a sample (more: {more}):\n{text.strip()}\n")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -886,16 +1072,15 @@ def train(cfg):
     run.model.train()
     if progress.step == 0:
         log_eval(run, clock)
-    compile_start = time.time() if compile_enabled(cfg, env.device) and progress.step < cfg.max_steps else None
-    if compile_start and env.is_master:
+    compiling, loop_start = compile_enabled(cfg, env.device) and progress.step < cfg.max_steps, time.time()
+    if compiling and env.is_master:
         print("compiling the model (torch.compile): the first step includes it...", flush=True)
     while progress.step < cfg.max_steps:
         lr = get_lr(progress.step, cfg, plan.lr_decay_steps)
         grad_norm = train_step(run, lr)
-        if compile_start:
-            if env.is_master:
-                print(f"compiled: the first step took {time.time() - compile_start:.1f} s", flush=True)
-            compile_start = None
+        if compiling and env.is_master:
+            print(f"compiled: the first step took {time.time() - loop_start:.1f} s", flush=True)
+        compiling = False
         if plan.sophia and progress.step % k == k - 1:
             refresh_hessian(run)
         progress.step += 1
@@ -913,7 +1098,8 @@ def train(cfg):
 
     if env.is_master and progress.step >= cfg.max_steps:
         print(f"done: metrics in {run.out_dir / 'metrics.jsonl'}, checkpoint in {run.ckpt_path}")
-        print_sample(run)
+    if progress.step >= cfg.max_steps and (env.is_master or is_sharded(cfg, env)):
+        print_sample(run)  # under FSDP every rank takes part in each forward
     if run.wandb_run is not None:
         run.wandb_run.finish()
     if run.lock is not None:

@@ -106,6 +106,9 @@ def load_run(out_dir, device="cpu", usage="set out_dir= to a run folder that hol
     usage: how to name a run folder on the caller's command line, for the error message."""
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "ckpt.pt"
+    if not ckpt_path.is_file() and (out_dir / "ckpt.dcp").is_dir():  # a parallel=fsdp run
+        raise SampleError(f"{out_dir} holds a sharded checkpoint (ckpt.dcp): convert it to ckpt.pt first with "
+                          f"python scripts/convert_checkpoint.py {out_dir}")
     if not ckpt_path.is_file():
         raise SampleError(f"{out_dir} holds no checkpoint (no ckpt.pt): train one there first with "
                           f"`python train.py out_dir={out_dir}`, or {usage}")

@@ -120,6 +120,25 @@ def test_official_adamw_equals_clip_and_eps_over_accumulation():
     assert max_difference(official, train_tiny_adamw(1 / A, max_norm, eps / A, A=A)[0]) > 1e-4
 
 
+def test_xl_presets_differ_only_in_the_optimizer_and_are_sharded():
+    """GPT-2 1.5B: AdamW and Sophia-G on one model, batch and schedule, with FSDP; Sophia-G with the official
+    1.5B (Levanter) values that carry over: lr, betas, weight decay, min_lr 0.02 x lr, warmup 1% of the steps."""
+    adamw, sophiag = flatten(compose_config("gpt2_xl_adamw")), flatten(compose_config("gpt2_xl_sophiag"))
+    differing = {k for k in set(adamw) | set(sophiag) if adamw.get(k) != sophiag.get(k)}
+    assert differing and all(k.startswith("optim.") or k == "min_lr" for k in differing), sorted(differing)
+    for flat in (adamw, sophiag):
+        assert (flat["model.n_layer"], flat["model.n_head"], flat["model.n_embd"]) == (48, 25, 1600)
+        assert flat["model.scale_attn_by_inverse_layer_idx"] is True and flat["model.vocab_size"] == 50304
+        assert flat["parallel"] == "fsdp" and flat["data.name"] == "openwebtext"
+        assert flat["total_batch_size"] == 480 and flat["model.block_size"] == 1024
+        assert flat["max_steps"] == 100_000 and flat["warmup_steps"] == 1000 and flat["grad_clip"] == 1.0
+        assert all(480 % (flat["micro_batch_size"] * gpus) == 0 for gpus in (8, 10))
+    assert (sophiag["optim.name"], sophiag["optim.lr"], sophiag["optim.betas"], sophiag["optim.weight_decay"]) == \
+        ("sophiag", 2.5e-4, [0.965, 0.99], 0.15)
+    assert sophiag["min_lr"] == pytest.approx(0.02 * 2.5e-4, rel=1e-12) and sophiag["optim.hess_interval"] == 10
+    assert sophiag["optim.rho"] > 0 and adamw["optim.name"] == "adamw"
+
+
 def test_shakespeare_presets_differ_only_in_the_optimizer():
     sophia, adamw = flatten(compose_config("shakespeare_sophiag")), flatten(compose_config("shakespeare_adamw"))
     differing = {k for k in set(sophia) | set(adamw) if sophia.get(k) != adamw.get(k)}

@@ -108,19 +108,23 @@ def finished(env, job_id):
     return info if info["JobState"] in ENDED else None
 
 
-@pytest.fixture(scope="module")
-def two_node_run(cluster, tmp_path_factory):
+def run_on_two_nodes(cluster, work, parallel="ddp"):
     """A 4-step run on 2 nodes x 1 worker, submitted with train.sbatch and waited for."""
-    work = tmp_path_factory.mktemp("two_nodes")
     log_path = work / "slurm.out"
-    job_id = submit(cluster, log_path, [*TINY, "max_steps=4", f"out_dir={work / 'run'}"])
+    job_id = submit(cluster, log_path, [*TINY, "max_steps=4", f"out_dir={work / 'run'}", f"parallel={parallel}"])
     info = wait_for(lambda: finished(cluster, job_id), 240, f"job {job_id} to finish", log_path)
     return info, log_path.read_text(), work / "run"
 
 
+@pytest.fixture(scope="module")
+def two_node_run(cluster, tmp_path_factory):
+    return run_on_two_nodes(cluster, tmp_path_factory.mktemp("two_nodes"))
+
+
 @needs_cluster
-def test_two_nodes_compute_what_one_process_computes(two_node_run, tmp_path):
-    info, log, out_dir = two_node_run
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_nodes_compute_what_one_process_computes(cluster, two_node_run, tmp_path, parallel):
+    info, log, out_dir = two_node_run if parallel == "ddp" else run_on_two_nodes(cluster, tmp_path, parallel)
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]"
     assert "2 node(s) x 1 worker(s)" in log  # train.sbatch: one torchrun per node, one CPU worker each
@@ -129,11 +133,12 @@ def test_two_nodes_compute_what_one_process_computes(two_node_run, tmp_path):
     assert train_steps(two_nodes) == [1, 2, 3, 4]
 
     # the reference: the same command in one process, which accumulates the two micro-batches itself
-    reference = subprocess.run([sys.executable, "train.py", *TINY, "max_steps=4", f"out_dir={tmp_path}"],
+    reference = subprocess.run([sys.executable, "train.py", *TINY, "max_steps=4", f"out_dir={tmp_path / 'one'}"],
                                cwd=REPO_DIR, capture_output=True, text=True, timeout=300,
                                env={**without_slurm_variables(os.environ), "OMP_NUM_THREADS": "1"})
     assert reference.returncode == 0, reference.stderr[-3000:]
-    one_process = read_metrics(tmp_path)
+    one_process = read_metrics(tmp_path / "one")
+    assert (out_dir / ("ckpt.dcp" if parallel == "fsdp" else "ckpt.pt")).exists()
     for key in ("train/loss", "val/loss", "grad_norm", "optim/hessian_norm"):
         got = {r["step"]: r[key] for r in two_nodes if key in r}
         want = {r["step"]: r[key] for r in one_process if key in r}
