@@ -14,6 +14,7 @@ Hessian estimator's samples, so a resumed run continues exactly as if it had nev
 
 import errno
 import fcntl
+import io
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,9 +221,10 @@ def load_data(cfg, is_master, distributed):
         data_dir = REPO_DIR / "data" / cfg.data.name
         if cfg.data.name == "shakespeare" and not (data_dir / "meta.json").exists():  # the embedded corpus
             if is_master:
-                print(f"preparing the Shakespeare corpus in {data_dir} (once)")
+                print(f"preparing the Shakespeare corpus in {data_dir} (once, a few seconds)")
                 from data.shakespeare.prepare import prepare
-                prepare(out_dir=data_dir)
+                with redirect_stderr(io.StringIO()):  # its progress bars: noise for a few seconds' work
+                    prepare(out_dir=data_dir)
             if distributed:
                 dist.barrier()
     try:
