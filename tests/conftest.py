@@ -40,6 +40,17 @@ def read_metrics(out_dir):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def flatten(tree, prefix=""):
+    """A nested config dict as {"optim.lr": ..., "model.n_layer": ...}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def compose_config(preset=None, overrides=()):
     """The config train.py runs with for `python train.py [config=preset] overrides...`, as a plain dict."""
     from hydra import compose, initialize_config_dir

@@ -4,7 +4,7 @@ Fairness: the presets of one model size may differ in the optimizer block (and i
 Sophia, AdamW and Lion share model, data order, batch, schedule, seed, loss scaling and evaluation."""
 import pytest
 
-from conftest import compose_config
+from conftest import compose_config, flatten
 
 OPTIMIZERS = ["adamw", "lion", "sophiag", "sophiah"]
 SIZES = {"small": (12, 12, 768), "medium": (24, 16, 1024), "large": (36, 20, 1280)}
@@ -22,16 +22,6 @@ LION_LR = {"small": 1e-4, "medium": 1e-4, "large": 8e-5}
 # gradient-accumulation steps of the official AdamW launches (GPUs x micro-batch x A = 480 sequences):
 # small 10 x 8 x 6, medium 8 x 6 x 10, large 10 x 4 x 12
 OFFICIAL_ACCUMULATION = {"small": 6, "medium": 10, "large": 12}
-
-
-def flatten(tree, prefix=""):
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 @pytest.mark.parametrize("size", SIZES)

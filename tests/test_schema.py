@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import config_schema
+from conftest import flatten
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (REPO_DIR / "configs" / "config").glob("*.yaml"))
@@ -26,16 +27,6 @@ def train_py(*args, cwd=REPO_DIR):
 def composed(overrides):
     with initialize_config_dir(config_dir=str(REPO_DIR / "configs"), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
-
-
-def flatten(tree, prefix=""):
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 # -----------------------------------------------------------------------------------------------------
