@@ -247,13 +247,13 @@ def sharded_optimizer_worker():
 
 
 def test_optimizers_on_shards_equal_whole_tensors():
+    # PYTHONPATH: the script imports conftest, which imports the repo's modules before any path set-up can run
     result = subprocess.run([*TORCHRUN, __file__], cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_DIR)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     for name in optimizer_cases():
         assert f"{name}: shards equal whole tensors" in result.stdout
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(REPO_DIR))  # torchrun runs this file as a script: the repo's modules import
+if __name__ == "__main__":  # under torchrun, from test_optimizers_on_shards_equal_whole_tensors
     sharded_optimizer_worker()
