@@ -606,6 +606,10 @@ def setup_processes(cfg):
     return Env(rank, local_rank, world_size, device, dtype)
 
 
+def checkpoint_path(out_dir, cfg):
+    return out_dir / CHECKPOINT_NAMES[cfg.parallel]
+
+
 def resolve_out_dir(cfg, env):
     """The run directory, its lock (rank 0), and the checkpoint to resume from (None for a fresh run)."""
     run_name = resolve_run_name(cfg)
@@ -615,7 +619,7 @@ def resolve_out_dir(cfg, env):
     out_dir = Path(cfg.out_dir) if cfg.out_dir else REPO_DIR / "out" / run_name
     out_dir = out_dir if out_dir.is_absolute() else Path.cwd() / out_dir
     lock = lock_run_dir(out_dir) if env.is_master else None
-    ckpt_path = out_dir / CHECKPOINT_NAMES[cfg.parallel]
+    ckpt_path = checkpoint_path(out_dir, cfg)
     if ckpt_path.exists() and not cfg.resume:
         raise ConfigError(f"{ckpt_path} exists and resume=false would overwrite it: set resume=true to "
                           f"continue it, or out_dir= to a fresh directory")
@@ -690,7 +694,7 @@ class Run:
 
     @property
     def ckpt_path(self):
-        return self.out_dir / CHECKPOINT_NAMES[self.cfg.parallel]
+        return checkpoint_path(self.out_dir, self.cfg)
 
 
 def adopt_pretrained_architecture(cfg, env):
@@ -747,7 +751,7 @@ def build_run(cfg, env, plan):
     optimizer = build_optimizer(cfg, raw_model)
     progress = Progress()
     if ckpt is not None:
-        ckpt_path = out_dir / CHECKPOINT_NAMES[cfg.parallel]
+        ckpt_path = checkpoint_path(out_dir, cfg)
         if cfg.parallel == "fsdp":
             load_sharded(ckpt_path, raw_model, optimizer)
             check_finite(ckpt_path, raw_model.state_dict(), optimizer.state_dict())
@@ -874,7 +878,7 @@ def refresh_hessian(run):
             if p.grad is not None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
     if cfg.optim.name == "sophiag" and cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)  # as the official loop does
+        clip_gradients(run.params, cfg.grad_clip)  # as the official loop does
     applied = run.optimizer.update_hessian()  # a 0-d bool on the device: False if the estimate was not finite
     run.hessian_skipped.add_(~applied)  # read at the next log step, so no sync here
     run.optimizer.zero_grad(set_to_none=True)
