@@ -184,8 +184,9 @@ def type_name(tp):
 # Command-line checks: compose as Hydra will, before Hydra, so that a mistake is one line and exit code 2
 # (Hydra prints several lines and exits 1), and before torchrun's ranks or a sweep's jobs start.
 
-class ConfigCheckError(ValueError):
-    """A mistake on the command line or in a YAML file: the message is the one line users see."""
+class ConfigError(ValueError):
+    """Bad input found before any training (the command line, a YAML file, a value, a path): the message is the
+    one line users see, and names the fix. Exit status 2."""
 
 
 def check_command_line(argv=None):
@@ -203,7 +204,7 @@ def check_command_line(argv=None):
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="train"):
             for point in (sweep_points(overrides) if args.multirun else [overrides]):
                 compose_checked(point)
-    except ConfigCheckError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -213,7 +214,7 @@ def sweep_points(overrides):
     try:
         parsed = OverridesParser.create(GlobalHydra.instance().config_loader()).parse_overrides(overrides)
     except HydraException as e:
-        raise ConfigCheckError(one_line(e)) from None
+        raise ConfigError(one_line(e)) from None
     if any(o.is_sweep_override() and not o.is_discrete_sweep() for o in parsed):
         return []  # range/interval sweeps belong to another sweeper: Hydra checks them alone
     choices = {}  # as BasicSweeper.split_arguments: a later override of a key replaces an earlier one
@@ -228,10 +229,10 @@ def compose_checked(overrides):
     try:
         cfg = compose(config_name="train", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigCheckError(describe(e, given_values(overrides))) from None
+        raise ConfigError(describe(e, given_values(overrides))) from None
     problem = missing_values(cfg) or next(unknown_keys(cfg, given_values(overrides)), None)
     if problem:
-        raise ConfigCheckError(problem)
+        raise ConfigError(problem)
 
 
 def given_values(overrides):
@@ -315,7 +316,7 @@ def help_text(overrides=()):
                       for name in OPTIMIZERS}
             groups = {g: group_options(g) for g in ("config", "model", "optim", "data")}
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigCheckError(describe(e, given_values(overrides))) from None
+        raise ConfigError(describe(e, given_values(overrides))) from None
     choices = cfg.hydra.runtime.choices
     command = " ".join(["python train.py", *overrides])
     lines = [
@@ -368,3 +369,13 @@ def yaml_value(value):
         return "[" + ", ".join(yaml_value(v) for v in value) + "]"
     return str(value)
 
+
+
+# -----------------------------------------------------------------------------------------------------
+# The one way to compose a configuration outside train.py (scripts, tests), as train.py composes it.
+
+def compose_config(preset=None, overrides=()):
+    """The config `python train.py [config=preset] overrides...` runs with (a DictConfig, interpolations kept)."""
+    preset_override = [f"config={preset}"] if preset else []
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="train"):
+        return compose(config_name="train", overrides=[*preset_override, *overrides])

@@ -7,6 +7,7 @@ hard-coded A100 constant.
 """
 
 import time
+import warnings
 
 import torch
 
@@ -48,8 +49,9 @@ def measure_cpu_matmul_flops(n=2048, repeats=5, clock=time.perf_counter):
 
 
 def peak_flops(device, dtype, cpu_peak=None):
-    """Peak FLOP/s of the device a run uses: the GPU table above, or on CPU the given cpu_peak or one
-    measured by timing fp32 matmuls (once per process and thread count)."""
+    """Peak FLOP/s of the device a run uses: the GPU table above (None, with a warning, for a GPU it lacks: the
+    run goes on without MFU), or on CPU the given cpu_peak or one measured by timing fp32 matmuls (once per
+    process and thread count)."""
     device = torch.device(device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, dtype)
     if device.type == "cuda":
@@ -60,7 +62,9 @@ def peak_flops(device, dtype, cpu_peak=None):
                     return peaks["bf16"]
                 tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
                 return peaks["tf32"] if tf32 else peaks["fp32"]
-        raise ValueError(f"unknown GPU {name!r} for the peak FLOP/s table: add it to mfu.GPU_PEAK_FLOPS")
+        warnings.warn(f"no peak FLOP/s known for GPU {name!r}: mfu is logged as null (add the GPU's datasheet "
+                      f"figures to mfu.GPU_PEAK_FLOPS)", stacklevel=2)
+        return None
     if device.type == "cpu":
         if cpu_peak is not None:
             return float(cpu_peak)
@@ -72,5 +76,5 @@ def peak_flops(device, dtype, cpu_peak=None):
 
 
 def estimate_mfu(tokens_per_s, flops_per_token, peak):
-    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak."""
-    return tokens_per_s * flops_per_token / peak
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak; None when the peak is unknown."""
+    return None if peak is None else tokens_per_s * flops_per_token / peak

@@ -281,6 +281,30 @@ class GPT(nn.Module):
                 p.copy_(src)
         return hf.to(self.transformer.wte.weight.device)
 
+    # ---------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, vocab_size=None):
+        """idx (B, T) token ids -> (B, T + max_new_tokens), one sampled token at a time (temperature 0: greedy).
+        The context is cropped to the last block_size tokens (the position embedding covers no more).
+        vocab_size: only the first vocab_size logits compete, so that the padding rows of a padded
+        embedding (50257..50303 for GPT-2's tokenizer) are never sampled."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]  # (B, <= block_size)
+            logits, _ = self(context)  # (B, T, V)
+            logits = logits[:, -1, :vocab_size]  # (B, V): only the next token's
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth_best, float("-inf"))
+                probs = F.softmax(logits, dim=-1)  # (B, V)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx
+
     # ---------------------------------------------------------------- FLOPs, optimizer groups
 
     def flops_per_token(self, seq_len=None):

@@ -7,7 +7,7 @@ Per-GPU bytes of weights + gradients + optimizer state, parallel=ddp against par
 Computed: fp32 weights (4 bytes a parameter), fp32 gradients (4) and two fp32 state tensors (8: AdamW's m and v,
 Sophia's m and h; Lion has one), all on every GPU under DDP, a 1/world_size slice of each under FSDP.
 Measured (--measure, under torchrun on CPU with gloo): one optimizer step of the real model as train.py builds it
-(sharded by train.shard_model for fsdp), then the bytes of the tensors each rank holds are summed (local
+(sharded by shard_model for fsdp), then the bytes of the tensors each rank holds are summed (local
 shards of the parameters, their gradients and the optimizer state) and the largest rank is printed.
 Left out of both: activations, DDP's gradient buckets (a second copy of the gradients), and under FSDP the
 gathered bf16 copies of the unit being computed (one block, or the root with the embedding) and its gradient.
@@ -54,14 +54,14 @@ def measure(size, parallel):
     import torch.distributed as dist
 
     import sophia
-    import train
+    from distributed import Env, shard_model
     dist.init_process_group("gloo")
-    env = train.Env(rank=dist.get_rank(), local_rank=0, world_size=dist.get_world_size(),
-                    device=torch.device("cpu"), dtype="float32")
+    env = Env(rank=dist.get_rank(), local_rank=0, world_size=dist.get_world_size(), device=torch.device("cpu"),
+              dtype="float32", sharded=parallel == "fsdp")
     torch.manual_seed(0)
     model = GPT(config(size))
     if parallel == "fsdp":
-        train.shard_model(model, env)
+        shard_model(model, env)
         model.set_requires_gradient_sync(True)
     else:
         model = torch.nn.parallel.DistributedDataParallel(model)

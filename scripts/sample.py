@@ -7,7 +7,7 @@ Sample text from a trained run's checkpoint (nanoGPT's sample.py, with key=value
 
 `start` is taken verbatim (no YAML parsing, so `start=ROMEO:` stays text); `FILE:path` reads the prompt
 from a file. The same seed gives the same text on the same device. train.py and other code can call
-sample_text() / generate() directly.
+sample_text() / GPT.generate() directly.
 """
 
 import pickle
@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
+from checkpoint import CONVERTER, checkpoint_path
 from data.common import get_gpt2_encoding
 from model import GPT, GPTConfig
 
@@ -45,29 +45,6 @@ class SampleError(Exception):
 # Generation, usable from train.py
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, vocab_size=None):
-    """idx (B, T) token ids -> (B, T + max_new_tokens), one sampled token at a time.
-    The context is cropped to the last block_size tokens (the position embedding covers no more).
-    vocab_size: only the first vocab_size logits compete, so that the padding rows of a padded
-    embedding (50257..50303 for GPT-2's tokenizer) are never sampled."""
-    block_size = model.config.block_size
-    for _ in range(max_new_tokens):
-        context = idx[:, -block_size:]  # (B, <= block_size)
-        logits, _ = model(context)  # (B, T, V)
-        logits = logits[:, -1, :vocab_size]  # (B, V): only the next token's
-        if temperature == 0:
-            next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
-                logits = logits.masked_fill(logits < kth_best, float("-inf"))
-            probs = F.softmax(logits, dim=-1)  # (B, V)
-            next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-        idx = torch.cat((idx, next_id), dim=1)
-    return idx
-
-
 def encode_prompt(encoding, start, block_size):
     """The prompt's token ids, at most block_size of them (the last ones, with a note on stderr).
     An empty prompt becomes <|endoftext|>, GPT-2's start of a document."""
@@ -92,7 +69,7 @@ def sample_text(model, encoding, start="\n", num_samples=1, max_new_tokens=200, 
     prompt = torch.tensor(encode_prompt(encoding, start, model.config.block_size), device=device)[None]  # (1, T)
     texts = []
     for _ in range(num_samples):  # one at a time: logits are (T, V) per sequence, large for GPT-2's vocab
-        ids = generate(model, prompt, max_new_tokens, temperature, top_k, generator, vocab_size=encoding.n_vocab)
+        ids = model.generate(prompt, max_new_tokens, temperature, top_k, generator, vocab_size=encoding.n_vocab)
         texts.append(encoding.decode(ids[0].tolist()))
     model.train(was_training)
     return texts
@@ -105,12 +82,12 @@ def load_run(out_dir, device="cpu", usage="set out_dir= to a run folder that hol
     """(our GPT with the checkpoint's weights, in eval mode, the checkpoint dict) from out_dir/ckpt.pt.
     usage: how to name a run folder on the caller's command line, for the error message."""
     out_dir = Path(out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
-    if not ckpt_path.is_file() and (out_dir / "ckpt.dcp").is_dir():  # a parallel=fsdp run
-        raise SampleError(f"{out_dir} holds a sharded checkpoint (ckpt.dcp): convert it to ckpt.pt first with "
-                          f"python scripts/convert_checkpoint.py {out_dir}")
+    ckpt_path, sharded = checkpoint_path(out_dir, "ddp"), checkpoint_path(out_dir, "fsdp")
+    if not ckpt_path.is_file() and sharded.is_dir():  # a parallel=fsdp run
+        raise SampleError(f"{out_dir} holds a sharded checkpoint ({sharded.name}): convert it to {ckpt_path.name} "
+                          f"first with python {CONVERTER} {out_dir}")
     if not ckpt_path.is_file():
-        raise SampleError(f"{out_dir} holds no checkpoint (no ckpt.pt): train one there first with "
+        raise SampleError(f"{out_dir} holds no checkpoint (no {ckpt_path.name}): train one there first with "
                           f"`python train.py out_dir={out_dir}`, or {usage}")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)

@@ -1,7 +1,6 @@
 """What several test files share: train.py run as users run it on a tiny model, its metrics, the Hydra
 configs as train.py composes them, the prepared Shakespeare corpus. No test reaches a network service."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import config_schema  # noqa: F401  (registers the schema that configs/*.yaml name in their defaults)
+import config_schema  # registers the schema that configs/*.yaml name in their defaults
+from metrics import read_metrics  # noqa: F401  (shared with the test modules)
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -34,12 +34,6 @@ def run_train(args, out_dir, check=True, launcher=(sys.executable,), env=None):
     return result
 
 
-def read_metrics(out_dir):
-    """The events of out_dir/metrics.jsonl, [] while the run has not written it yet."""
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def flatten(tree, prefix=""):
     """A nested config dict as {"optim.lr": ..., "model.n_layer": ...}."""
     flat = {}
@@ -53,12 +47,8 @@ def flatten(tree, prefix=""):
 
 def compose_config(preset=None, overrides=()):
     """The config train.py runs with for `python train.py [config=preset] overrides...`, as a plain dict."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-    preset_override = [f"config={preset}"] if preset else []
-    with initialize_config_dir(config_dir=str(REPO_DIR / "configs"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*preset_override, *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(config_schema.compose_config(preset, overrides), resolve=True)
 
 
 def write_token_data(data_dir, vocab_size=50304, train_tokens=200_000, val_tokens=20_000, seed=0):

@@ -7,6 +7,8 @@ import torch
 from omegaconf import OmegaConf
 
 import train
+from build import compile_enabled
+from config_schema import ConfigError
 from conftest import REPO_DIR, compose_config, read_metrics, run_train
 
 PRESETS = sorted(p.stem for p in (REPO_DIR / "configs" / "config").glob("*.yaml"))
@@ -22,13 +24,13 @@ def test_every_preset_leaves_compile_to_auto():
 @pytest.mark.parametrize("value, cuda, cpu", [("auto", True, False), (True, True, True), (False, False, False)])
 def test_auto_means_compiled_on_cuda_only(value, cuda, cpu):
     cfg = OmegaConf.create({"compile": value})
-    assert train.compile_enabled(cfg, torch.device("cuda:0")) is cuda
-    assert train.compile_enabled(cfg, torch.device("cpu")) is cpu
+    assert compile_enabled(cfg, torch.device("cuda:0")) is cuda
+    assert compile_enabled(cfg, torch.device("cpu")) is cpu
 
 
 def test_an_unknown_compile_value_stops_before_training():
     cfg = OmegaConf.create(compose_config(overrides=["compile=yes"]))
-    with pytest.raises(train.ConfigError, match="compile=yes: use auto"):
+    with pytest.raises(ConfigError, match="compile=yes: use auto"):
         train.plan_batches(cfg, 1)
 
 

@@ -35,7 +35,7 @@ def sharded_weights(ckpt_dir):
 EQUAL_ARGS = ["max_steps=4", "total_batch_size=8", "micro_batch_size=2", "grad_clip=0", "eval_steps=3"]
 
 
-# sophiah: its Hessian-vector products run on the gathered weights (train.hold_gathered)
+# sophiah: its Hessian-vector products run on the gathered weights (distributed.hold_gathered)
 @pytest.mark.parametrize("optim", ["adamw", "sophiag", "sophiah"])
 @pytest.mark.usefixtures("shakespeare_bins")
 def test_fsdp_equals_ddp_step_by_step(tmp_path, optim):
@@ -141,13 +141,14 @@ def test_sharded_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     cleans up after it."""
     import torch.distributed.checkpoint as dcp
 
-    import train
+    from checkpoint import RunError, load_sharded, save_sharded, saved_step
+    from distributed import Env
     from model import GPT, GPTConfig
-    env = train.Env(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), dtype="float32")
+    env = Env(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), dtype="float32")
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16))
     optimizer = torch.optim.AdamW(model.parameters())
     path = tmp_path / "ckpt.dcp"
-    train.save_sharded(path, model, optimizer, {"step": 1}, env)
+    save_sharded(path, model, optimizer, {"step": 1}, env)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -162,10 +163,10 @@ def test_sharded_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dcp, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.save_sharded(path, model, optimizer, {"step": 2}, env)
-    assert train.saved_step(path) == 1
+        save_sharded(path, model, optimizer, {"step": 2}, env)
+    assert saved_step(path) == 1
     fresh = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16))
-    train.load_sharded(path, fresh, torch.optim.AdamW(fresh.parameters()))
+    load_sharded(path, fresh, torch.optim.AdamW(fresh.parameters()))
     for name, tensor in saved.items():
         assert torch.equal(fresh.state_dict()[name], tensor), name
 
@@ -173,13 +174,13 @@ def test_sharded_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(dcp, "save", disk_full)
-    with pytest.raises(train.RunError, match="the previous checkpoint is kept"):
-        train.save_sharded(path, model, optimizer, {"step": 2}, env)
-    assert train.saved_step(path) == 1
+    with pytest.raises(RunError, match="the previous checkpoint is kept"):
+        save_sharded(path, model, optimizer, {"step": 2}, env)
+    assert saved_step(path) == 1
 
     monkeypatch.setattr(dcp, "save", real_save)
-    train.save_sharded(path, model, optimizer, {"step": 3}, env)
-    assert train.saved_step(path) == 3
+    save_sharded(path, model, optimizer, {"step": 3}, env)
+    assert saved_step(path) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt.dcp", os.readlink(path)])
 
 

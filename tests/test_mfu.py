@@ -24,9 +24,11 @@ def test_gpu_peak_lookup(monkeypatch):
     assert mfu.peak_flops("cuda", torch.float32) == 19.5e12
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
     assert mfu.peak_flops("cuda", torch.float32) == 156e12
+    # a GPU the table lacks (B200, MI300X, RTX A6000, ...): the run goes on, MFU null, one warning naming the fix
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
-    with pytest.raises(ValueError, match="GPU_PEAK_FLOPS"):
-        mfu.peak_flops("cuda", torch.bfloat16)
+    with pytest.warns(UserWarning, match="GPU_PEAK_FLOPS"):
+        assert mfu.peak_flops("cuda", torch.bfloat16) is None
+    assert mfu.estimate_mfu(1e6, 1e9, None) is None
 
 
 def test_cpu_peak_is_the_best_of_the_timed_matmuls():

@@ -102,18 +102,16 @@ def test_prompt_longer_than_block_size_is_cropped_with_a_note(run_dir, capsys):
 def test_generate_never_picks_a_padding_row():
     """Rows 50257..50303 pad the embedding and are no tokens: a model that makes them by far the likeliest
     gets them sampled without vocab_size, and never with it."""
-    class PaddingLover(torch.nn.Module):
-        config = GPTConfig(block_size=4, n_layer=1, n_head=1, n_embd=8)
-
+    class PaddingLover(GPT):
         def forward(self, idx):  # idx (B, T) -> logits (B, T, 50304)
             logits = torch.zeros(*idx.shape, self.config.vocab_size)
             logits[..., GPT2_VOCAB_SIZE:] = 50.0
             return logits, None
 
+    model = PaddingLover(GPTConfig(block_size=4, n_layer=1, n_head=1, n_embd=8))
     idx = torch.zeros(3, 1, dtype=torch.long)  # (3, 1)
-    unrestricted = sample.generate(PaddingLover(), idx, 6, generator=torch.Generator().manual_seed(0))
-    restricted = sample.generate(PaddingLover(), idx, 6, generator=torch.Generator().manual_seed(0),
-                                 vocab_size=GPT2_VOCAB_SIZE)
+    unrestricted = model.generate(idx, 6, generator=torch.Generator().manual_seed(0))
+    restricted = model.generate(idx, 6, generator=torch.Generator().manual_seed(0), vocab_size=GPT2_VOCAB_SIZE)
     assert restricted.shape == (3, 7)  # the context is cropped to block_size=4, the output is not
     assert (unrestricted[:, 1:] >= GPT2_VOCAB_SIZE).all() and (restricted < GPT2_VOCAB_SIZE).all()
 

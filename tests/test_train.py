@@ -106,12 +106,12 @@ def test_one_step_equals_torch_adamw_by_hand(tmp_path):
     run_train(["optim=adamw", "max_steps=1", "grad_clip=0.5", "optim.lr=1e-2", "warmup_steps=0"], tmp_path)
     trained = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
 
-    import train
     from data.common import open_split
+    from data.stream import SequenceStream
     from model import GPT, GPTConfig
     torch.manual_seed(1337)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
-    stream = train.SequenceStream(open_split(REPO_DIR / "data" / "shakespeare", "train"), 32, 1337)
+    stream = SequenceStream(open_split(REPO_DIR / "data" / "shakespeare", "train"), 32, 1337)
     for first in (0, 2):  # two micro-batches of 2 sequences, each loss scaled by 1/2
         x, y = stream.batch(first, 2, torch.device("cpu"))
         _, loss = model(x, y)
@@ -151,9 +151,9 @@ def test_lr_schedule_matches_torch_schedulers():
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """A crash while writing leaves the previous checkpoint in place, whole."""
-    import train
+    from checkpoint import save_checkpoint
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(path, {"step": 1, "weights": torch.ones(3)})
+    save_checkpoint(path, {"step": 1, "weights": torch.ones(3)})
 
     def crash(obj, f):
         f.write(b"half a checkpoint")
@@ -161,7 +161,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, {"step": 2, "weights": torch.zeros(3)})
+        save_checkpoint(path, {"step": 2, "weights": torch.zeros(3)})
     assert torch.load(path, weights_only=False)["step"] == 1
 
 
