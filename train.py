@@ -264,6 +264,8 @@ def stop_for_signal(run, clock, signum):
 def print_sample(run):
     """A few lines of text from the trained model, so that a first run shows what it learned."""
     encoding = get_gpt2_encoding()
+    if encoding.n_vocab > run.raw_model.config.vocab_size:
+        return  # not GPT-2's vocabulary: the GPT-2 tokenizer cannot decode this model's tokens
     generator = torch.Generator(device=run.env.device).manual_seed(run.cfg.seed)
     prompt = torch.tensor([[encoding.eot_token]], device=run.env.device)  # (1, 1): the start of a document
     run.raw_model.eval()
