@@ -5,6 +5,7 @@ run needs to reach a target loss, with the speed-up against a baseline.
     python scripts/compare.py out/shakespeare_adamw_max_steps=50 out/shakespeare_sophiag_max_steps=50 --out compare.png
     python scripts/compare.py multirun_out/ --best --baseline adamw      # tuned vs tuned from a sweep
     python scripts/compare.py --wandb ENTITY/PROJECT --group my_experiment --out compare.png
+    python scripts/compare.py out/study/char --budgets --baseline adamw --seconds-per-step s.json --out budgets.png
 
 Runs whose configs are identical except for `seed`, `out_dir`, `run_name`, `resume`, `wandb.*` and the
 logging knobs are seeds of one group; a group's curve is the mean over its seeds. The target loss defaults to the
@@ -12,6 +13,13 @@ baseline's final validation loss (mean over its seeds); the baseline is the firs
 --baseline names another. The markdown table printed at the end explains itself in its footnotes.
 Two runs with the same seed in one group are refused (one run passed twice counts once); runs that differ in
 length, schedule, batch or data are compared with a warning (printed, and marked in the table).
+
+--budgets: runs of one setting at several max_steps (each its own full schedule) and seeds. Per optimizer and
+budget: the final val loss with its 95% t-interval over seeds, and the data multiplier: the steps the baseline would
+need to reach that loss, read off the baseline's final-loss-vs-steps curve (seed means per budget, linear in
+log(steps); beyond its range only through the printed fit L = a + b·ln(steps), marked †), divided by the run's
+steps, per seed, then mean and 95% interval. The time multiplier scales it by the measured seconds per step
+(--seconds-per-step, a JSON {label: s/step}); the paper's steps-to-target on each budget's schedule beside it.
 """
 
 import argparse
