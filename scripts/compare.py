@@ -662,7 +662,8 @@ def analyse_budgets(groups, baseline, seconds_per_step=None):
     seconds_per_step: {label: s/step} or None. Returns the baseline's curve and fit (for the notes and JSON)."""
     base = by_budget(baseline)
     curve_steps = np.array(list(base), dtype=np.float64)
-    curve_losses = np.array([float(np.mean([r.val_loss[-1] for r in runs])) for runs in base.values()])
+    # a diverged seed (NaN) is left out of its budget's mean
+    curve_losses = np.array([float(np.nanmean([r.val_loss[-1] for r in runs])) for runs in base.values()])
     fit = loss_fit(curve_steps, curve_losses) if len(curve_steps) >= 2 else None
     seconds = seconds_per_step or {}
     for g in groups:

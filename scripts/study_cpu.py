@@ -58,6 +58,7 @@ EVALS_PER_RUN = 4              # evaluations after step 0: every max_steps / 4 s
 BUDGET_FACTORS = (0.5, 1, 2)   # budgets, as multiples of the preset's max_steps
 MAX_EXTENSIONS = 3             # grid points added beyond an edge, per contender
 TIME_STEPS = 200               # steps of a timing run
+QUIET_WAIT_S = 120             # time: how long to wait for the load average to fall below --max-load
 OFFICIAL_ADAMW = {"grad_clip": 1 / 6}  # and optim.eps / 6: the official GPT-2 small run (6 micro-batches, loss not / 6)
 
 
@@ -270,15 +271,16 @@ def finished_line(job, returncode, log_path):
 
 
 def run_jobs(jobs, record, args):
-    """Run the jobs not yet in the record, --jobs at a time, appending each finished one to the record."""
-    todo = [j for j in jobs if j.key not in record]
+    """Run the jobs not yet in the record, --jobs at a time, appending each finished one to the record.
+    Returns the keys of the jobs that failed (not recorded: a rerun of the study tries them again)."""
+    todo, failed = [j for j in jobs if j.key not in record], set()
     for job in jobs:
         if job.key in record:
             print(f"in the record: {job.key}")
     if args.dry_run:
         for job in todo:
             print(job.command())
-        return
+        return failed
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running = []  # (job, process, log path)
     while todo or running:
@@ -298,12 +300,14 @@ def run_jobs(jobs, record, args):
             line = finished_line(job, process.returncode, log_path)
             if line is None:
                 print(f"FAILED (exit {process.returncode}): {job.key}; see {log_path}; not recorded", flush=True)
+                failed.add(job.key)
                 continue
             record[job.key] = line
             RECORD.parent.mkdir(parents=True, exist_ok=True)
             with open(RECORD, "a") as f:
                 f.write(json.dumps(line) + "\n")
             print(f"done ({line['status']}, final val loss {line['final_val_loss']}): {job.key}", flush=True)
+    return failed
 
 
 # -----------------------------------------------------------------------------
@@ -368,15 +372,19 @@ def sweep_state(proxy, contender, record, out_root, seed):
 
 
 def phase_sweep(proxy, contenders, record, args):
-    seed = args.seeds[0]
+    """Rounds: every contender's missing points, side by side; then the extensions their results call for."""
+    seed, failed = args.seeds[0], set()
     while True:
         jobs = []
         for c in contenders:
             _, todo, _ = sweep_state(proxy, c, record, args.out, seed)
             jobs += [Job(proxy, c, dict(p), preset_steps(c), seed, args.out) for p in todo]
+        jobs = [j for j in jobs if j.key not in failed]  # a failed run is not retried until the next invocation
         if not jobs:
+            if failed:
+                print(f"{proxy}: {len(failed)} sweep run(s) failed (see their logs); their contenders' sweeps wait")
             return
-        run_jobs(jobs, record, args)
+        failed |= run_jobs(jobs, record, args)
         if args.dry_run:
             print("(dry run: the grid's extensions depend on these results and are not shown)")
             return
@@ -415,7 +423,10 @@ def seconds_per_step(events, tokens_per_step):
 
 
 def phase_time(proxy, contenders, record, args):
-    load = os.getloadavg()[0]
+    load, waited = os.getloadavg()[0], 0
+    while load > args.max_load and waited < QUIET_WAIT_S and not args.dry_run:  # the runs just ended? let it settle
+        time.sleep(15)
+        load, waited = os.getloadavg()[0], waited + 15
     if load > args.max_load and not args.dry_run:
         print(f"!!! the 1-minute load average is {load:.2f} > --max-load {args.max_load}: timings would measure the "
               "other processes too. Not timing: rerun --phase time on a quiet machine (or raise --max-load, and say so)",
@@ -510,7 +521,7 @@ def proxy_report(proxy, contenders, record, times, args):
         return P, "\n".join(md)
     groups = compare.budget_groups(runs)
     baseline = next(g for g in groups if g.label == "adamw")
-    seconds = {c: t["seconds_per_step"] for c, t in times.get(proxy, {}).items() if c in names}
+    seconds = {c: t["seconds_per_step"] for c, t in times.get(proxy, {}).items() if c in names and t["seconds_per_step"]}
     curve = compare.analyse_budgets(groups, baseline, seconds if "adamw" in seconds else None)
     P["adamw_curve"], P["seconds_per_step"] = curve, seconds
     for g in groups:
@@ -523,6 +534,11 @@ def proxy_report(proxy, contenders, record, times, args):
             C[key] = None if not stats else compare.clean({"budget_steps": one_x["steps"], "mean": stats["mean"],
                                                            "ci95": stats["ci95"], "extrapolated": one_x["extrapolated"]})
     md += ["### budgets", "", compare.budget_table(groups, baseline, curve), ""]
+    for name, t in sorted(times.get(proxy, {}).items()):
+        md.append(f"- time: {name} {t['seconds_per_step']} s/step at {t.get('settings')}, {t.get('date')}, load average "
+                  f"{t.get('load_before')} before, {t.get('load_after')} after")
+    if "adamw" not in seconds:
+        md.append("- no timing of AdamW in docs/study/time.jsonl: no time multipliers (run --phase time)")
     docs = DOCS
     compare.plot_budgets(groups, baseline, docs / f"study_cpu_{proxy}_budgets.png", f"{proxy} proxy: final val loss")
     plot_sweep(proxy, P, docs / f"study_cpu_{proxy}_sweep.png")

@@ -160,6 +160,7 @@ def test_record_round_trip_and_report_from_the_record_alone(record_in, monkeypat
                 study_cpu.RECORD.parent.mkdir(parents=True, exist_ok=True)
                 with open(study_cpu.RECORD, "a") as f:
                     f.write(json.dumps(record[job.key]) + "\n")
+        return set()  # none failed
 
     monkeypatch.setattr(study_cpu, "run_jobs", fake_run_jobs)
     args = ["--proxy", "bpe", "--out", str(record_in / "out")]
@@ -199,6 +200,7 @@ def test_record_round_trip_and_report_from_the_record_alone(record_in, monkeypat
 
 def test_time_phase_refuses_a_busy_machine(record_in, monkeypatch, capsys):
     monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    monkeypatch.setattr(study_cpu, "QUIET_WAIT_S", 0)
     monkeypatch.setattr(study_cpu, "contenders_of", lambda proxy: ([], []))
     assert study_cpu.main(["--phase", "time", "--proxy", "bpe", "--max-load", "0.5"]) == 2
     assert "load average is 3.00 > --max-load 0.5" in capsys.readouterr().err
@@ -241,3 +243,17 @@ def test_end_to_end_on_tiny_models(record_in, monkeypatch, token_data):
     # a second pass finds everything in the record: nothing starts
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a recorded run was started again"))
     assert study_cpu.main(["--phase", "budgets", *args]) == 0
+
+
+def test_a_failing_sweep_run_is_not_retried_in_a_loop(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study_cpu, "preset_steps", lambda contender: 100)
+    contender = study_cpu.Contender("adamw", "shakespeare_adamw", {"optim.lr": [1e-3, 2e-3]})
+    calls = []
+    monkeypatch.setattr(study_cpu, "run_jobs", lambda jobs, record, args: calls.append(jobs) or {j.key for j in jobs})
+
+    class Args:
+        seeds, out, dry_run = [1337], tmp_path, False
+
+    study_cpu.phase_sweep("bpe", [contender], {}, Args())  # returns: both runs failed once, nothing recorded
+    assert len(calls) == 1 and len(calls[0]) == 2
+    assert "2 sweep run(s) failed" in capsys.readouterr().out
