@@ -40,6 +40,18 @@ def test_prepare_writes_the_corpus_as_characters_with_the_two_plays_held_out(cha
     assert meta["splits"]["val"]["tokens"] == sum(len(t) for t in texts[-2:])
 
 
+def test_train_prepares_the_corpus_on_first_use(char_data, tmp_path, monkeypatch, capsys):
+    from omegaconf import OmegaConf
+
+    from data import stream
+    monkeypatch.setattr(stream, "REPO_DIR", tmp_path)  # data.dir=null -> tmp_path/data/shakespeare_char
+    cfg = OmegaConf.create({"data": {"name": "shakespeare_char", "dir": None}, "model": {"vocab_size": 128}})
+    train, val = stream.load_data(cfg, is_master=True, distributed=False)
+    assert "preparing the shakespeare_char corpus" in capsys.readouterr().out
+    assert read_meta(tmp_path / "data" / "shakespeare_char")["itos"] == read_meta(char_data)["itos"]
+    assert np.array_equal(train, open_split(char_data, "train")) and np.array_equal(val, open_split(char_data, "val"))
+
+
 def test_second_prepare_skips(char_data, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in char_data.iterdir()}
     char_prepare.prepare(char_data)
