@@ -79,17 +79,12 @@ def load_data(cfg, is_master, distributed):
     if embedded and distributed:
         dist.barrier()
     try:
-        tokens = open_split(data_dir, "train"), open_split(data_dir, "val")
-        data_vocab_size = read_meta(data_dir).get("vocab_size")  # None for data whose meta.json does not say
+        return open_split(data_dir, "train"), open_split(data_dir, "val")
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
     except OSError as e:  # unreadable: permissions, a broken mount
         raise ConfigError(f"cannot read the data in {data_dir} ({e.strerror}: {e.filename}): fix its permissions, "
                           f"or set data.dir= to a readable copy") from None
-    if data_vocab_size is not None and cfg.model.vocab_size < data_vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {data_vocab_size} token ids "
-                          f"of the data in {data_dir}: set model.vocab_size >= {data_vocab_size}")
-    return tokens
 
 
 @dataclass
@@ -101,6 +96,10 @@ class Streams:
 
 def load_streams(cfg, env, plan):
     train_tokens, val_tokens = load_data(cfg, env.is_master, env.distributed)
+    data_vocab_size = read_meta(data_dir_of(cfg)).get("vocab_size")  # None for data whose meta.json does not say
+    if data_vocab_size is not None and cfg.model.vocab_size < data_vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {data_vocab_size} token ids "
+                          f"of the data in {data_dir_of(cfg)}: set model.vocab_size >= {data_vocab_size}")
     seq_len = cfg.model.block_size
     streams = Streams(train=SequenceStream(train_tokens, seq_len, cfg.seed),
                       hessian=SequenceStream(train_tokens, seq_len, cfg.seed + 1),

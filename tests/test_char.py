@@ -45,7 +45,7 @@ def test_train_prepares_the_corpus_on_first_use(char_data, tmp_path, monkeypatch
 
     from data import stream
     monkeypatch.setattr(stream, "REPO_DIR", tmp_path)  # data.dir=null -> tmp_path/data/shakespeare_char
-    cfg = OmegaConf.create({"data": {"name": "shakespeare_char", "dir": None}, "model": {"vocab_size": 128}})
+    cfg = OmegaConf.create({"data": {"name": "shakespeare_char", "dir": None}})
     train, val = stream.load_data(cfg, is_master=True, distributed=False)
     assert "preparing the shakespeare_char corpus" in capsys.readouterr().out
     assert read_meta(tmp_path / "data" / "shakespeare_char")["itos"] == read_meta(char_data)["itos"]
