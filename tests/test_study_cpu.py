@@ -7,7 +7,6 @@ import math
 import os
 import shlex
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,19 +26,20 @@ def record_in(tmp_path, monkeypatch):
     return tmp_path
 
 
-def dry_run_commands(*args):
-    result = subprocess.run([sys.executable, "scripts/study_cpu.py", "--dry-run", *args], cwd=REPO,
-                            capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    return [line for line in result.stdout.splitlines() if line.startswith("OMP_NUM_THREADS=1 python train.py ")]
+# validation tokens per proxy as their meta.json says (the preparation is data/*/prepare.py's business, tested there)
+VAL_TOKENS = {"shakespeare": 84_511, "shakespeare_char": 253_771}
 
 
 @pytest.mark.parametrize("proxy", ["bpe", "char"])
-def test_dry_run_commands_compose_the_configs_they_name(proxy, shakespeare_bins):
+def test_dry_run_commands_compose_the_configs_they_name(proxy, monkeypatch, capsys):
     if not study_cpu.preset_exists(f"{study_cpu.PRESET_STEM[proxy]}_adamw"):
         pytest.skip(f"no {proxy} presets in this checkout")
+    monkeypatch.setattr(study_cpu, "val_tokens",
+                        lambda preset, extra=(): VAL_TOKENS[str(study_cpu.preset_config(preset, extra).data.name)])
     contenders, _ = study_cpu.contenders_of(proxy)
-    commands = dry_run_commands("--phase", "sweep", "--proxy", proxy, "--out", "out/test_study")
+    assert study_cpu.main(["--dry-run", "--phase", "sweep", "--proxy", proxy, "--out", f"{REPO}/out/test_study"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("OMP_NUM_THREADS=1 python train.py ")]
     expected = sum(len(study_cpu.grid_points(c.grid)) for c in contenders)
     assert len(commands) == expected and len(set(commands)) == expected
     seen = set()
@@ -47,17 +47,19 @@ def test_dry_run_commands_compose_the_configs_they_name(proxy, shakespeare_bins)
         overrides = shlex.split(command)[3:]  # after OMP_NUM_THREADS=1 python train.py
         preset = overrides[0].removeprefix("config=")
         cfg = compose_config(preset, overrides[1:])  # raises on an unknown key or a bad value
-        base = compose_config(preset)
+        base = compose_config(preset, [o for o in overrides[1:] if o.startswith("optim=")])
         # the schedule keeps the preset's shape: its steps and warmup, min_lr the preset's fraction of lr
         assert cfg["max_steps"] == base["max_steps"] and cfg["warmup_steps"] == base["warmup_steps"]
         assert math.isclose(cfg["min_lr"] / cfg["optim"]["lr"], base["min_lr"] / base["optim"]["lr"], rel_tol=1e-2)
-        # the final evaluation: EVAL_TOKENS validation tokens, or the whole validation split when it holds fewer
-        eval_tokens = cfg["eval_steps"] * cfg["micro_batch_size"] * cfg["model"]["block_size"]
-        val = study_cpu.val_tokens(preset)
-        assert eval_tokens >= min(study_cpu.EVAL_TOKENS, val - cfg["micro_batch_size"] * cfg["model"]["block_size"])
-        assert eval_tokens <= val or eval_tokens < study_cpu.EVAL_TOKENS + cfg["micro_batch_size"] * cfg["model"]["block_size"]
+        # the evaluation: EVAL_TOKENS validation tokens, or one pass over the validation split when it holds fewer
+        batch_tokens = cfg["micro_batch_size"] * cfg["model"]["block_size"]
+        eval_tokens = cfg["eval_steps"] * batch_tokens
+        val = VAL_TOKENS[cfg["data"]["name"]]
+        assert min(study_cpu.EVAL_TOKENS, val - 2 * batch_tokens) <= eval_tokens <= max(study_cpu.EVAL_TOKENS + batch_tokens,
+                                                                                        base["eval_steps"] * batch_tokens)
+        assert eval_tokens <= val
         assert cfg["max_steps"] % cfg["eval_interval"] == 0 and cfg["seed"] == 1337
-        assert cfg["out_dir"].startswith(f"out/test_study/{proxy}/")
+        assert cfg["out_dir"].startswith(f"out/test_study/{proxy}/")  # relative to the repo, where train.py runs
         if "grad_clip=0.16666666666666666" in overrides:  # the official-style AdamW
             assert cfg["optim"]["name"] == "adamw"
             assert math.isclose(cfg["optim"]["eps"], base["optim"]["eps"] / 6, rel_tol=1e-12)
