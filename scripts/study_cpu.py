@@ -280,6 +280,7 @@ def run_jobs(jobs, record, args):
     if args.dry_run:
         for job in todo:
             print(job.command())
+        print(f"({len(todo)} run(s) to do, {sum(j.steps for j in todo)} optimizer steps in all)")
         return failed
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running = []  # (job, process, log path)
@@ -622,6 +623,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=REPO / "out" / "study", help="run directories (default out/study)")
     parser.add_argument("--max-load", type=float, default=0.5, help="time: refuse above this 1-minute load average")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the runs to do, run nothing")
+    parser.add_argument("--contenders", help="comma-separated subset, e.g. adamw,sophiag (default: every one the loop has)")
     args = parser.parse_args(argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -632,6 +634,14 @@ def main(argv=None):
     args.out = args.out.absolute()
 
     proxies = {p: contenders_of(p) for p in (["char", "bpe"] if args.proxy == "all" else [args.proxy])}
+    if args.contenders:
+        wanted = args.contenders.split(",")
+        known = {c.name for contenders, _ in proxies.values() for c in contenders}
+        if set(wanted) - known:
+            parser.error(f"--contenders {args.contenders}: {sorted(set(wanted) - known)} not among {sorted(known)}")
+        if "adamw" not in wanted:
+            print("note: without adamw the report has no multipliers (AdamW is their baseline)")
+        proxies = {p: ([c for c in contenders if c.name in wanted], notes) for p, (contenders, notes) in proxies.items()}
     for _, notes in proxies.values():
         for note in notes:
             print(f"note: {note}")
