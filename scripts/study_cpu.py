@@ -511,7 +511,9 @@ def proxy_report(proxy, contenders, record, times, args):
         C["budgets"] = [{"steps": s, "seeds": [ln["seed"] for ln in lines if ln["steps"] == s],
                          "final_val_loss": [ln["final_val_loss"] for ln in lines if ln["steps"] == s],
                          "commands": [ln["command"] for ln in lines if ln["steps"] == s],
-                         "win_rate": [ln["win_rate"] for ln in lines if ln["steps"] == s]}
+                         "win_rate": [ln["win_rate"] for ln in lines if ln["steps"] == s],
+                         "hessian_grad_norm": [ln["hessian_grad_norm"] for ln in lines if ln["steps"] == s],
+                         "hessian_clip_rate": [ln["hessian_clip_rate"] for ln in lines if ln["steps"] == s]}
                         for s in sorted({ln["steps"] for ln in lines})]
         runs += [run_of(ln) for ln in lines]
         P["contenders"][c.name] = C
@@ -535,6 +537,11 @@ def proxy_report(proxy, contenders, record, times, args):
             C[key] = None if not stats else compare.clean({"budget_steps": one_x["steps"], "mean": stats["mean"],
                                                            "ci95": stats["ci95"], "extrapolated": one_x["extrapolated"]})
     md += ["### budgets", "", compare.budget_table(groups, baseline, curve), ""]
+    for name, C in P["contenders"].items():  # the regime of every Sophia result
+        regime = [(b["steps"], [w["blocks"]["mean"] for w in b["win_rate"] if w["blocks"]]) for b in C["budgets"]]
+        if any(values for _, values in regime):
+            md.append(f"- {name}'s win rate in the blocks (mean over each run, then over seeds): " + ", ".join(
+                f"{steps} steps {np.mean(values):.3f}" for steps, values in regime if values))
     for name, t in sorted(times.get(proxy, {}).items()):
         md.append(f"- time: {name} {t['seconds_per_step']} s/step at {t.get('settings')}, {t.get('date')}, load average "
                   f"{t.get('load_before')} before, {t.get('load_after')} after")
@@ -597,6 +604,7 @@ def read_times():
 
 def phase_report(proxies, record, args):
     times = read_times()
+    DOCS.mkdir(parents=True, exist_ok=True)
     out = {"commit": sorted({ln["commit"] for ln in record.values()}), "proxies": {}}
     md = ["# The CPU study (scripts/study_cpu.py)", "",
           f"Runs in the record: {len(record)}; code commit(s): {', '.join(out['commit']) or 'none'}.", ""]
@@ -605,7 +613,6 @@ def phase_report(proxies, record, args):
         P["notes"], P["timing"] = notes, times.get(proxy, {})
         out["proxies"][proxy] = P
         md += [*(f"- {n}" for n in notes), text, ""]
-    DOCS.mkdir(exist_ok=True)
     (DOCS / "study_cpu.json").write_text(json.dumps(compare.clean(out), indent=2) + "\n")
     (DOCS / "study_cpu.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -150,6 +150,9 @@ def test_record_round_trip_and_report_from_the_record_alone(record_in, monkeypat
         events = [{"step": s, "val/loss": final + 1 - s / job.steps} for s in range(0, job.steps + 1, job.steps // 4)]
         events += [{"step": s, "train/loss": 5.0, "time/elapsed_s": s * 0.1, "throughput/tokens_per_s": 1e4}
                    for s in range(10, job.steps + 1, 10)]
+        if job.contender.name == "lion":  # as a Sophia run logs them: the blocks' win rate 0.2 then 0.4
+            for e in events[-2:]:
+                e["optim/win_rate/blocks"] = 0.2 if e is events[-2] else 0.4
         return study_cpu.record_line(job, "finished", events, job.steps * 0.1, "abc")
 
     launched = []
@@ -197,7 +200,10 @@ def test_record_round_trip_and_report_from_the_record_alone(record_in, monkeypat
                               "max_steps=50 ")
     assert (record_in / "docs" / "study_cpu_bpe_budgets.png").is_file()
     assert (record_in / "docs" / "study_cpu_bpe_sweep.png").is_file()
-    assert "| lion | 100 | 3 |" in (record_in / "docs" / "study_cpu.md").read_text()
+    markdown = (record_in / "docs" / "study_cpu.md").read_text()
+    assert "| lion | 100 | 3 |" in markdown
+    assert "lion's win rate in the blocks (mean over each run, then over seeds): 50 steps 0.300, 100 steps 0.300" in markdown
+    assert C["lion"]["budgets"][0]["win_rate"][0]["blocks"] == {"mean": pytest.approx(0.3), "peak": 0.4, "final": 0.4}
 
 
 def test_time_phase_refuses_a_busy_machine(record_in, monkeypatch, capsys):
