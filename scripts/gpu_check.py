@@ -16,10 +16,9 @@ Benchmarks, in order (each: pass / fail / skip, its figures and the peer it was 
   memory_refresh_vs_step  train.py's peak memory in a step with a Hessian refresh vs a step without (CUDA)
 
 Every train.py run goes through scripts/benchmark.py's train_steps (a subprocess; its metrics.jsonl read back),
-on the embedded Shakespeare corpus; the first log window (torch.compile) is left out. The correctness checks that
-used to live here are tests: `python -m pytest -m cuda tests` on the GPU (tests/test_cuda.py).
-
-Goals are judged at the real shapes; --smoke records them only (toy shapes say nothing about speed). --out gets
+on the embedded Shakespeare corpus; the first log window (torch.compile) is left out. The correctness checks are
+tests: `python -m pytest -m cuda tests` on the GPU (tests/test_cuda.py). Goals are judged at the real shapes;
+--smoke records them only (toy shapes say nothing about speed). --out gets
 {"environment": {...}, "benchmarks": [{name, status, summary, figures, note, reference, seconds}, ...]}, rewritten
 after every benchmark, and a table is printed last. Exit status: 0 when no benchmark failed, 1 when one did (an
 error, or a goal missed), 2 for bad input (no GPU without --smoke, an unknown benchmark, no corpus).
@@ -28,6 +27,8 @@ error, or a goal missed), 2 for bad input (no GPU without --smoke, an unknown be
 import argparse
 import dataclasses
 import gc
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -92,21 +93,17 @@ class Context:
         self.compiled = self.cuda                              # train.py's compile=auto
         if self.cuda:
             torch.set_float32_matmul_precision("high")  # as train.py: TF32 for fp32 matmuls outside autocast
-        self.notes = [] if self.bf16 or not self.cuda else ["this GPU has no bf16: everything runs in fp32"]
-        if not self.cuda:
-            self.notes.append(f"CPU: eager only; MFU against a nominal {CPU_PEAK:g} FLOP/s (cpu_peak_flops)")
+        self.notes = [f"CPU: eager only; MFU against a nominal {CPU_PEAK:g} FLOP/s (cpu_peak_flops)"] if not self.cuda \
+            else [] if self.bf16 else ["this GPU has no bf16: everything runs in fp32"]
         self.tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
         self.runs = {}  # (optim, compiled) -> metrics records of a train.py run
 
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
     def timed(self, fn):
-        self.sync()
+        sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        sync()
         t0 = time.perf_counter()
         fn()
-        self.sync()
+        sync()
         return time.perf_counter() - t0
 
     def free(self):
@@ -122,10 +119,8 @@ def result(status, summary, figures=None, note=""):
 def judged(ctx, ok, summary, figures, goal, note=""):
     """A benchmark's result against its goal: judged at the real shapes; with --smoke recorded as a pass."""
     figures["goal_met"] = bool(ok)
-    note = f"{note}; " if note else ""
-    if ctx.smoke:
-        return result("pass", summary, figures, f"{note}goal {goal}: recorded, not judged at --smoke's toy shapes")
-    return result("pass" if ok else "fail", summary, figures, f"{note}goal {goal}")
+    goal = f"goal {goal}" + (": recorded, not judged at --smoke's toy shapes" if ctx.smoke else "")
+    return result("pass" if ok or ctx.smoke else "fail", summary, figures, f"{note}; {goal}" if note else goal)
 
 
 def mode(compiled):
@@ -149,10 +144,8 @@ def run_overrides(ctx, optim, compiled):
 def loop_records(ctx, optim, compiled):
     """The metrics of one train.py run of (1 + windows) windows, made once and shared by the benchmarks."""
     if (optim, compiled) not in ctx.runs:
-        out_dir = ctx.tmp / f"{optim}_{mode(compiled)}"
-        s = ctx.scale
-        ctx.runs[optim, compiled] = train_steps(run_overrides(ctx, optim, compiled), s.window * (1 + s.windows),
-                                                out_dir, window=s.window)
+        out_dir, steps = ctx.tmp / f"{optim}_{mode(compiled)}", ctx.scale.window * (1 + ctx.scale.windows)
+        ctx.runs[optim, compiled] = train_steps(run_overrides(ctx, optim, compiled), steps, out_dir, ctx.scale.window)
         shutil.rmtree(out_dir)  # its checkpoint: 1.5 GB at GPT-2 124M
     return ctx.runs[optim, compiled]
 
@@ -199,8 +192,7 @@ def hf_throughput(ctx, compiled):
 # The benchmarks
 
 def bench_throughput(ctx):
-    variants = [("adamw", False), ("adamw", True), ("sophiag", True)] if ctx.cuda else [("adamw", False),
-                                                                                       ("sophiag", False)]
+    variants = [("adamw", False), ("adamw", True), ("sophiag", True)] if ctx.cuda else [("adamw", False), ("sophiag", False)]
     figures = {}
     for optim, compiled in variants:
         steady = windows(loop_records(ctx, optim, compiled))
@@ -208,16 +200,14 @@ def bench_throughput(ctx):
         figures[f"{label}_tokens_per_s"] = round(statistics.median(r["throughput/tokens_per_s"] for r in steady), 1)
         mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
         figures[f"{label}_mfu"] = round(statistics.median(mfus), 4) if mfus else None
-    figures["tokens_per_step"] = steady[0]["tokens"] // steady[0]["step"]
-    figures["dtype"] = ctx.dtype
+    figures.update(tokens_per_step=steady[0]["tokens"] // steady[0]["step"], dtype=ctx.dtype)
     try:
         import transformers
         transformers.logging.set_verbosity_error()  # its notes on our toy configs
-        have_hf = True
+        hf_modes = (False, True) if ctx.cuda else (False,)
     except ImportError:
-        have_hf = False
+        hf_modes = ()
     ratios = {}
-    hf_modes = ((False, True) if ctx.cuda else (False,)) if have_hf else ()
     for compiled in hf_modes:
         tokens_per_s, mfu = hf_throughput(ctx, compiled)
         ctx.free()  # HF's model and optimizer state
@@ -230,20 +220,18 @@ def bench_throughput(ctx):
     summary = (f"AdamW {best} {figures[f'ours_adamw_{best}_tokens_per_s']:,.0f} tok/s, MFU "
                f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}; " + ", ".join(f"{r:.2f}x HF {m}"
                                                                                 for m, r in ratios.items()))
-    note = "" if have_hf else "HF comparison skipped: transformers is not installed"
+    note = "" if hf_modes else "HF comparison skipped: transformers is not installed"
     return judged(ctx, all(r >= HF_SPEED_GOAL for r in ratios.values()), summary, figures,
                   f"ours >= {HF_SPEED_GOAL} x HF's tokens/s, eager and compiled", note)
 
 
-def optimizer_candidates():
-    """name -> (constructor from param groups, step() keyword arguments), torch's fused AdamW first: the peer."""
-    return {
-        "adamw_fused": (lambda g: torch.optim.AdamW(g, lr=6e-4, betas=(0.9, 0.95), fused=True), {}),
-        "sophiag_fused": (lambda g: sophia.SophiaG(g, lr=6e-4, rho=0.05), {"bs": PAPER_HESS_BS}),
-        "sophiah_fused": (lambda g: sophia.SophiaH(g, lr=6e-4, rho=0.05), {"bs": 1}),
-        "lion": (lambda g: sophia.Lion(g, lr=1e-4, betas=(0.95, 0.98)), {}),
-        "sophiag_official_loop": (lambda g: sophia.SophiaG(g, lr=6e-4, rho=0.05, fused=False), {"bs": PAPER_HESS_BS}),
-    }
+OPTIMIZERS = {  # name -> (constructor from param groups, step()'s keyword arguments); the peer first
+    "adamw_fused": (lambda g: torch.optim.AdamW(g, lr=6e-4, betas=(0.9, 0.95), fused=True), {}),
+    "sophiag_fused": (lambda g: sophia.SophiaG(g, lr=6e-4, rho=0.05), {"bs": PAPER_HESS_BS}),
+    "sophiah_fused": (lambda g: sophia.SophiaH(g, lr=6e-4, rho=0.05), {"bs": 1}),  # SophiaH's rho is γ itself
+    "lion": (lambda g: sophia.Lion(g, lr=1e-4, betas=(0.95, 0.98)), {}),
+    "sophiag_official_loop": (lambda g: sophia.SophiaG(g, lr=6e-4, rho=0.05, fused=False), {"bs": PAPER_HESS_BS}),
+}
 
 
 def optimizer_step_times(ctx, config):
@@ -251,7 +239,7 @@ def optimizer_step_times(ctx, config):
     model.py's groups, steps interleaved; and SophiaG's update_hessian."""
     groups = gpt2_groups(config, ctx.device)
     optimizers = {}
-    for name, (make, kwargs) in optimizer_candidates().items():
+    for name, (make, kwargs) in OPTIMIZERS.items():
         opt = make([dict(g) for g in groups])
         if isinstance(opt, sophia.SophiaG):
             opt.update_hessian()  # h from the random gradients, so that the clip is exercised
@@ -312,8 +300,6 @@ def bench_memory(ctx):
     records = train_steps(run_overrides(ctx, "sophiag", ctx.compiled), 3 * k, out_dir, window=1)
     shutil.rmtree(out_dir)
     steady = windows(records, skip=k)  # after the first k steps: compiled, state allocated, first refresh done
-    if any("memory/peak_mib" not in r for r in steady):
-        return result("skip", "no memory/peak_mib in metrics.jsonl", note="this train.py does not log memory/peak_mib")
     # a metrics line every step: the refresh after step s (s % k == k - 1) falls in the line of step s + 1
     with_refresh = [r["memory/peak_mib"] for r in steady if r["step"] % k == 0]
     step_only = [r["memory/peak_mib"] for r in steady if r["step"] % k != 0]
@@ -333,14 +319,8 @@ BENCHMARKS = [  # name, the peer it is compared with, the benchmark
 ]
 
 
-# -----------------------------------------------------------------------------------------------------
-
 def environment(ctx, wall_s):
-    try:
-        import transformers
-        hf_version = transformers.__version__
-    except ImportError:
-        hf_version = None
+    hf_version = importlib.util.find_spec("transformers") and importlib.metadata.version("transformers")
     return {"device": torch.cuda.get_device_name(ctx.device) if ctx.cuda else platform.processor() or "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda, "bf16": ctx.bf16, "dtype": ctx.dtype,
             "python": platform.python_version(), "transformers": hf_version, "smoke": ctx.smoke,

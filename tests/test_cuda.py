@@ -225,8 +225,9 @@ def test_gpt_on_the_gpu_gives_hf_logits_in_fp32_and_bf16():
     """The same weights in our GPT and HF's GPT2LMHeadModel (eager attention: HF's own arithmetic) on the GPU: fp32
     logits (TF32 off) equal up to round-off; bf16 ones no further apart than twice HF's own bf16-vs-fp32 noise."""
     from test_model import hf_reference  # a GPT2LMHeadModel with every weight random
-    hf = hf_reference(True, vocab_size=50257, n_positions=64).to(DEVICE)
+    hf = hf_reference(True, vocab_size=50257, n_positions=64)
     ours = GPT.from_hf(hf).to(DEVICE).eval()
+    hf = hf.to(DEVICE)
     idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
