@@ -52,7 +52,8 @@ def gpt2_groups(config, device, dtype=torch.float32, seed=0):
     """model.py's parameter groups (weight decay on nn.Linear weights only) of a GPT of this GPTConfig, with
     random gradients: what an optimizer step sees in training."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**config)).to(device, dtype)
+    with torch.device(device):  # initialised where it runs: a 770M model's init on a CPU takes a while
+        model = GPT(GPTConfig(**config)).to(dtype)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     return model.configure_optimizer_groups(0.1)
