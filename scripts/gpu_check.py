@@ -306,9 +306,9 @@ def bench_memory(ctx):
     figures = {"step_peak_mib": round(max(step_only), 1), "step_with_refresh_peak_mib": round(max(with_refresh), 1),
                "micro_batch": ctx.scale.micro, "hess_micro_batch": ctx.scale.micro, "compiled": ctx.compiled}
     summary = f"with a refresh {max(with_refresh):,.0f} MiB vs a step alone {max(step_only):,.0f} MiB"
-    return result("pass" if max(with_refresh) <= max(step_only) + 1 else "fail", summary, figures,
-                  "goal: a Hessian refresh never raises the peak above a training step's (torch.cuda.max_memory_"
-                  "allocated since the last metrics line, 1 MiB slack), the same micro-batch for both")
+    return judged(ctx, max(with_refresh) <= max(step_only) + 1, summary, figures,
+                  "a Hessian refresh never raises the peak above a training step's (torch.cuda.max_memory_allocated "
+                  "since the last metrics line, 1 MiB slack), the same micro-batch for both")
 
 
 BENCHMARKS = [  # name, the peer it is compared with, the benchmark
