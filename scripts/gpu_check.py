@@ -91,8 +91,6 @@ class Context:
         self.bf16 = self.cuda and torch.cuda.is_bf16_supported()
         self.dtype = "bfloat16" if self.bf16 else "float32"  # train.py's dtype=auto
         self.compiled = self.cuda                              # train.py's compile=auto
-        if self.cuda:
-            torch.set_float32_matmul_precision("high")  # as train.py: TF32 for fp32 matmuls outside autocast
         self.notes = [f"CPU: eager only; MFU against a nominal {CPU_PEAK:g} FLOP/s (cpu_peak_flops)"] if not self.cuda \
             else [] if self.bf16 else ["this GPU has no bf16: everything runs in fp32"]
         self.tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
@@ -393,6 +391,7 @@ def main(argv=None):
         except RuntimeError as e:  # the corpus package is missing: its one line names the fix
             print(f"gpu_check: {e}", file=sys.stderr)
             return 2
+    torch.set_float32_matmul_precision("high")  # as train.py: TF32 for HF's fp32 matmuls on a GPU without bf16
     return run_benchmarks(args, [b for b in BENCHMARKS if b[0] in only])
 
 
