@@ -391,7 +391,8 @@ def main(argv=None):
         except RuntimeError as e:  # the corpus package is missing: its one line names the fix
             print(f"gpu_check: {e}", file=sys.stderr)
             return 2
-    torch.set_float32_matmul_precision("high")  # as train.py: TF32 for HF's fp32 matmuls on a GPU without bf16
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # as train.py: TF32 for HF's fp32 matmuls on a GPU without bf16
     return run_benchmarks(args, [b for b in BENCHMARKS if b[0] in only])
 
 
