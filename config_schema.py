@@ -150,6 +150,9 @@ def register():
 
 
 register()
+# a preset's `min_lr: ${mul:${optim.lr},0.1}` keeps the cosine's floor at lr/10 when a sweep changes optim.lr;
+# rounded to 12 digits so that config.yaml reads 3e-05, not 2.9999999999999997e-05
+OmegaConf.register_new_resolver("mul", lambda a, b: float(f"{a * b:.12g}"), replace=True)
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ import config_schema  # registers the configuration's schema with Hydra, before 
 from build import build_run, compile_enabled, run_name_of
 from checkpoint import CONVERTER, RunError, save_run
 from config_schema import ConfigError
-from data.common import get_gpt2_encoding
+from data.common import tokenizer_for
+from data.stream import data_dir_of
 from distributed import StopSignals, clip_gradients, gradient_sync, setup_processes, world_size_from_env
 from metrics import Clock, log_train, tokens_per_step
 
@@ -272,19 +273,17 @@ def stop_for_signal(run, clock, signum):
 
 def print_sample(run):
     """A few lines of text from the trained model, so that a first run shows what it learned."""
-    encoding = get_gpt2_encoding()
-    if encoding.n_vocab > run.raw_model.config.vocab_size:
-        return  # not GPT-2's vocabulary: the GPT-2 tokenizer cannot decode this model's tokens
+    tokenizer = tokenizer_for(data_dir_of(run.cfg))  # the data's: GPT-2 BPE or characters
     generator = torch.Generator(device=run.env.device).manual_seed(run.cfg.seed)
-    prompt = torch.tensor([[encoding.eot_token]], device=run.env.device)  # (1, 1): the start of a document
+    prompt = torch.tensor([tokenizer.start_ids], device=run.env.device)  # (1, T): the start of a text
     run.raw_model.eval()
     ids = run.raw_model.generate(prompt, 64, temperature=0.8, top_k=200, generator=generator,
-                                 vocab_size=encoding.n_vocab)
+                                 vocab_size=tokenizer.vocab_size)
     more = f"python scripts/sample.py out_dir={run.out_dir}"
     if run.cfg.parallel == "fsdp":
         more = f"python {CONVERTER} {run.out_dir}, then {more}"
     if run.env.is_master:
-        print(f"a sample (more: {more}):\n{encoding.decode(ids[0, 1:].tolist()).strip()}\n")
+        print(f"a sample (more: {more}):\n{tokenizer.decode(ids[0, prompt.shape[1]:].tolist()).strip()}\n")
 
 
 def already_finished(run):

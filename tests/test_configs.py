@@ -148,3 +148,28 @@ def test_shakespeare_presets_differ_only_in_the_optimizer(other):
     assert differing and all(k.startswith("optim.") for k in differing), sorted(differing)
     # python train.py runs the Sophia preset
     assert flatten(compose_config("shakespeare_sophiag")) == flatten(compose_config())
+
+
+CHAR_OPTIMIZERS = ["adamw", "lion", "sophiag"]
+
+
+def test_char_presets_differ_only_in_the_optimizer_and_end_at_a_tenth_of_lr():
+    configs = {opt: flatten(compose_config(f"shakespeare_char_{opt}")) for opt in CHAR_OPTIMIZERS}
+    reference = configs["adamw"]
+    for opt, flat in configs.items():
+        differing = {k for k in set(flat) | set(reference) if flat.get(k) != reference.get(k)}
+        assert all(k.startswith("optim.") or k == "min_lr" for k in differing), (opt, sorted(differing))
+        assert flat["optim.name"] == opt and flat["min_lr"] == pytest.approx(flat["optim.lr"] / 10, rel=1e-12)
+    # the min_lr follows a swept learning rate
+    swept = flatten(compose_config("shakespeare_char_sophiag", ["optim.lr=1e-3"]))
+    assert swept["min_lr"] == pytest.approx(1e-4, rel=1e-12)
+    # nanoGPT's baby GPT, 12 sequences x 64 characters, 2,000 steps
+    flat = reference
+    assert (flat["model.n_layer"], flat["model.n_head"], flat["model.n_embd"], flat["model.block_size"]) == (4, 4, 128, 64)
+    assert flat["model.vocab_size"] == 128 and flat["model.dropout"] == 0.0 and flat["data.name"] == "shakespeare_char"
+    assert (flat["total_batch_size"], flat["max_steps"], flat["warmup_steps"], flat["eval_interval"]) == (12, 2000, 100, 200)
+    # each evaluation covers at least 100k validation characters (the study's final loss)
+    assert flat["eval_steps"] * flat["micro_batch_size"] * flat["model.block_size"] >= 100_000
+    assert (configs["sophiag"]["optim.lr"], configs["sophiag"]["optim.rho"]) == (3e-4, 0.5)
+    assert (configs["lion"]["optim.lr"], configs["lion"]["optim.weight_decay"]) == (3e-4, 1.0)
+    assert configs["adamw"]["optim.lr"] == 2e-3
