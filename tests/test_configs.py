@@ -150,7 +150,7 @@ def test_shakespeare_presets_differ_only_in_the_optimizer(other):
     assert flatten(compose_config("shakespeare_sophiag")) == flatten(compose_config())
 
 
-CHAR_OPTIMIZERS = ["adamw", "lion", "sophiag"]
+CHAR_OPTIMIZERS = ["adamw", "lion", "sophiag", "muon"]
 
 
 def test_char_presets_differ_only_in_the_optimizer_and_end_at_a_tenth_of_lr():
@@ -173,3 +173,7 @@ def test_char_presets_differ_only_in_the_optimizer_and_end_at_a_tenth_of_lr():
     assert (configs["sophiag"]["optim.lr"], configs["sophiag"]["optim.rho"]) == (3e-4, 0.5)
     assert (configs["lion"]["optim.lr"], configs["lion"]["optim.weight_decay"]) == (3e-4, 1.0)
     assert configs["adamw"]["optim.lr"] == 2e-3
+    muon, adamw = configs["muon"], configs["adamw"]  # Moonlight's recipe: AdamW's values for both parts
+    assert [muon[f"optim.{k}"] for k in ("lr", "betas", "weight_decay", "eps")] == \
+        [adamw[f"optim.{k}"] for k in ("lr", "betas", "weight_decay", "eps")]
+    assert (muon["optim.adam_lr"], muon["optim.adjust_lr_fn"]) == (None, "match_rms_adamw")
