@@ -4,6 +4,7 @@ streams, the model (from scratch or init_from, sharded or wrapped), the optimize
 the state the loop's steps share (Run). train.py's loop reads this; nothing here trains.
 """
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ from model import GPT, GPTConfig
 REPO_DIR = Path(__file__).resolve().parent
 
 
+MAX_RUN_NAME = 200
+
+
 def run_name_of(cfg):
     """The preset name plus the command-line overrides: the same on every rank, no timestamps."""
     if cfg.run_name:
@@ -37,8 +41,10 @@ def run_name_of(cfg):
         skipped = ("config=", "out_dir=", "run_name=", "resume=", "device=", "wandb.", "compile=",
                    "log_interval=", "ckpt_interval=")
         overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(skipped)]
-    name = "_".join([preset] + overrides)
-    return re.sub(r"[^A-Za-z0-9_.=,-]+", "-", name)
+    name = re.sub(r"[^A-Za-z0-9_.=,-]+", "-", "_".join([preset] + overrides))
+    if len(name) > MAX_RUN_NAME:  # a folder name has at most 255 bytes: keep a readable head, a hash keeps it unique
+        name = f"{name[:MAX_RUN_NAME - 11]}_{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return name
 
 
 def out_dir_of(cfg):
