@@ -101,7 +101,7 @@ def plan_batches(cfg, world_size):
         need(optim.adjust_lr_fn in ("match_rms_adamw", "original"),
              f"optim.adjust_lr_fn={optim.adjust_lr_fn}: use match_rms_adamw or original")
         need(0 <= optim.momentum < 1, f"optim.momentum={optim.momentum}: use a value in [0, 1)")
-        need(optim.ns_steps >= 1, f"optim.ns_steps={optim.ns_steps}: set it to 1 or more (Muon's default: 5)")
+        need(1 <= optim.ns_steps < 100, f"optim.ns_steps={optim.ns_steps}: use 1 to 99 (torch's Muon; its default: 5)")
         need(optim.adam_lr is None or optim.adam_lr > 0, f"optim.adam_lr={optim.adam_lr}: use a positive lr, or null")
 
     # The global batch is fixed in sequences; each rank runs grad_accum micro-batches of micro_batch_size.
