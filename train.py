@@ -34,7 +34,8 @@ import config_schema  # registers the configuration's schema with Hydra, before 
 from build import build_run, compile_enabled, run_name_of
 from checkpoint import CONVERTER, RunError, save_run
 from config_schema import ConfigError
-from data.common import get_gpt2_encoding
+from data.common import tokenizer_for
+from data.stream import data_dir_of
 from distributed import StopSignals, clip_gradients, gradient_sync, setup_processes, world_size_from_env
 from metrics import Clock, log_train, tokens_per_step
 
@@ -61,8 +62,8 @@ def plan_batches(cfg, world_size):
             raise ConfigError(message)
 
     optim = cfg.optim
-    need(optim.name in ("adamw", "lion", "sophiag", "sophiah"),
-         f"optim.name={optim.name} is unknown: choose optim=adamw, lion, sophiag or sophiah")
+    need(optim.name in config_schema.OPTIMIZERS,
+         f"optim.name={optim.name} is unknown: choose optim={' | '.join(config_schema.OPTIMIZERS)}")
     need(cfg.max_steps >= 1, f"max_steps={cfg.max_steps}: set max_steps to 1 or more")
     lr_decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.max_steps
     need(cfg.warmup_steps >= 0 and lr_decay_steps >= 1,
@@ -93,6 +94,15 @@ def plan_batches(cfg, world_size):
         need(cfg[key] >= 1, f"{key}={cfg[key]}: set it to 1 or more")
     for beta in optim.get("betas", []):
         need(0 <= beta < 1, f"optim.betas={list(optim.betas)}: each beta must lie in [0, 1)")
+
+    if optim.name == "muon":
+        need(cfg.parallel == "ddp", "optim=muon runs under parallel=ddp only (Muon orthogonalizes whole matrices, "
+                                    "which FSDP shards): use parallel=ddp")
+        need(optim.adjust_lr_fn in ("match_rms_adamw", "original"),
+             f"optim.adjust_lr_fn={optim.adjust_lr_fn}: use match_rms_adamw or original")
+        need(0 <= optim.momentum < 1, f"optim.momentum={optim.momentum}: use a value in [0, 1)")
+        need(1 <= optim.ns_steps < 100, f"optim.ns_steps={optim.ns_steps}: use 1 to 99 (torch's Muon; its default: 5)")
+        need(optim.adam_lr is None or optim.adam_lr > 0, f"optim.adam_lr={optim.adam_lr}: use a positive lr, or null")
 
     # The global batch is fixed in sequences; each rank runs grad_accum micro-batches of micro_batch_size.
     per_step = cfg.micro_batch_size * world_size
@@ -263,19 +273,17 @@ def stop_for_signal(run, clock, signum):
 
 def print_sample(run):
     """A few lines of text from the trained model, so that a first run shows what it learned."""
-    encoding = get_gpt2_encoding()
-    if encoding.n_vocab > run.raw_model.config.vocab_size:
-        return  # not GPT-2's vocabulary: the GPT-2 tokenizer cannot decode this model's tokens
+    tokenizer = tokenizer_for(data_dir_of(run.cfg))  # the data's: GPT-2 BPE or characters
     generator = torch.Generator(device=run.env.device).manual_seed(run.cfg.seed)
-    prompt = torch.tensor([[encoding.eot_token]], device=run.env.device)  # (1, 1): the start of a document
+    prompt = torch.tensor([tokenizer.start_ids], device=run.env.device)  # (1, T): the start of a text
     run.raw_model.eval()
     ids = run.raw_model.generate(prompt, 64, temperature=0.8, top_k=200, generator=generator,
-                                 vocab_size=encoding.n_vocab)
+                                 vocab_size=tokenizer.vocab_size)
     more = f"python scripts/sample.py out_dir={run.out_dir}"
     if run.cfg.parallel == "fsdp":
         more = f"python {CONVERTER} {run.out_dir}, then {more}"
     if run.env.is_master:
-        print(f"a sample (more: {more}):\n{encoding.decode(ids[0, 1:].tolist()).strip()}\n")
+        print(f"a sample (more: {more}):\n{tokenizer.decode(ids[0, prompt.shape[1]:].tolist()).strip()}\n")
 
 
 def already_finished(run):

@@ -3,7 +3,8 @@ What every data/<name>/prepare.py shares: the GPT-2 tokenizer, loading a corpus 
 it in parallel, and writing token ids to uint16 .bin files that train.py memory-maps with open_split().
 
 A prepared data directory holds
-    train.bin, val.bin   flat uint16 arrays of GPT-2 token ids, <|endoftext|> (50256) after every document
+    train.bin, val.bin   flat uint16 arrays of token ids: GPT-2's, <|endoftext|> (50256) after every document;
+                         or one id per character (data/shakespeare_char)
     meta.json            token counts per split, tokenizer, source, and the settings that produced them
 A .bin is written under a temporary name and renamed once complete; meta.json is written last. So a
 directory is "prepared" exactly when meta.json exists, its settings match, and every .bin has the size
@@ -283,20 +284,73 @@ def write_splits(data_dir, splits, num_proc=1):
     return counts
 
 
-def base_meta(name, settings, source, splits, prepare_command):
-    """The fields every meta.json has; prepare scripts may add their own."""
+def gpt2_meta():
+    """meta.json's tokenizer fields for GPT-2 BPE data."""
+    return {"tokenizer": "gpt2", "tokenizer_files": load_gpt2_encoding()[1], "vocab_size": GPT2_VOCAB_SIZE,
+            "eot_token": EOT_TOKEN}
+
+
+def base_meta(name, settings, source, splits, prepare_command, tokenizer_meta=None):
+    """The fields every meta.json has; prepare scripts may add their own. tokenizer_meta: the tokenizer's fields
+    ("tokenizer", "vocab_size", ...); None -> GPT-2's."""
     return {
         "name": name,
         "source": source,
-        "tokenizer": "gpt2",
-        "tokenizer_files": load_gpt2_encoding()[1],
-        "vocab_size": GPT2_VOCAB_SIZE,
-        "eot_token": EOT_TOKEN,
+        **(tokenizer_meta if tokenizer_meta is not None else gpt2_meta()),
         "dtype": "uint16",
         "splits": splits,  # {"train": {"tokens": int, "documents": int}, "val": {...}}
         "settings": settings,
         "prepare_command": prepare_command,
     }
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers: what train.py's end-of-run sample and scripts/sample.py decode with
+
+class GPT2Tokenizer:
+    """GPT-2 BPE; a text starts after <|endoftext|>."""
+    name = "gpt2"
+
+    def __init__(self):
+        self.encoding = get_gpt2_encoding()
+        self.vocab_size = self.encoding.n_vocab  # 50257: ids above it are padding rows of the embedding
+        self.start_ids = [self.encoding.eot_token]  # the start of a document
+
+    def encode(self, text):
+        return self.encoding.encode(text, allowed_special={"<|endoftext|>"})
+
+    def decode(self, ids):
+        return self.encoding.decode(ids)
+
+
+class CharTokenizer:
+    """One id per character: itos[i] is the character of id i (data/shakespeare_char/prepare.py)."""
+    name = "char"
+
+    def __init__(self, itos):
+        self.itos = list(itos)
+        self.stoi = {ch: i for i, ch in enumerate(self.itos)}
+        self.vocab_size = len(self.itos)
+        self.start_ids = self.encode("\n")  # a text starts on a new line
+
+    def encode(self, text):
+        unknown = sorted(set(text) - set(self.stoi))
+        if unknown:
+            raise ValueError(f"the characters {''.join(unknown)!r} are not in the data's vocabulary of "
+                             f"{self.vocab_size} characters: leave them out of the prompt")
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids):
+        return "".join(self.itos[i] for i in ids)
+
+
+def tokenizer_for(data_dir):
+    """The tokenizer data_dir's tokens were made with: characters when its meta.json says "char", else GPT-2's
+    (the BPE corpora, and data without a meta.json to ask)."""
+    meta = read_meta(data_dir) if data_dir is not None else None
+    if meta is not None and meta.get("tokenizer") == "char":
+        return CharTokenizer(meta["itos"])
+    return GPT2Tokenizer()
 
 
 # -----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
+import muon
 import sophia
 from scripts.benchmark import gpt2_groups
 
@@ -88,6 +89,11 @@ def bench_optimizers():
         "SophiaG reference (official loop)": lambda: sophia.SophiaG(groups(), lr=6e-4, rho=0.05, fused=False),
         "SophiaH fused": lambda: sophia.SophiaH(groups(), lr=6e-4, rho=0.05),
         "Lion foreach": lambda: sophia.Lion(groups(), lr=1e-4, betas=(0.95, 0.98)),
+        # optim=muon's split (muon.param_groups): Muon on model.py's decayed group, the blocks' matrices, fused
+        # AdamW on the other, the embeddings and the vectors
+        "Muon (blocks) + AdamW fused (rest)": lambda: muon.MuonAdamW(
+            *groups(), lr=6e-4, adam_lr=6e-4, momentum=0.95, nesterov=True, ns_steps=5,
+            adjust_lr_fn="match_rms_adamw", betas=(0.9, 0.95), eps=1e-8),
     }
 
     def step_kwargs(opt):

@@ -142,7 +142,7 @@ def assert_matches_schema(cfg):
     optim = config_schema.OPTIMIZERS[cfg.optim.name]
     assert OmegaConf.get_type(cfg.optim) is optim
     schema.update((k.key, k.type) for k in config_schema.knobs(optim, "optim."))
-    values = flatten(OmegaConf.to_container(cfg))
+    values = flatten(OmegaConf.to_container(cfg, resolve=True))  # as train.py reads them: min_lr=${mul:...}
     assert set(values) == set(schema), sorted(set(values) ^ set(schema))
     for key, value in values.items():
         assert matches(value, schema[key]), (key, value, schema[key])
