@@ -13,6 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+import muon
 import sophia
 from checkpoint import checkpoint_path, open_run_dir, restore
 from config_schema import ConfigError
@@ -56,6 +57,11 @@ def build_optimizer(cfg, model):
     optim = cfg.optim
     groups = model.configure_optimizer_groups(optim.weight_decay)
     betas = tuple(optim.betas)
+    if optim.name == "muon":  # Muon on the decayed group (the blocks' matrices), AdamW on the other
+        return muon.MuonAdamW(*muon.param_groups(model, optim.weight_decay), lr=optim.lr,
+                              adam_lr=optim.lr if optim.adam_lr is None else optim.adam_lr, momentum=optim.momentum,
+                              nesterov=optim.nesterov, ns_steps=optim.ns_steps, adjust_lr_fn=optim.adjust_lr_fn,
+                              betas=betas, eps=optim.eps)
     if optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, fused=True)
     if optim.name == "lion":

@@ -47,7 +47,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     """What every optimizer has; each one below adds its own knobs."""
-    name: str = MISSING            # the optimizer (choose it with optim=adamw | lion | sophiag | sophiah)
+    name: str = MISSING            # the optimizer (choose it with optim=adamw | lion | sophiag | sophiah | muon)
     lr: float = MISSING            # peak learning rate, reached after warmup_steps
     betas: list[float] = MISSING   # [beta1, beta2]: the two EMA decay rates, each in [0, 1)
     weight_decay: float = MISSING  # decoupled weight decay, on >=2-D weights only
@@ -75,7 +75,19 @@ class SophiaHConfig(SophiaGConfig):
     probe: str = MISSING  # Hutchinson's probe vectors: rademacher | gaussian
 
 
-OPTIMIZERS = {"adamw": AdamWConfig, "lion": LionConfig, "sophiag": SophiaGConfig, "sophiah": SophiaHConfig}
+@dataclass
+class MuonConfig(OptimConfig):
+    """Muon on the blocks' weight matrices at lr; AdamW (betas, eps) on the embeddings, LayerNorms and biases."""
+    adam_lr: float | None = MISSING  # peak lr of the AdamW part (embeddings, LayerNorms, biases); null -> optim.lr
+    momentum: float = MISSING        # Muon's momentum (EMA of the gradient), in [0, 1)
+    nesterov: bool = MISSING         # Muon orthogonalizes the Nesterov look-ahead (gradient + momentum), not the momentum
+    ns_steps: int = MISSING          # Newton-Schulz iterations that orthogonalize Muon's update
+    adjust_lr_fn: str = MISSING      # Muon's lr per matrix: match_rms_adamw (update RMS as AdamW's: shares its lr) | original
+    eps: float = MISSING             # added to sqrt(v) in AdamW's denominator
+
+
+OPTIMIZERS = {"adamw": AdamWConfig, "lion": LionConfig, "sophiag": SophiaGConfig, "sophiah": SophiaHConfig,
+              "muon": MuonConfig}
 
 
 @dataclass
@@ -323,7 +335,7 @@ def help_text(overrides=()):
     choices = cfg.hydra.runtime.choices
     command = " ".join(["python train.py", *overrides])
     lines = [
-        "Train a GPT-2 with Sophia, AdamW or Lion (train.py). Overrides are Hydra's:",
+        "Train a GPT-2 with Sophia, AdamW, Lion or Muon (train.py). Overrides are Hydra's:",
         "  python train.py [config=PRESET] [GROUP=OPTION ...] [KEY=VALUE ...]",
         "  python train.py -m KEY=A,B ...      a sweep (hydra/launcher=slurm: one SLURM job per point)",
         "  python train.py --hydra-help        Hydra's own flags;  python train.py --help config=PRESET: its values",

@@ -120,6 +120,10 @@ def log_train(run, clock, lr, grad_norm):
               "lr": lr, "grad_norm": grad_norm.item(), "time/elapsed_s": clock.elapsed(),
               "throughput/tokens_per_s": tokens_per_s, "mfu": mfu,
               "optim/clip_rate": since.clipped_steps.item() / steps}
+    if env.device.type == "cuda":
+        # the most memory the allocator held for tensors since the last log line: what micro_batch_size must fit
+        record["memory/peak_mib"] = torch.cuda.max_memory_allocated(env.device) / 2**20
+        torch.cuda.reset_peak_memory_stats(env.device)
     if run.plan.sophia:
         record.update(sophia_record(run))
     if run.skipped_steps:

@@ -62,8 +62,8 @@ def plan_batches(cfg, world_size):
             raise ConfigError(message)
 
     optim = cfg.optim
-    need(optim.name in ("adamw", "lion", "sophiag", "sophiah"),
-         f"optim.name={optim.name} is unknown: choose optim=adamw, lion, sophiag or sophiah")
+    need(optim.name in config_schema.OPTIMIZERS,
+         f"optim.name={optim.name} is unknown: choose optim={' | '.join(config_schema.OPTIMIZERS)}")
     need(cfg.max_steps >= 1, f"max_steps={cfg.max_steps}: set max_steps to 1 or more")
     lr_decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.max_steps
     need(cfg.warmup_steps >= 0 and lr_decay_steps >= 1,
@@ -94,6 +94,15 @@ def plan_batches(cfg, world_size):
         need(cfg[key] >= 1, f"{key}={cfg[key]}: set it to 1 or more")
     for beta in optim.get("betas", []):
         need(0 <= beta < 1, f"optim.betas={list(optim.betas)}: each beta must lie in [0, 1)")
+
+    if optim.name == "muon":
+        need(cfg.parallel == "ddp", "optim=muon runs under parallel=ddp only (Muon orthogonalizes whole matrices, "
+                                    "which FSDP shards): use parallel=ddp")
+        need(optim.adjust_lr_fn in ("match_rms_adamw", "original"),
+             f"optim.adjust_lr_fn={optim.adjust_lr_fn}: use match_rms_adamw or original")
+        need(0 <= optim.momentum < 1, f"optim.momentum={optim.momentum}: use a value in [0, 1)")
+        need(1 <= optim.ns_steps < 100, f"optim.ns_steps={optim.ns_steps}: use 1 to 99 (torch's Muon; its default: 5)")
+        need(optim.adam_lr is None or optim.adam_lr > 0, f"optim.adam_lr={optim.adam_lr}: use a positive lr, or null")
 
     # The global batch is fixed in sequences; each rank runs grad_accum micro-batches of micro_batch_size.
     per_step = cfg.micro_batch_size * world_size

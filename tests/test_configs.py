@@ -6,7 +6,7 @@ import pytest
 
 from conftest import compose_config, flatten
 
-OPTIMIZERS = ["adamw", "lion", "sophiag", "sophiah"]
+OPTIMIZERS = ["adamw", "lion", "sophiag", "sophiah", "muon"]
 SIZES = {"small": (12, 12, 768), "medium": (24, 16, 1024), "large": (36, 20, 1280)}
 
 # the official repository's configs: lr, min_lr, weight decay, betas, rho
@@ -56,6 +56,18 @@ def test_presets_carry_the_official_hyperparameters(size, opt):
 def test_lion_presets_use_the_paper_learning_rate(size):
     cfg = compose_config(f"gpt2_{size}_lion")
     assert cfg["optim"]["lr"] == LION_LR[size] and cfg["optim"]["betas"] == [0.95, 0.98]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_muon_presets_reuse_the_adamw_hyperparameters(size):
+    """Moonlight's recipe: match_rms_adamw gives Muon's update AdamW's RMS, so both parts take AdamW's lr,
+    weight decay and schedule."""
+    muon, adamw = compose_config(f"gpt2_{size}_muon")["optim"], compose_config(f"gpt2_{size}_adamw")
+    assert (muon["lr"], muon["adam_lr"], muon["weight_decay"], muon["betas"], muon["eps"]) == \
+        (adamw["optim"]["lr"], None, 0.1, adamw["optim"]["betas"], adamw["optim"]["eps"])
+    assert compose_config(f"gpt2_{size}_muon")["min_lr"] == adamw["min_lr"]
+    assert (muon["adjust_lr_fn"], muon["momentum"], muon["nesterov"], muon["ns_steps"]) == \
+        ("match_rms_adamw", 0.95, True, 5)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -129,15 +141,16 @@ def test_xl_presets_differ_only_in_the_optimizer_and_are_sharded():
     assert sophiag["optim.rho"] > 0 and adamw["optim.name"] == "adamw"
 
 
-def test_shakespeare_presets_differ_only_in_the_optimizer():
-    sophia, adamw = flatten(compose_config("shakespeare_sophiag")), flatten(compose_config("shakespeare_adamw"))
-    differing = {k for k in set(sophia) | set(adamw) if sophia.get(k) != adamw.get(k)}
+@pytest.mark.parametrize("other", ["sophiag", "muon"])
+def test_shakespeare_presets_differ_only_in_the_optimizer(other):
+    preset, adamw = flatten(compose_config(f"shakespeare_{other}")), flatten(compose_config("shakespeare_adamw"))
+    differing = {k for k in set(preset) | set(adamw) if preset.get(k) != adamw.get(k)}
     assert differing and all(k.startswith("optim.") for k in differing), sorted(differing)
     # python train.py runs the Sophia preset
     assert flatten(compose_config("shakespeare_sophiag")) == flatten(compose_config())
 
 
-CHAR_OPTIMIZERS = ["adamw", "lion", "sophiag"]
+CHAR_OPTIMIZERS = ["adamw", "lion", "sophiag", "muon"]
 
 
 def test_char_presets_differ_only_in_the_optimizer_and_end_at_a_tenth_of_lr():
@@ -160,3 +173,7 @@ def test_char_presets_differ_only_in_the_optimizer_and_end_at_a_tenth_of_lr():
     assert (configs["sophiag"]["optim.lr"], configs["sophiag"]["optim.rho"]) == (3e-4, 0.5)
     assert (configs["lion"]["optim.lr"], configs["lion"]["optim.weight_decay"]) == (3e-4, 1.0)
     assert configs["adamw"]["optim.lr"] == 2e-3
+    muon, adamw = configs["muon"], configs["adamw"]  # Moonlight's recipe: AdamW's values for both parts
+    assert [muon[f"optim.{k}"] for k in ("lr", "betas", "weight_decay", "eps")] == \
+        [adamw[f"optim.{k}"] for k in ("lr", "betas", "weight_decay", "eps")]
+    assert (muon["optim.adam_lr"], muon["optim.adjust_lr_fn"]) == (None, "match_rms_adamw")
