@@ -13,8 +13,9 @@ Phases:
            GPT-2 small run's effective values), Lion lr, SophiaG lr x rho, Muon lr (where the loop has optim=muon).
            A best point on the edge of its grid gets the next point beyond that edge, until it is inside
            (at most MAX_EXTENSIONS per contender; the report says when that cap was hit).
-  budgets  each contender's best setting at 1/2x, 1x and 2x the preset's steps (each its own full schedule: the
-           same warmup, cosine to min_lr at its own last step), every seed (the sweep's run is the first seed at 1x).
+  budgets  each contender's best setting at 1x, 1/2x and 1/4x the preset's steps, AdamW's also at 2x (each its own
+           full schedule: the same warmup, cosine to min_lr at its own last step), every seed (the sweep's run is the
+           first seed at 1x); the official-style AdamW only where it beats plain AdamW in the sweep.
   time     each contender's seconds per step at its best setting (Hessian refreshes included), one run at a time
            in this process's order; refused when the load average exceeds --max-load: run it last, on a quiet machine.
   report   scripts/compare.py --budgets over the record: docs/study_cpu.json, docs/study_cpu.md, and the plots
@@ -55,7 +56,11 @@ RECORD = DOCS / "study" / "runs.jsonl"
 TIME_RECORD = DOCS / "study" / "time.jsonl"
 EVAL_TOKENS = 100_000          # validation tokens of every evaluation (the issue's floor for the final loss)
 EVALS_PER_RUN = 4              # evaluations after step 0: every max_steps / 4 steps (the loss curve's points)
-BUDGET_FACTORS = (0.5, 1, 2)   # budgets, as multiples of the preset's max_steps
+# Budgets, as multiples of the preset's max_steps, in the order they run (the preset's own budget first, so that
+# a study cut short still has every contender's seeds there). AdamW's curve is what every other final loss is read
+# off, so it also runs at 2x: a contender up to twice as fast as AdamW at 1x is interpolated, not extrapolated.
+BUDGET_FACTORS = (1, 0.5, 0.25)
+REFERENCE_EXTRA_FACTORS = (2,)
 MAX_EXTENSIONS = 3             # grid points added beyond an edge, per contender
 TIME_STEPS = 200               # steps of a timing run
 QUIET_WAIT_S = 120             # time: how long to wait for the load average to fall below --max-load
@@ -404,13 +409,34 @@ def budget_jobs(proxy, contender, record, args):
     if best is None:
         print(f"{proxy}/{contender.name}: its sweep is not finished (run --phase sweep): no budget runs yet")
         return []
+    if contender.name == "adamw_official" and not beats_adamw(proxy, contender, record, args):
+        return []  # AdamW as the official run clipped it: budgets only if it beats plain AdamW in the sweep
     base = preset_steps(contender)
+    factors = BUDGET_FACTORS + (REFERENCE_EXTRA_FACTORS if contender.name == "adamw" else ())
     return [Job(proxy, contender, best[0], int(round(base * f)), seed, args.out)
-            for f in BUDGET_FACTORS for seed in args.seeds]
+            for f in factors for seed in args.seeds]
+
+
+def beats_adamw(proxy, contender, record, args):
+    """Whether the contender's best sweep loss is below plain AdamW's (both sweeps finished)."""
+    adamw = next(c for c in contenders_of(proxy)[0] if c.name == "adamw")
+    best_loss = {}
+    for c in (contender, adamw):
+        results, todo, _ = sweep_state(proxy, c, record, args.out, args.seeds[0])
+        if todo or not results:
+            return False
+        best_loss[c.name] = min(results.values())
+    return best_loss[contender.name] < best_loss["adamw"]
 
 
 def phase_budgets(proxy, contenders, record, args):
-    run_jobs([j for c in contenders for j in budget_jobs(proxy, c, record, args)], record, args)
+    """Every contender's 1x seeds first, then AdamW's 2x, then the shorter budgets: a study cut short has the most
+    useful runs."""
+    jobs = [j for c in contenders for j in budget_jobs(proxy, c, record, args)]
+    base = {c.name: preset_steps(c) for c in contenders}
+    order = {1: 0, 2: 1, 0.5: 2, 0.25: 3}
+    jobs.sort(key=lambda j: order.get(j.steps / base[j.contender.name], 4))
+    run_jobs(jobs, record, args)
 
 
 # -----------------------------------------------------------------------------

@@ -171,8 +171,9 @@ def test_record_round_trip_and_report_from_the_record_alone(record_in, monkeypat
     args = ["--proxy", "bpe", "--out", str(record_in / "out")]
     assert study_cpu.main(["--phase", "sweep", *args]) == 0
     assert study_cpu.main(["--phase", "budgets", *args]) == 0
-    # 3 + 3 sweep runs, then per contender 3 budgets x 3 seeds less the sweep's best run (seed 1337 at 1x)
-    assert len(launched) == 6 + 2 * (9 - 1) and len(set(launched)) == len(launched)
+    # 3 + 3 sweep runs, then 3 budgets x 3 seeds (AdamW, the reference: 4 budgets) less the sweep's best run
+    # (seed 1337 at 1x)
+    assert len(launched) == 6 + (12 - 1) + (9 - 1) and len(set(launched)) == len(launched)
     lines = [json.loads(line) for line in study_cpu.RECORD.read_text().splitlines()]
     assert len(lines) == len(launched)
 
@@ -189,7 +190,8 @@ def test_record_round_trip_and_report_from_the_record_alone(record_in, monkeypat
     C = report["proxies"]["bpe"]["contenders"]
     assert C["adamw"]["best"] == {"optim.lr": 2e-3} and C["lion"]["best"] == {"optim.lr": 3e-4}
     assert not C["adamw"]["best_on_edge"] and len(C["adamw"]["sweep"]) == 3
-    assert [b["steps"] for b in C["lion"]["budgets"]] == [50, 100, 200]
+    assert sorted(b["steps"] for b in C["lion"]["budgets"]) == [25, 50, 100]
+    assert sorted(b["steps"] for b in C["adamw"]["budgets"]) == [25, 50, 100, 200]
     assert all(b["seeds"] == [1337, 2, 3] for b in C["lion"]["budgets"])
     per_seed = 1.5 * np.exp(-np.array(list(offsets.values())) / 0.5)
     np.testing.assert_allclose(C["lion"]["data_multiplier"]["mean"], per_seed.mean(), rtol=1e-9)
@@ -197,7 +199,7 @@ def test_record_round_trip_and_report_from_the_record_alone(record_in, monkeypat
     np.testing.assert_allclose(C["lion"]["time_multiplier"]["mean"], per_seed.mean() * 0.1 / 0.08, rtol=1e-9)
     command = C["lion"]["budgets"][0]["commands"][0]
     assert command.startswith("OMP_NUM_THREADS=1 python train.py config=shakespeare_adamw optim=lion optim.lr=0.0003 "
-                              "max_steps=50 ")
+                              "max_steps=25 ")
     assert (record_in / "docs" / "study_cpu_bpe_budgets.png").is_file()
     assert (record_in / "docs" / "study_cpu_bpe_sweep.png").is_file()
     markdown = (record_in / "docs" / "study_cpu.md").read_text()
@@ -228,6 +230,7 @@ def test_end_to_end_on_tiny_models(record_in, monkeypatch, token_data):
     monkeypatch.setattr(study_cpu, "contenders_of", lambda proxy: ([adamw, sophiag], []))
     monkeypatch.setattr(study_cpu, "preset_steps", lambda contender: 8)
     monkeypatch.setattr(study_cpu, "BUDGET_FACTORS", (0.5, 1))
+    monkeypatch.setattr(study_cpu, "REFERENCE_EXTRA_FACTORS", ())
     monkeypatch.setattr(study_cpu, "MAX_EXTENSIONS", 0)
     monkeypatch.setattr(study_cpu, "EVAL_TOKENS", 256)
     args = ["--proxy", "bpe", "--seeds", "1337,2", "--jobs", "2", "--out", str(record_in / "out")]
