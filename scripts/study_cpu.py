@@ -533,7 +533,8 @@ def proxy_report(proxy, contenders, record, times, args):
         if best[2]:
             md.append(f"- {c.name}: the grid extension stopped at its cap ({MAX_EXTENSIONS}); the best point is still "
                       "on the grid's edge")
-        lines = [record[j.key] for j in budget_jobs(proxy, c, record, args) if j.key in record]
+        lines = sorted((record[j.key] for j in budget_jobs(proxy, c, record, args) if j.key in record),
+                       key=lambda ln: (ln["steps"], ln["seed"] != args.seeds[0]))  # shortest budget first
         C["budgets"] = [{"steps": s, "seeds": [ln["seed"] for ln in lines if ln["steps"] == s],
                          "final_val_loss": [ln["final_val_loss"] for ln in lines if ln["steps"] == s],
                          "commands": [ln["command"] for ln in lines if ln["steps"] == s],

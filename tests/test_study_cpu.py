@@ -204,7 +204,8 @@ def test_record_round_trip_and_report_from_the_record_alone(record_in, monkeypat
     assert (record_in / "docs" / "study_cpu_bpe_sweep.png").is_file()
     markdown = (record_in / "docs" / "study_cpu.md").read_text()
     assert "| lion | 100 | 3 |" in markdown
-    assert "lion's win rate in the blocks (mean over each run, then over seeds): 50 steps 0.300, 100 steps 0.300" in markdown
+    assert ("lion's win rate in the blocks (mean over each run, then over seeds): "
+            "25 steps 0.300, 50 steps 0.300, 100 steps 0.300") in markdown
     assert C["lion"]["budgets"][0]["win_rate"][0]["blocks"] == {"mean": pytest.approx(0.3), "peak": 0.4, "final": 0.4}
 
 
