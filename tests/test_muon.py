@@ -130,7 +130,7 @@ def test_two_ranks_equal_one_process(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["parallel=fsdp"], "optim=muon runs under parallel=ddp only"),
-    (["optim.adjust_lr_fn=rms"], "optim.adjust_lr_fn=rms: use match_rms_adamw or original"),
+    (["optim.adjust_lr_fn=rms"], "optim.adjust_lr_fn=rms: expected match_rms_adamw|original"),  # by Hydra
     (["optim.ns_steps=0"], "optim.ns_steps=0: use 1 to 99"),
     (["optim.ns_steps=100"], "optim.ns_steps=100: use 1 to 99"),
     (["optim.adam_lr=0"], "optim.adam_lr=0.0: use a positive lr, or null"),
