@@ -235,6 +235,22 @@ def write_meta(data_dir, meta):
     os.replace(tmp_path, path)
 
 
+def write_token_data(data_dir, splits, **meta):
+    """A prepared data directory from token ids held in memory (tests, synthetic data; a corpus goes through
+    write_splits): {split}.bin for each {split: 1-D array of ids < 65536}, then meta.json with their token
+    counts, dtype and `meta`. Returns data_dir."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for split, ids in splits.items():
+        ids = np.asarray(ids)
+        if ids.size and not (ids.min() >= 0 and ids.max() < 2 ** 16):
+            raise ValueError(f"{split}: token ids must lie in [0, 65536) to be stored as uint16")
+        ids.astype(np.uint16).tofile(data_dir / f"{split}.bin")
+    write_meta(data_dir, {"splits": {split: {"tokens": len(ids)} for split, ids in splits.items()},
+                          "dtype": "uint16", **meta})
+    return data_dir
+
+
 def read_meta(data_dir):
     """meta.json as a dict, or None when the directory holds no finished preparation."""
     path = Path(data_dir) / "meta.json"
