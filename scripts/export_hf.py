@@ -15,6 +15,7 @@ model's (for GPT-2's 50257 tokens: the rows that pad our embedding to 50304 are 
 
 import argparse
 import shutil
+import stat
 import sys
 from importlib.util import find_spec
 from pathlib import Path
@@ -87,6 +88,9 @@ def export(run_dir, out_dir):
     out_dir = Path(out_dir)
     hf_model.save_pretrained(out_dir)
     save_tokenizer(out_dir, model.config.block_size)
+    # safetensors writes its file with mode 0600: give it the mode the umask gives every other file here, so
+    # that whoever may read the folder may load the model
+    (out_dir / "model.safetensors").chmod(stat.S_IMODE((out_dir / "config.json").stat().st_mode))
     print(f"wrote {out_dir}: GPT2LMHeadModel.from_pretrained({str(out_dir)!r}) and AutoTokenizer load it offline")
 
 
