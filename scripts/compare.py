@@ -803,7 +803,7 @@ def main_budgets(runs, args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", help="run directories, or directories holding run directories")
-    parser.add_argument("--out", default="compare.png", help="PNG to write (default: compare.png)")
+    parser.add_argument("--out", default="out/compare.png", help="PNG to write (default: out/compare.png)")
     parser.add_argument("--target-loss", type=float, help="default: the baseline's final val loss, mean over seeds")
     parser.add_argument("--baseline", help="group label, optimizer name or run directory (default: the first group)")
     parser.add_argument("--best", action="store_true", help="per optimizer, keep only its best setting of a sweep")
