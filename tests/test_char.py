@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_train, write_token_data
+from conftest import run_train, write_synthetic_tokens
 from data.common import open_split, read_meta
 from data.shakespeare import prepare as shakespeare_prepare
 from data.shakespeare_char import prepare as char_prepare
@@ -64,7 +64,7 @@ def test_vocab_size_below_the_datas_is_refused_in_one_line(char_data, tmp_path, 
     if data_vocab == "char":
         data_dir, data_vocab = char_data, read_meta(char_data)["vocab_size"]
     else:  # BPE-sized data: its meta.json says 50257
-        data_dir = write_token_data(tmp_path / "bpe", vocab_size=data_vocab, train_tokens=5_000, val_tokens=2_000)
+        data_dir = write_synthetic_tokens(tmp_path / "bpe", vocab_size=data_vocab, train_tokens=5_000, val_tokens=2_000)
         meta = read_meta(data_dir)
         (data_dir / "meta.json").write_text(json.dumps({**meta, "vocab_size": data_vocab}))
     result = run_train([f"data.dir={data_dir}", f"model.vocab_size={model_vocab}", "max_steps=2"],
