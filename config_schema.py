@@ -449,7 +449,7 @@ def help_text(overrides=()):
             cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
             optims = {name: compose(config_name="train", overrides=[*overrides, f"optim={name}"]).optim
                       for name in OPTIMIZERS}
-            groups = {g: group_options(g) for g in ("config", "model", "optim", "data")}
+            groups = {g: group_options(g) for g in ("config", "size", "model", "optim", "data")}
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(describe(e, given_values(overrides))) from None
     choices = cfg.hydra.runtime.choices
@@ -460,8 +460,10 @@ def help_text(overrides=()):
         "  python train.py -m KEY=A,B ...      a sweep (hydra/launcher=slurm: one SLURM job per point)",
         "  python train.py --hydra-help        Hydra's own flags;  python train.py --help config=PRESET: its values",
         "",
-        f"config=PRESET pins a whole run (configs/config/; now config={choices.config}):",
+        f"config=PRESET pins a whole run, a size plus an optimizer (configs/config/; now config={choices.config}):",
         textwrap.fill(", ".join(groups["config"]), 100, initial_indent="  ", subsequent_indent="  "),
+        f"size=SIZE: model, data, batch, schedule, evaluation (configs/size/; now size={choices.get('size')}):",
+        "  " + ", ".join(groups["size"]),
         "groups: " + "   ".join(f"{g}={'|'.join(groups[g])}" for g in ("model", "optim", "data")),
         "",
         f"Every knob: type (or its choices), value in `{command}`, description.",

@@ -1,10 +1,17 @@
 """The presets, composed by Hydra exactly as train.py composes them.
 
 Fairness: the presets of one model size may differ in the optimizer block (and its min_lr) alone, so that
-Sophia, AdamW and Lion share model, data order, batch, schedule, seed, loss scaling and evaluation."""
-import pytest
+Sophia, AdamW and Lion share model, data order, batch, schedule, seed, loss scaling and evaluation. By
+construction: a preset is a size (configs/size/) plus an optimizer block; and checked: the composed configs
+of one size are diffed."""
+from collections import defaultdict
 
-from conftest import compose_config, flatten
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO_DIR, compose_config, flatten
+
+CONFIGS = REPO_DIR / "configs"
 
 OPTIMIZERS = ["adamw", "lion", "sophiag", "sophiah", "muon"]
 SIZES = {"small": (12, 12, 768), "medium": (24, 16, 1024), "large": (36, 20, 1280)}
@@ -177,3 +184,48 @@ def test_char_presets_differ_only_in_the_optimizer_and_end_at_a_tenth_of_lr():
     assert [muon[f"optim.{k}"] for k in ("lr", "betas", "weight_decay", "eps")] == \
         [adamw[f"optim.{k}"] for k in ("lr", "betas", "weight_decay", "eps")]
     assert (muon["optim.adam_lr"], muon["optim.adjust_lr_fn"]) == (None, "match_rms_adamw")
+
+
+# -----------------------------------------------------------------------------------------------------
+# Fair by construction: a preset names a size and an optimizer, and sets the optimizer block alone.
+
+def preset_files():
+    return {p.stem: OmegaConf.load(p) for p in sorted((CONFIGS / "config").glob("*.yaml"))}
+
+
+def test_every_preset_is_a_size_plus_an_optimizer_block():
+    sizes = {p.stem for p in (CONFIGS / "size").glob("*.yaml")}
+    for name, preset in preset_files().items():
+        if name.endswith("_adamw_official"):  # the official AdamW: its fair twin, clip and eps changed
+            assert list(preset.defaults) == [name.removesuffix("_official"), "_self_"], name
+            assert set(preset) - {"defaults"} == {"grad_clip", "optim"} and set(preset.optim) == {"eps"}, name
+            continue
+        size, optim = preset.defaults
+        assert size["/size"] in sizes and optim["override /optim"] in name, (name, preset.defaults)
+        assert name == f"{size['/size']}_{optim['override /optim']}", name
+        assert set(preset) - {"defaults"} <= {"min_lr", "optim"}, (name, sorted(preset))
+
+
+def test_presets_of_every_size_differ_only_in_the_optimizer_block():
+    by_size = defaultdict(list)
+    for name, preset in preset_files().items():
+        if not name.endswith("_official"):
+            by_size[preset.defaults[0]["/size"]].append(name)
+    assert set(by_size) == {p.stem for p in (CONFIGS / "size").glob("*.yaml")}  # every size has presets
+    for size, names in by_size.items():
+        configs = {name: flatten(compose_config(name)) for name in names}
+        reference = configs[names[0]]
+        for name, flat in configs.items():
+            differing = {k for k in set(flat) | set(reference) if flat.get(k) != reference.get(k)}
+            assert all(k.startswith("optim.") or k == "min_lr" for k in differing), (name, sorted(differing))
+
+
+def test_train_yaml_holds_the_embedded_runs_values():
+    """`python train.py`'s configuration is train.yaml's values, its groups' and the Sophia preset's optimizer
+    block: a size changes what differs from the embedded run, so size/shakespeare.yaml sets no training knob."""
+    train_yaml = OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml"))
+    knobs = flatten({k: v for k, v in train_yaml.items() if k not in ("defaults", "hydra")})
+    embedded = flatten(compose_config())
+    assert {k: embedded[k] for k in knobs if k != "wandb.group"} == {k: v for k, v in knobs.items() if k != "wandb.group"}
+    shakespeare = OmegaConf.load(CONFIGS / "size" / "shakespeare.yaml")
+    assert set(shakespeare) - {"defaults"} == {"wandb"}  # its W&B group name alone

@@ -67,14 +67,14 @@ def test_a_wrong_type_or_unknown_key_is_one_line_and_exit_code_2(tmp_path, args,
 
 def test_the_message_names_a_yaml_files_bad_value(tmp_path, monkeypatch, capsys):
     shutil.copytree(REPO_DIR / "configs", tmp_path / "configs")
-    preset = tmp_path / "configs" / "config" / "shakespeare_adamw.yaml"
-    preset.write_text(preset.read_text().replace("max_steps: 500", "max_steps: five hundred"))
+    size = tmp_path / "configs" / "size" / "shakespeare_char.yaml"
+    size.write_text(size.read_text().replace("max_steps: 2000", "max_steps: two thousand"))
     monkeypatch.setattr(config_schema, "CONFIG_DIR", tmp_path / "configs")
     with pytest.raises(SystemExit) as stop:
-        config_schema.check_command_line(["config=shakespeare_adamw"])
+        config_schema.check_command_line(["config=shakespeare_char_adamw"])
     message = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and len(message.splitlines()) == 1
-    assert "max_steps in configs/config/shakespeare_adamw.yaml" in message and "five hundred" in message
+    assert "max_steps in configs/size/shakespeare_char.yaml" in message and "two thousand" in message
     assert "expected int" in message
 
 
@@ -204,7 +204,7 @@ def test_every_preset_composes_with_the_schemas_types(preset):
     assert_matches_schema(config_schema.compose_config(preset))
 
 
-@pytest.mark.parametrize("group", ["model", "optim", "data"])
+@pytest.mark.parametrize("group", ["size", "model", "optim", "data"])
 def test_every_group_option_composes_with_the_schemas_types(group):
     options = sorted(p.stem for p in (REPO_DIR / "configs" / group).glob("*.yaml"))
     assert options
