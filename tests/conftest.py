@@ -48,7 +48,7 @@ def flatten(tree, prefix=""):
 def compose_config(preset=None, overrides=()):
     """The config train.py runs with for `python train.py [config=preset] overrides...`, as a plain dict."""
     from omegaconf import OmegaConf
-    return OmegaConf.to_container(config_schema.compose_config(preset, overrides), resolve=True)
+    return OmegaConf.to_container(config_schema.compose_config(preset, overrides), resolve=True, enum_to_str=True)
 
 
 def write_synthetic_tokens(data_dir, vocab_size=50304, train_tokens=200_000, val_tokens=20_000, seed=0):
