@@ -61,6 +61,7 @@ EVALS_PER_RUN = 4              # evaluations after step 0: every max_steps / 4 s
 # off, so it also runs at 2x: a contender up to twice as fast as AdamW at 1x is interpolated, not extrapolated.
 BUDGET_FACTORS = (1, 0.5, 0.25)
 REFERENCE_EXTRA_FACTORS = (2,)
+SOPHIA_REGIME = (0.1, 0.5)     # SophiaG's blocks win rate where its authors run it (official README: 0.1-0.5)
 MAX_EXTENSIONS = 3             # grid points added beyond an edge, per contender
 TIME_STEPS = 200               # steps of a timing run
 QUIET_WAIT_S = 120             # time: how long to wait for the load average to fall below --max-load
@@ -319,10 +320,21 @@ def run_jobs(jobs, record, args):
 # -----------------------------------------------------------------------------
 # the sweep and its grid extension (pure functions of the results)
 
+def in_regime(line):
+    """Whether a SophiaG run ran where its authors run it: the blocks' win rate (fraction of coordinates unclipped,
+    mean over the run) within SOPHIA_REGIME. Outside it, almost every coordinate is clipped (sign momentum, i.e.
+    Lion) or almost none is (a diagonal Newton step without the clip)."""
+    blocks = (line.get("win_rate") or {}).get("blocks")
+    return blocks is not None and SOPHIA_REGIME[0] <= blocks["mean"] <= SOPHIA_REGIME[1]
+
+
 def loss_of(line):
-    """A diverged or unfinished run never wins."""
+    """A diverged or unfinished run never wins, nor does a SophiaG run outside its regime (it is still recorded and
+    reported): SophiaG's best setting, its grid extension and its budgets are chosen within the regime."""
     value = None if line is None else line.get("final_val_loss")
-    return math.inf if value is None else value
+    if value is None or (line.get("contender") == "sophiag" and not in_regime(line)):
+        return math.inf
+    return value
 
 
 def best_point(results):
@@ -530,6 +542,16 @@ def proxy_report(proxy, contenders, record, times, args):
             md.append(f"- {c.name}: sweep not finished ({len(todo)} run(s) to go)")
             continue
         C.update(best=best[0], best_on_edge=best[1], extensions_capped=best[2])
+        if c.name == "sophiag":  # its best is chosen within its regime: say what the best outside it did
+            outside = [s for s in sweep if s["final_val_loss"] is not None and not in_regime(s)]
+            if outside:
+                o = min(outside, key=lambda s: s["final_val_loss"])
+                C["best_outside_regime"] = {"settings": o["settings"], "final_val_loss": o["final_val_loss"],
+                                            "win_rate_blocks": (o["win_rate"]["blocks"] or {}).get("mean")}
+                md.append(f"- sophiag: best chosen among runs whose blocks' mean win rate is in {list(SOPHIA_REGIME)} "
+                          f"(its authors' regime): {best[0]}; the best outside it, "
+                          f"{' '.join(f'{k}={v:g}' for k, v in o['settings'].items())} (blocks win rate "
+                          f"{C['best_outside_regime']['win_rate_blocks']:.3f}), reached {o['final_val_loss']:.4f}")
         if best[2]:
             md.append(f"- {c.name}: the grid extension stopped at its cap ({MAX_EXTENSIONS}); the best point is still "
                       "on the grid's edge")

@@ -31,7 +31,7 @@ VAL_TOKENS = {"shakespeare": 84_511, "shakespeare_char": 253_771}
 
 
 @pytest.mark.parametrize("proxy", ["bpe", "char"])
-def test_dry_run_commands_compose_the_configs_they_name(proxy, monkeypatch, capsys):
+def test_dry_run_commands_compose_the_configs_they_name(proxy, record_in, monkeypatch, capsys):
     if not study_cpu.preset_exists(f"{study_cpu.PRESET_STEM[proxy]}_adamw"):
         pytest.skip(f"no {proxy} presets in this checkout")
     monkeypatch.setattr(study_cpu, "val_tokens",
@@ -269,3 +269,23 @@ def test_a_failing_sweep_run_is_not_retried_in_a_loop(tmp_path, monkeypatch, cap
     study_cpu.phase_sweep("bpe", [contender], {}, Args())  # returns: both runs failed once, nothing recorded
     assert len(calls) == 1 and len(calls[0]) == 2
     assert "2 sweep run(s) failed" in capsys.readouterr().out
+
+
+def test_sophiag_is_judged_within_its_regime():
+    """SophiaG's best setting is chosen among runs whose blocks' mean win rate lies in SOPHIA_REGIME: a lower loss
+    reached fully clipped (sign momentum) does not make it SophiaG's best; other contenders are not filtered."""
+    def line(contender, loss, blocks_mean):
+        blocks = None if blocks_mean is None else {"mean": blocks_mean, "peak": blocks_mean, "final": blocks_mean}
+        return {"contender": contender, "final_val_loss": loss, "win_rate": {"all": None, "embedding": None,
+                                                                              "blocks": blocks}}
+    low, high = study_cpu.SOPHIA_REGIME
+    assert study_cpu.loss_of(line("sophiag", 1.8, (low + high) / 2)) == 1.8
+    assert study_cpu.loss_of(line("sophiag", 1.7, low / 10)) == math.inf  # 99% clipped
+    assert study_cpu.loss_of(line("sophiag", 1.7, min(1.0, high * 1.5))) == math.inf  # nearly unclipped
+    assert study_cpu.loss_of(line("sophiag", 1.7, None)) == math.inf
+    assert study_cpu.loss_of(line("lion", 1.7, None)) == 1.7
+    results = {(("optim.rho", 0.01),): study_cpu.loss_of(line("sophiag", 1.70, 0.01)),
+               (("optim.rho", 0.5),): study_cpu.loss_of(line("sophiag", 1.80, 0.30)),
+               (("optim.rho", 5.0),): study_cpu.loss_of(line("sophiag", 2.10, 0.90))}
+    assert study_cpu.best_point(results) == (("optim.rho", 0.5),)
+    assert study_cpu.extension(results) is None  # inside the grid: rho tried below and above
