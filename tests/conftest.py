@@ -24,9 +24,22 @@ TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_siz
         "log_interval=1", "ckpt_interval=4", "warmup_steps=2", "cpu_peak_flops=1e11"]
 
 
+# the prepared Shakespeare corpus of this test session, in its temporary folder (never the repo's data/ folder,
+# so that parallel test processes never share, and no stale copy is reused): set by the shakespeare_bins fixture
+CORPUS = {"dir": None}
+
+
+def train_command(args, out_dir, launcher=(sys.executable,)):
+    """The command line of train.py with TINY, the session's corpus (args may name another data.dir), then args."""
+    if CORPUS["dir"] is None and not any(a.startswith("data.dir=") for a in args):
+        raise AssertionError("a test that runs train.py on Shakespeare needs the shakespeare_bins fixture")
+    corpus = [f"data.dir={CORPUS['dir']}"] if CORPUS["dir"] is not None else []
+    return [*launcher, str(REPO_DIR / "train.py"), *TINY, *corpus, f"out_dir={out_dir}", *args]
+
+
 def run_train(args, out_dir, check=True, launcher=(sys.executable,), env=None):
     """train.py in a subprocess with TINY, then args; fails the test with its output unless check=False."""
-    cmd = [*launcher, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out_dir}", *args]
+    cmd = train_command(args, out_dir, launcher)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, env=env, timeout=600)
     if check and result.returncode != 0:
@@ -75,11 +88,13 @@ def token_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shakespeare_bins():
-    """The embedded corpus, prepared once before the runs that read it (so that no run's timing or output
-    includes the preparation)."""
+def shakespeare_bins(tmp_path_factory):
+    """The embedded corpus, prepared once per test process into a temporary folder, before the runs that read it
+    (so that no run's timing or output includes the preparation); run_train passes it as data.dir."""
     from data.shakespeare.prepare import prepare
-    prepare()
+    CORPUS["dir"] = prepare(out_dir=tmp_path_factory.mktemp("shakespeare"))
+    yield CORPUS["dir"]
+    CORPUS["dir"] = None
 
 
 def pytest_collection_modifyitems(config, items):

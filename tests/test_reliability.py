@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_DIR, TINY, read_metrics, run_train
+from conftest import CORPUS, REPO_DIR, read_metrics, run_train, train_command
 
 pytestmark = pytest.mark.usefixtures("shakespeare_bins")
-SHAKESPEARE = REPO_DIR / "data" / "shakespeare"
 
 
 def start_train(args, out_dir):
-    cmd = [sys.executable, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out_dir}", *args]
+    cmd = train_command(args, out_dir)
     return subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -145,7 +144,7 @@ def test_settings_that_would_run_silently_wrong_are_refused(tmp_path, args, mess
 def copy_of_the_corpus(where):
     where.mkdir(parents=True)
     for name in ("meta.json", "train.bin", "val.bin"):
-        shutil.copy(SHAKESPEARE / name, where / name)
+        shutil.copy(CORPUS["dir"] / name, where / name)
     return where
 
 

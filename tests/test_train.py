@@ -100,8 +100,7 @@ def test_two_ranks_equal_one_process_with_accumulation(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ckpt.pt", "config.yaml", "metrics.jsonl", "run.lock"]
 
 
-@pytest.mark.usefixtures("shakespeare_bins")
-def test_one_step_equals_torch_adamw_by_hand(tmp_path):
+def test_one_step_equals_torch_adamw_by_hand(tmp_path, shakespeare_bins):
     """The loop's first step, rebuilt by hand from the same pieces with torch's reference AdamW."""
     # warmup_steps=0: with a warmup, step 0's learning rate is 0 (the official schedule) and nothing would move
     run_train(["optim=adamw", "max_steps=1", "grad_clip=0.5", "optim.lr=1e-2", "warmup_steps=0"], tmp_path)
@@ -112,7 +111,7 @@ def test_one_step_equals_torch_adamw_by_hand(tmp_path):
     from model import GPT, GPTConfig
     torch.manual_seed(1337)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
-    stream = SequenceStream(open_split(REPO_DIR / "data" / "shakespeare", "train"), 32, 1337)
+    stream = SequenceStream(open_split(shakespeare_bins, "train"), 32, 1337)
     for first in (0, 2):  # two micro-batches of 2 sequences, each loss scaled by 1/2
         x, y = stream.batch(first, 2, torch.device("cpu"))
         _, loss = model(x, y)
