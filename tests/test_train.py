@@ -3,6 +3,7 @@
 References: an uninterrupted second run (resume), one process with gradient accumulation (DDP), and a
 hand-written step with torch's own AdamW (the loop)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_DIR, TINY, read_metrics, run_train
+from conftest import REPO_DIR, read_metrics, run_train, train_command
 
 
 def by_step(records, key):
@@ -48,40 +49,69 @@ def test_resume_continues_exactly(tmp_path, optim):
         torch.testing.assert_close(b["model"][name], tensor, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.usefixtures("shakespeare_bins")
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT])
-def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, signum):
-    """SLURM's preemption notice (USR1) or Ctrl-C (INT): the run checkpoints at the end of the step, exits 0
-    after USR1 (the requeued job goes on) and 130 after Ctrl-C (so that `train.py && next` stops), and the same
-    command continues to the same weights as an uninterrupted run. log_interval is larger than
-    the run, so acting on the signal cannot wait for a log step."""
+# ckpt_interval beyond the run: only the signal handler can write a checkpoint before the last step
+SIGNAL_ARGS = ["max_steps=400", "optim=adamw", "log_interval=1000", "ckpt_interval=1000"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_weights(shakespeare_bins, tmp_path_factory):
+    """The reference of the signal tests: the same 400-step run, never stopped; its final weights."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_train(SIGNAL_ARGS, out)
+    return torch.load(out / "ckpt.pt", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGUSR1, 0), (signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, signum, status, uninterrupted_weights):
+    """SLURM's preemption notice (USR1), Ctrl-C (INT) or scancel (TERM): the run checkpoints at the end of the
+    step, says at which step, exits 0 after USR1 (the requeued job goes on), 130 after Ctrl-C and 143 after
+    SIGTERM (so that `train.py && next` stops), and the same command continues to the same weights as an
+    uninterrupted run. log_interval and ckpt_interval are larger than the run, so acting on the signal cannot
+    wait for a log step, and the checkpoint can only be the handler's."""
     out = tmp_path / "run"
-    args = ["max_steps=400", "optim=adamw", "log_interval=1000"]
-    cmd = [sys.executable, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out}", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(train_command(SIGNAL_ARGS, out), cwd=REPO_DIR, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while time.time() < deadline:  # wait for the loop: an evaluation after step 0
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and any(r["step"] > 0 for r in read_metrics(out)):
+        if any(r["step"] > 0 for r in read_metrics(out)):
             break
         time.sleep(0.2)
     proc.send_signal(signum)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == (130 if signum == signal.SIGINT else 0), output
-    assert "stop signal received" in output and "Traceback" not in output
+    assert proc.returncode == status, output
+    assert "Traceback" not in output
     if signum == signal.SIGINT:
         assert "Ctrl-C: checkpointing at the end of this step" in output
+    printed = int(re.search(r"stop signal received: checkpoint at step (\d+) in ", output).group(1))
     saved = torch.load(out / "ckpt.pt", weights_only=False)
-    assert 0 < saved["step"] < 400
-    assert max(r["step"] for r in read_metrics(out)) <= saved["step"]
+    assert saved["step"] == printed and 0 < printed < 400
+    assert saved["data_state"]["train_seqs"] == printed * 4  # total_batch_size=4 sequences per step
+    assert max(r["step"] for r in read_metrics(out)) <= printed
 
-    run_train(args, out)
-    run_train(args, tmp_path / "uninterrupted")
+    run_train(SIGNAL_ARGS, out)
     assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == list(range(0, 401, 4))  # each once
     resumed = torch.load(out / "ckpt.pt", weights_only=False)["model"]
-    for name, tensor in torch.load(tmp_path / "uninterrupted" / "ckpt.pt", weights_only=False)["model"].items():
+    for name, tensor in uninterrupted_weights.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_second_ctrl_c_quits_at_once():
+    """The first Ctrl-C asks for a checkpoint at the end of the step; the second interrupts wherever the run is
+    (KeyboardInterrupt), for a step that hangs. In this process: two signals in a row cannot be timed against a
+    step of milliseconds from outside."""
+    from distributed import Env, StopSignals
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = StopSignals(Env(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), dtype="float32"))
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # Python runs the handler between bytecodes of the main thread
+        assert stop.agreed() == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 @pytest.mark.usefixtures("shakespeare_bins")
