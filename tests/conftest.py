@@ -47,6 +47,32 @@ def run_train(args, out_dir, check=True, launcher=(sys.executable,), env=None):
     return result
 
 
+def train_in_process(args, out_dir):
+    """train.train() in this process, as `python train.py` with TINY, the session's corpus, then args: for tests
+    of what a run computes, where a subprocess adds only start-up (and SophiaG's kernels compile once per test
+    process, not once per run). Returns (exit status, printed output). Exit codes, one-line errors and signals
+    stay with run_train."""
+    import contextlib
+    import io
+    import signal
+
+    import torch
+
+    import train
+    cfg = config_schema.compose_config(None, train_command(args, out_dir)[2:])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run_train's OMP_NUM_THREADS=1: the same sums in the same order
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            status = train.train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+        for signum, handler in handlers.items():  # train() installs its stop-signal handlers
+            signal.signal(signum, handler)
+    return status, printed.getvalue()
+
+
 def flatten(tree, prefix=""):
     """A nested config dict as {"optim.lr": ..., "model.n_layer": ...}."""
     flat = {}
