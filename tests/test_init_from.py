@@ -3,7 +3,7 @@ random GPT-2 saved locally. Reference: HF's own GPT2LMHeadModel and its weights.
 import pytest
 import torch
 
-from conftest import run_train
+from conftest import read_metrics, run_train, train_in_process
 
 pytestmark = pytest.mark.usefixtures("shakespeare_bins")
 
@@ -35,8 +35,28 @@ def test_a_run_starts_from_the_pretrained_weights(tmp_path, small_gpt2):
         if name == "transformer.wpe.weight":
             expected = expected[:32]  # cropped to the run's block size
         torch.testing.assert_close(tensor, expected, rtol=0, atol=0, msg=name)
-    # and it trains on from there, resuming like any run
-    run_train([f"init_from={folder}", "max_steps=3", "warmup_steps=1", "optim=adamw"], tmp_path / "run")
+
+
+def test_a_resumed_run_continues_its_checkpoint_not_the_pretrained_weights(tmp_path, small_gpt2):
+    """Stopped after 2 steps (the weights have moved from the pretrained ones), the same command resumes from the
+    checkpoint, at step 2, without loading init_from's weights over it: the same losses and weights as a run that
+    never stopped. model.dropout stays the run's own (0.1), not the pretrained model's."""
+    folder, _ = small_gpt2
+    args = [f"init_from={folder}", "warmup_steps=1", "lr_decay_steps=4", "optim=adamw", "model.dropout=0.1"]
+    train_in_process(args + ["max_steps=4"], tmp_path / "whole")
+    train_in_process(args + ["max_steps=2"], tmp_path / "split")
+    status, printed = train_in_process(args + ["max_steps=4"], tmp_path / "split")
+    assert status == 0 and f"resumed from {tmp_path / 'split' / 'ckpt.pt'} at step 2" in printed
+
+    whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
+    assert [r["step"] for r in split if "train/loss" in r] == [1, 2, 3, 4]  # each step once: no restart at 0
+    assert [r["train/loss"] for r in split if "train/loss" in r] == \
+        pytest.approx([r["train/loss"] for r in whole if "train/loss" in r], rel=1e-6)
+    a = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    assert a["config"]["model"]["dropout"] == b["config"]["model"]["dropout"] == 0.1
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_init_from_bad_input_is_one_line(tmp_path, small_gpt2):
