@@ -308,9 +308,11 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 ])
 @pytest.mark.usefixtures("shakespeare_bins")
 def test_bad_input_stops_before_training(tmp_path, args, message):
+    """The README's promise: one line naming the fix, on stderr, exit status 2, before any training."""
     result = run_train(["max_steps=2"] + args, tmp_path / "run", check=False)
-    assert result.returncode != 0
-    assert message in result.stdout + result.stderr
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
