@@ -100,6 +100,31 @@ def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, signum, st
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_kill_9_loses_only_the_steps_since_the_checkpoint_and_the_rerun_continues_exactly(
+        tmp_path, uninterrupted_weights):
+    """SIGKILL (no handler runs) after step 8's evaluation: the checkpoint of step 4 or 8 (ckpt_interval=4) is
+    whole, the same command resumes from it, logs each step once, and ends at the uninterrupted run's weights."""
+    out = tmp_path / "run"
+    args = [a for a in SIGNAL_ARGS if not a.startswith("ckpt_interval=")] + ["ckpt_interval=4"]
+    proc = subprocess.Popen(train_command(args, out), cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 8: val loss"):
+            break
+    proc.kill()
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    saved = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    assert saved in (4, 8)
+
+    resumed = run_train(args + [f"max_steps={RESUMED_TO}"], out)
+    assert f"at step {saved}" in resumed.stdout
+    assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == list(range(0, RESUMED_TO + 1, 4))  # once
+    weights = torch.load(out / "ckpt.pt", weights_only=False)["model"]
+    for name, tensor in uninterrupted_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_a_second_ctrl_c_quits_at_once():
     """The first Ctrl-C asks for a checkpoint at the end of the step; the second interrupts wherever the run is
     (KeyboardInterrupt), for a step that hangs. In this process: two signals in a row cannot be timed against a
@@ -194,7 +219,7 @@ def test_one_step_equals_torch_adamw_by_hand(tmp_path, shakespeare_bins):
 
 def test_sophiag_run_equals_the_official_loop_by_hand(tmp_path, shakespeare_bins):
     """train.py's SophiaG against the official loop (Sophia's train_sophiag.py) written out here: every step
-    clips and calls step(bs=B·T), B·T the tokens of the Hessian batch (total_batch_size sequences of block_size);
+    clips and calls step(bs=B·T), B·T the tokens of the Hessian batch (hess_batch_size sequences of block_size);
     after steps k-1, 2k-1, ... (iter_num % k == k - 1) a refresh on a fresh batch of the Hessian stream:
     labels sampled from the model, their gradient clipped, update_hessian(). Dropout on: every forward seeded
     from (seed, step, micro-batch). The weights and the optimizer state must be equal."""
@@ -208,7 +233,8 @@ def test_sophiag_run_equals_the_official_loop_by_hand(tmp_path, shakespeare_bins
 
     steps, k, lr, min_lr, rho = 6, 3, 1e-2, 1e-4, 20.0
     args = ["optim=sophiag", f"max_steps={steps}", f"optim.hess_interval={k}", "warmup_steps=0",
-            f"optim.lr={lr}", f"min_lr={min_lr}", f"optim.rho={rho}", "model.dropout=0.1", "grad_clip=1.0"]
+            f"optim.lr={lr}", f"min_lr={min_lr}", f"optim.rho={rho}", "model.dropout=0.1", "grad_clip=1.0",
+            "optim.hess_batch_size=2"]  # half the training batch: bs counts the Hessian batch's tokens
     status, _ = train_in_process(args, tmp_path)
     assert status == 0
     trained = torch.load(tmp_path / "ckpt.pt", weights_only=False)
@@ -233,16 +259,15 @@ def test_sophiag_run_equals_the_official_loop_by_hand(tmp_path, shakespeare_bins
             _, loss = model(x, y)
             (loss / 2).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(bs=4 * 32)  # the Hessian batch (null: total_batch_size) in tokens
+        opt.step(bs=2 * 32)  # the Hessian batch in tokens: hess_batch_size x block_size
         opt.zero_grad(set_to_none=True)
         if step % k == k - 1:
-            first = 4 * (step // k)  # the Hessian stream hands out 4 sequences per refresh
-            for micro in range(2):
-                torch.manual_seed(random_seed(1337, step, micro, "hessian_dropout"))
-                labels = torch.Generator().manual_seed(random_seed(1337, step, micro, "hessian"))
-                x, _ = hessian_stream.batch(first + 2 * micro, 2, cpu)
-                logits, _ = model(x)
-                sophia.gnb_backward(logits, 1 / 2, labels)
+            # one micro-batch: the 2 sequences of the Hessian batch, the next ones of the Hessian stream
+            torch.manual_seed(random_seed(1337, step, 0, "hessian_dropout"))
+            labels = torch.Generator().manual_seed(random_seed(1337, step, 0, "hessian"))
+            x, _ = hessian_stream.batch(2 * (step // k), 2, cpu)
+            logits, _ = model(x)
+            sophia.gnb_backward(logits, 1.0, labels)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.update_hessian()
             opt.zero_grad(set_to_none=True)
@@ -253,7 +278,7 @@ def test_sophiag_run_equals_the_official_loop_by_hand(tmp_path, shakespeare_bins
         for key in ("exp_avg", "hessian", "step"):
             torch.testing.assert_close(trained["optimizer"]["state"][index][key], state[key], rtol=1e-5, atol=1e-9,
                                        msg=f"state[{index}].{key}")
-    assert trained["data_state"] == {"train_seqs": 4 * steps, "hess_seqs": 4 * (steps // k)}
+    assert trained["data_state"] == {"train_seqs": 4 * steps, "hess_seqs": 2 * (steps // k)}
 
 
 def test_lr_schedule_matches_torch_schedulers():
