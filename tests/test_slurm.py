@@ -30,6 +30,8 @@ def tiny():
     return ["config=shakespeare_sophiag", "optim.hess_interval=2", *conftest.TINY, f"data.dir={conftest.CORPUS['dir']}"]
 
 
+# one cluster per test process, and one test process for them all (pytest -n 2: its ports are fixed)
+pytestmark = pytest.mark.xdist_group("slurm")
 missing = local_cluster.missing_binaries()
 needs_cluster = pytest.mark.skipif(
     bool(missing) or os.geteuid() != 0,

@@ -2,6 +2,8 @@
 
 References: an uninterrupted second run (resume), one process with gradient accumulation (DDP), and a
 hand-written step with torch's own AdamW (the loop)."""
+import contextlib
+import io
 import os
 import re
 import signal
@@ -191,7 +193,9 @@ def test_two_ranks_equal_one_process_and_their_checkpoint_resumes_on_one(tmp_pat
 def test_one_step_equals_torch_adamw_by_hand(tmp_path, shakespeare_bins):
     """The loop's first step, rebuilt by hand from the same pieces with torch's reference AdamW."""
     # warmup_steps=0: with a warmup, step 0's learning rate is 0 (the official schedule) and nothing would move
-    run_train(["optim=adamw", "max_steps=1", "grad_clip=0.5", "optim.lr=1e-2", "warmup_steps=0"], tmp_path)
+    status, _ = train_in_process(["optim=adamw", "max_steps=1", "grad_clip=0.5", "optim.lr=1e-2", "warmup_steps=0"],
+                                 tmp_path)
+    assert status == 0
     trained = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
 
     from data.common import open_split
@@ -317,27 +321,51 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=False)["step"] == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["config=no_such_preset"], "no_such_preset"),
-    (["total_batch_size=5", "micro_batch_size=2"], "pick a micro_batch_size that divides"),
-    (["data=openwebtext", "data.dir=/nonexistent/owt"], "prepare.py"),
-    (["optim.lr=-1"], "learning rate must be positive"),
-    (["optim=sophiag", "optim.rho=0"], "rho must be positive"),
-    (["optim=sophiag", "optim.hess_interval=0"], "hess_interval"),
-    (["optim=sophiag", "optim.betas=[0.9,1.0]"], "betas"),
-    (["optim=sophiag", "optim.hess_batch_size=3"], "hess_batch_size"),
-    (["optim=sophiag", "optim.hess_batch_size=1000000"], "exceed"),
-    (["dtype=float16"], "bfloat16"),
-    (["model.block_size=2000000"], "lower model.block_size"),
-    (["no_such_knob=1"], "no_such_knob"),
+def refusal_in_process(args, out_dir):
+    """(exit status, stderr) of `python train.py args` when it refuses its input, without a new process: the
+    command line's check (config_schema.check_command_line exits 2 with one line), then train(), whose
+    ConfigError main() prints as `error: ...` and turns into exit status 2. Status 0: nothing refused."""
+    import config_schema
+    from config_schema import ConfigError
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            config_schema.check_command_line(train_command(args, out_dir)[2:])
+            train_in_process(args, out_dir)
+        except SystemExit as e:
+            return e.code, stderr.getvalue()
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)  # main()
+            return 2, stderr.getvalue()
+    return 0, stderr.getvalue()
+
+
+# the first two run as processes: a mistake found by the command line's check, one found by train()
+@pytest.mark.parametrize("args, message, in_process", [
+    (["no_such_knob=1"], "no_such_knob", False),
+    (["total_batch_size=5", "micro_batch_size=2"], "pick a micro_batch_size that divides", False),
+    (["config=no_such_preset"], "no_such_preset", True),
+    (["data=openwebtext", "data.dir=/nonexistent/owt"], "prepare.py", True),
+    (["optim.lr=-1"], "learning rate must be positive", True),
+    (["optim=sophiag", "optim.rho=0"], "rho must be positive", True),
+    (["optim=sophiag", "optim.hess_interval=0"], "hess_interval", True),
+    (["optim=sophiag", "optim.betas=[0.9,1.0]"], "betas", True),
+    (["optim=sophiag", "optim.hess_batch_size=3"], "hess_batch_size", True),
+    (["optim=sophiag", "optim.hess_batch_size=1000000"], "exceed", True),
+    (["dtype=float16"], "bfloat16", True),
+    (["model.block_size=2000000"], "lower model.block_size", True),
 ])
 @pytest.mark.usefixtures("shakespeare_bins")
-def test_bad_input_stops_before_training(tmp_path, args, message):
+def test_bad_input_stops_before_training(tmp_path, args, message, in_process):
     """The README's promise: one line naming the fix, on stderr, exit status 2, before any training."""
-    result = run_train(["max_steps=2"] + args, tmp_path / "run", check=False)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert message in result.stderr
+    if in_process:
+        status, stderr = refusal_in_process(["max_steps=2"] + args, tmp_path / "run")
+    else:
+        result = run_train(["max_steps=2"] + args, tmp_path / "run", check=False)
+        status, stderr = result.returncode, result.stderr
+    assert status == 2, stderr
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert message in stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
