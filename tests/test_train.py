@@ -29,13 +29,15 @@ def test_resume_continues_exactly(tmp_path, optim):
     that a resumed process would restart."""
     common = [f"optim={optim}", "max_steps=8", "model.dropout=0.1"]
     common += ["optim.hess_interval=2"] if optim.startswith("sophia") else []
-    run_train(common, tmp_path / "whole")
+    # in this process: a resumed run builds everything from its checkpoint (and reseeds) as a new process does;
+    # the signal, kill -9 and two-rank tests resume in new processes
+    train_in_process(common, tmp_path / "whole")
     # the schedule depends on lr_decay_steps, not on where a run stops: stop at 4 with the same schedule
-    run_train(common + ["max_steps=4", "lr_decay_steps=8"], tmp_path / "split")
+    train_in_process(common + ["max_steps=4", "lr_decay_steps=8"], tmp_path / "split")
     first_half = read_metrics(tmp_path / "split")
     assert max(r["step"] for r in first_half) == 4
-    resumed = run_train(common + ["lr_decay_steps=8"], tmp_path / "split")
-    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+    status, printed = train_in_process(common + ["lr_decay_steps=8"], tmp_path / "split")
+    assert status == 0 and "resumed from" in printed and "at step 4" in printed
 
     whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
     for key in ("train/loss", "val/loss", "grad_norm", "lr"):
