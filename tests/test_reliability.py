@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,18 +18,20 @@ pytestmark = pytest.mark.usefixtures("shakespeare_bins")
 
 
 def start_train(args, out_dir):
-    cmd = train_command(args, out_dir)
-    return subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """train.py in a new process, its output unbuffered so that the test can follow it line by line."""
+    return subprocess.Popen(train_command(args, out_dir), cwd=REPO_DIR, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
 
-def wait_for_training(out_dir, timeout_s=120):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if any(r["step"] > 0 for r in read_metrics(out_dir)):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no training step logged in {out_dir} within {timeout_s} s")
+def wait_for_line(proc, start):
+    """Read proc's output up to the line that starts with `start` (the step is then done); returns what was read."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(start):
+            return "".join(lines)
+    raise AssertionError(f"the run ended before a line starting with {start!r}:\n{''.join(lines)[-3000:]}")
 
 
 def strict_json_lines(path):
@@ -41,25 +42,31 @@ def strict_json_lines(path):
 
 
 def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
+    """The first process is paused (SIGSTOP: it holds its lock, as a slow one would) while the second tries the
+    same folder, so that the first is still at an early step when it is stopped with SIGTERM."""
     out = tmp_path / "run"
-    args = ["max_steps=400", "optim=adamw", "log_interval=1000"]
+    args = ["max_steps=400", "lr_decay_steps=400", "optim=adamw", "log_interval=1000"]
     first = start_train(args, out)
     try:
-        wait_for_training(out)
+        wait_for_line(first, "step 4: val loss")
+        first.send_signal(signal.SIGSTOP)
         second = run_train(args, out, check=False)
         assert second.returncode == 2
         assert f"is in use by another training process (PID {first.pid})" in second.stderr
         assert second.stderr.count("\n") == 1  # one line
     finally:
+        first.send_signal(signal.SIGCONT)
         first.send_signal(signal.SIGTERM)
         output, _ = first.communicate(timeout=120)
     assert first.returncode == 128 + signal.SIGTERM, output  # the conventional status after SIGTERM
     steps_logged = [r["step"] for r in read_metrics(out)]
     assert len(steps_logged) == len(set(steps_logged))  # the refused process wrote nothing
     assert not list(out.glob("ckpt.pt.tmp*"))
-    # the lock went with the first process: the same command now resumes and finishes
-    run_train(args, out)
-    assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == list(range(0, 401, 4))
+    stopped_at = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    assert stopped_at < 24, output
+    # the lock went with the first process: the same command (to step 24 of the same schedule) resumes and finishes
+    run_train(args + ["max_steps=24"], out)
+    assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == list(range(0, 25, 4))
 
 
 def test_a_diverging_run_stops_and_keeps_the_good_checkpoint(tmp_path):
