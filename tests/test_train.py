@@ -2,8 +2,6 @@
 
 References: an uninterrupted second run (resume), one process with gradient accumulation (DDP), and a
 hand-written step with torch's own AdamW (the loop)."""
-import contextlib
-import io
 import os
 import re
 import signal
@@ -14,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_DIR, read_metrics, run_train, train_command, train_in_process
+from conftest import REPO_DIR, read_metrics, refusal_in_process, run_train, train_command, train_in_process
 
 
 def by_step(records, key):
@@ -321,25 +319,6 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"step": 2, "weights": torch.zeros(3)})
     assert torch.load(path, weights_only=False)["step"] == 1
-
-
-def refusal_in_process(args, out_dir):
-    """(exit status, stderr) of `python train.py args` when it refuses its input, without a new process: the
-    command line's check (config_schema.check_command_line exits 2 with one line), then train(), whose
-    ConfigError main() prints as `error: ...` and turns into exit status 2. Status 0: nothing refused."""
-    import config_schema
-    from config_schema import ConfigError
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        try:
-            config_schema.check_command_line(train_command(args, out_dir)[2:])
-            train_in_process(args, out_dir)
-        except SystemExit as e:
-            return e.code, stderr.getvalue()
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)  # main()
-            return 2, stderr.getvalue()
-    return 0, stderr.getvalue()
 
 
 # the first two run as processes: a mistake found by the command line's check, one found by train()
