@@ -13,6 +13,7 @@ import torch
 
 from conftest import REPO_DIR, read_metrics, run_train
 
+pytestmark = pytest.mark.slow  # torchrun with 2 ranks throughout
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 

@@ -3,7 +3,7 @@ random GPT-2 saved locally. Reference: HF's own GPT2LMHeadModel and its weights.
 import pytest
 import torch
 
-from conftest import read_metrics, run_train, train_in_process
+from conftest import read_metrics, refusal_in_process, train_in_process
 
 pytestmark = pytest.mark.usefixtures("shakespeare_bins")
 
@@ -21,8 +21,9 @@ def small_gpt2(tmp_path_factory):
 def test_a_run_starts_from_the_pretrained_weights(tmp_path, small_gpt2):
     folder, hf = small_gpt2
     # one step with warmup: its learning rate is 0 (the official warmup), so the saved weights are the initial ones
-    result = run_train([f"init_from={folder}", "max_steps=1", "warmup_steps=1", "optim=adamw"], tmp_path / "run")
-    assert "sets the architecture; ignoring model.n_embd=32" in result.stdout  # TINY's 32 vs the model's 48
+    status, printed = train_in_process([f"init_from={folder}", "max_steps=1", "warmup_steps=1", "optim=adamw"],
+                                       tmp_path / "run")
+    assert status == 0 and "sets the architecture; ignoring model.n_embd=32" in printed  # TINY's 32 vs the model's 48
     saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert saved["config"]["model"]["n_embd"] == 48 and saved["config"]["model"]["vocab_size"] == 50257
     hf_state = hf.state_dict()
@@ -68,6 +69,6 @@ def test_init_from_bad_input_is_one_line(tmp_path, small_gpt2):
              ([f"init_from={folder}", "model.block_size=128"], "model.block_size=128 exceeds the 64 positions"),
              ([f"init_from={tmp_path / 'nothing_here'}"], "no model found")]
     for args, message in cases:
-        result = run_train(args + ["max_steps=2"], tmp_path / "run", check=False)
-        assert result.returncode == 2 and message in result.stderr, result.stderr
-        assert result.stderr.count("\n") == 1
+        status, stderr = refusal_in_process(args + ["max_steps=2"], tmp_path / "run")
+        assert status == 2 and message in stderr, stderr
+        assert stderr.count("\n") == 1

@@ -41,6 +41,7 @@ def strict_json_lines(path):
     return [json.loads(line, parse_constant=refuse) for line in Path(path).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
     """The first process is paused (SIGSTOP: it holds its lock, as a slow one would) while the second tries the
     same folder, so that the first is still at an early step when it is stopped with SIGTERM."""
@@ -69,6 +70,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
     assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == list(range(0, 25, 4))
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_and_keeps_the_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     run_train(["max_steps=4", "optim=adamw"], out)  # a good checkpoint at step 4
@@ -86,6 +88,7 @@ def test_a_diverging_run_stops_and_keeps_the_good_checkpoint(tmp_path):
     assert any(r.get("train/loss", 0) is None or r.get("grad_norm", 0) is None for r in records)  # NaN -> null
 
 
+@pytest.mark.slow
 def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(tmp_path):
     out = tmp_path / "run"
     run_train(["max_steps=4", "optim=sophiag"], out)
@@ -109,6 +112,7 @@ def test_an_empty_or_garbage_checkpoint_is_one_line(tmp_path, content):
     assert "_use_new_zipfile_serialization" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_good_checkpoint_and_says_so(tmp_path):
     """A real full disk: a tmpfs with room for one checkpoint and a half."""
     probe = tmp_path / "probe"

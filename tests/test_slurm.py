@@ -31,7 +31,7 @@ def tiny():
 
 
 # one cluster per test process, and one test process for them all (pytest -n 2: its ports are fixed)
-pytestmark = pytest.mark.xdist_group("slurm")
+pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.slow]
 missing = local_cluster.missing_binaries()
 needs_cluster = pytest.mark.skipif(
     bool(missing) or os.geteuid() != 0,

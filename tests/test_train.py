@@ -67,6 +67,7 @@ def uninterrupted_weights(shakespeare_bins, tmp_path_factory):
     return torch.load(out / "ckpt.pt", weights_only=False)["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, status", [(signal.SIGUSR1, 0), (signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, signum, status, uninterrupted_weights):
     """SLURM's preemption notice (USR1), Ctrl-C (INT) or scancel (TERM): the run checkpoints at the end of the
@@ -102,6 +103,7 @@ def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, signum, st
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_kill_9_loses_only_the_steps_since_the_checkpoint_and_the_rerun_continues_exactly(
         tmp_path, uninterrupted_weights):
     """SIGKILL (no handler runs) after step 8's evaluation: the checkpoint of step 4 or 8 (ckpt_interval=4) is
@@ -162,6 +164,7 @@ def one_process_run(shakespeare_bins, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_and_their_checkpoint_resumes_on_one(tmp_path, one_process_run):
     """torchrun with 2 gloo ranks sees the samples and dropout masks one process sees over two micro-batches,
     in the training steps and the Hessian refreshes; and their ckpt.pt resumes on one process (another world
@@ -350,6 +353,7 @@ def test_bad_input_stops_before_training(tmp_path, args, message, in_process):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("shakespeare_bins")
 def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
     out = tmp_path / "run"

@@ -53,6 +53,7 @@ def read_offline_run(run_dir):
     return run, history
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("shakespeare_bins")
 def test_offline_run_logs_every_metric_and_a_resumed_job_continues_the_same_run(tmp_path):
     """The run's group and tags, and every value of metrics.jsonl, as W&B recorded them; a resumed job continues
