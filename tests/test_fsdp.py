@@ -13,7 +13,6 @@ import torch
 
 from conftest import REPO_DIR, read_metrics, run_train
 
-pytestmark = pytest.mark.slow  # torchrun with 2 ranks throughout
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 
@@ -37,6 +36,7 @@ EQUAL_ARGS = ["max_steps=4", "total_batch_size=8", "micro_batch_size=2", "grad_c
 
 
 # sophiah: its Hessian-vector products run on the gathered weights (distributed.hold_gathered)
+@pytest.mark.slow
 @pytest.mark.parametrize("optim", ["adamw", "sophiag", "sophiah"])
 @pytest.mark.usefixtures("shakespeare_bins")
 def test_fsdp_equals_ddp_step_by_step(tmp_path, optim):
@@ -73,6 +73,7 @@ def convert(run_dir, to="ddp"):
     return result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("shakespeare_bins")
 def test_resume_continues_exactly_on_another_world_size(tmp_path):
     """Stop a 2-rank run at step 4, go on with one process to 6, then with 2 ranks to 8: the same metrics and the
@@ -110,6 +111,7 @@ def test_resume_continues_exactly_on_another_world_size(tmp_path):
             torch.testing.assert_close(b["optimizer"]["state"][index][key], value, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("shakespeare_bins")
 def test_converter_and_the_other_format_refused_by_name(tmp_path):
     """A sharded checkpoint converts to ckpt.pt with the same weights (sample.py reads it) and resumes under
@@ -248,6 +250,7 @@ def sharded_optimizer_worker():
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_optimizers_on_shards_equal_whole_tensors():
     # PYTHONPATH: the script imports conftest, which imports the repo's modules before any path set-up can run
     result = subprocess.run([*TORCHRUN, __file__], cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
