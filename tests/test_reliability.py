@@ -75,8 +75,9 @@ def test_a_diverging_run_stops_and_keeps_the_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     run_train(["max_steps=4", "optim=adamw"], out)  # a good checkpoint at step 4
     good = torch.load(out / "ckpt.pt", weights_only=False)
-    result = run_train(["max_steps=60", "optim=adamw", "optim.lr=1e6", "min_lr=0", "max_skipped_updates=5"],
-                       out, check=False)
+    # ckpt_interval=4: the saves it attempts while diverging must not replace the good checkpoint
+    result = run_train(["max_steps=60", "optim=adamw", "optim.lr=1e6", "min_lr=0", "max_skipped_updates=5",
+                        "ckpt_interval=4"], out, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "updates in a row skipped for non-finite gradients: the run diverged" in result.stderr
     assert "done" not in result.stdout

@@ -198,7 +198,9 @@ def test_hydra_sweep_runs_one_slurm_job_per_point(cluster, tmp_path):
     """configs/hydra/launcher/slurm.yaml: `train.py -m hydra/launcher=slurm` submits each point as a job."""
     sweep = [sys.executable, "train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
              "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path}",
-             *tiny(), "max_steps=2", f"out_dir={tmp_path}/runs/${{run_name}}", "optim.lr=1e-3,2e-3"]
+             *tiny(), "max_steps=2", f"out_dir={tmp_path}/runs/lr_${{optim.lr}}", "optim.lr=1e-3,2e-3"]
+    # (a folder per point named by its lr: ${run_name} would name it by every override, data.dir's long temporary
+    # path included, past the 255 bytes a file name may have)
     result = subprocess.run(sweep, cwd=REPO_DIR, env=cluster, capture_output=True, text=True, timeout=300)
     # submitit pickles train.py's main (a __main__ function, so by value) with cloudpickle, which cannot
     # pickle torch.backends.* attribute modules referenced from it (cloudpipe/cloudpickle#405)
