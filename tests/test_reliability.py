@@ -1,6 +1,8 @@
 """Nothing lost, nothing silent: train.py as an operator meets it. Two processes on one run directory, a
 diverging run, checkpoints that hold NaN, a full disk, unreadable files, and settings that would run
-silently wrong. Real processes throughout; the references are an uninterrupted run and the files on disk."""
+silently wrong. Real processes where the process matters (a lock, a divergence, a full disk, damaged files and
+permissions); in the test process the runs that only set the scene (a good checkpoint to keep) and the refused
+settings (test_train runs that path as a process). The references are an uninterrupted run and the files on disk."""
 import json
 import os
 import shutil
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CORPUS, REPO_DIR, read_metrics, refusal_in_process, run_train, train_command
+from conftest import CORPUS, REPO_DIR, read_metrics, refusal_in_process, run_train, train_command, train_in_process
 
 pytestmark = pytest.mark.usefixtures("shakespeare_bins")
 
@@ -73,7 +75,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
 @pytest.mark.slow
 def test_a_diverging_run_stops_and_keeps_the_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    run_train(["max_steps=4", "optim=adamw"], out)  # a good checkpoint at step 4
+    assert train_in_process(["max_steps=4", "optim=adamw"], out)[0] == 0  # a good checkpoint at step 4
     good = torch.load(out / "ckpt.pt", weights_only=False)
     # ckpt_interval=4: the saves it attempts while diverging must not replace the good checkpoint
     result = run_train(["max_steps=60", "optim=adamw", "optim.lr=1e6", "min_lr=0", "max_skipped_updates=5",
@@ -92,7 +94,7 @@ def test_a_diverging_run_stops_and_keeps_the_good_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(tmp_path):
     out = tmp_path / "run"
-    run_train(["max_steps=4", "optim=sophiag"], out)
+    assert train_in_process(["max_steps=4", "optim=sophiag"], out)[0] == 0
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     index = sorted(ckpt["optimizer"]["state"])[1]
     ckpt["optimizer"]["state"][index]["hessian"].view(-1)[0] = float("nan")
@@ -117,7 +119,7 @@ def test_an_empty_or_garbage_checkpoint_is_one_line(tmp_path, content):
 def test_a_full_disk_keeps_the_good_checkpoint_and_says_so(tmp_path):
     """A real full disk: a tmpfs with room for one checkpoint and a half."""
     probe = tmp_path / "probe"
-    run_train(["max_steps=2", "optim=adamw"], probe)
+    assert train_in_process(["max_steps=2", "optim=adamw"], probe)[0] == 0
     size = (probe / "ckpt.pt").stat().st_size
     disk = tmp_path / "disk"
     disk.mkdir()
