@@ -31,11 +31,14 @@ def test_clip_rate_mfu_and_throughput_values(tmp_path, shakespeare_bins):
     N = V * C + L * (12 * C * C + 2 * C) + C  # embedding/head (tied), attention 4C², MLP 8C², 2 LayerNorms; ln_f
     flops_per_token = 6 * N + 12 * L * C * T
     tokens_per_step = 4 * 32  # total_batch_size=4 sequences of block_size tokens
+    training_seconds, wall_seconds = 0.0, 0.0
     for previous, r in zip(logs, logs[1:]):
         assert r["mfu"] == pytest.approx(r["throughput/tokens_per_s"] * flops_per_token / 1e11, rel=1e-9)
-        if previous["step"] % 4 != 0:  # no evaluation or checkpoint between the two lines
-            seconds = r["time/elapsed_s"] - previous["time/elapsed_s"]
-            assert r["throughput/tokens_per_s"] == pytest.approx(tokens_per_step / seconds, rel=0.2), r["step"]
+        if previous["step"] % 4 != 0:  # no evaluation between the two lines
+            training_seconds += tokens_per_step / r["throughput/tokens_per_s"]
+            wall_seconds += r["time/elapsed_s"] - previous["time/elapsed_s"]
+    # the same time, but for the few microseconds between the clock's two readings at each line
+    assert training_seconds == pytest.approx(wall_seconds, rel=0.1)
 
 
 def test_validation_is_the_same_sequences_at_every_evaluation(tmp_path, shakespeare_bins):
