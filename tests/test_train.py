@@ -1,7 +1,8 @@
-"""train.py end to end, as users run it: real processes, the real Shakespeare bins, tiny models.
+"""train.py end to end on the real Shakespeare bins and tiny models: real processes where the process matters
+(signals, kill -9, torchrun, exit statuses), train() in the test process where only the numbers do.
 
-References: an uninterrupted second run (resume), one process with gradient accumulation (DDP), and a
-hand-written step with torch's own AdamW (the loop)."""
+References: an uninterrupted second run (resume), one process with gradient accumulation (DDP), and the loop
+written out by hand: a step with torch's own AdamW, the official SophiaG loop (steps and Hessian refreshes)."""
 import os
 import re
 import signal
