@@ -4,6 +4,7 @@ streams, the model (from scratch or init_from, sharded or wrapped), the optimize
 the state the loop's steps share (Run). train.py's loop reads this; nothing here trains.
 """
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+import muon
 import sophia
 from checkpoint import checkpoint_path, open_run_dir, restore
 from config_schema import ConfigError
@@ -25,6 +27,9 @@ from model import GPT, GPTConfig
 REPO_DIR = Path(__file__).resolve().parent
 
 
+MAX_RUN_NAME = 200
+
+
 def run_name_of(cfg):
     """The preset name plus the command-line overrides: the same on every rank, no timestamps."""
     if cfg.run_name:
@@ -36,8 +41,10 @@ def run_name_of(cfg):
         skipped = ("config=", "out_dir=", "run_name=", "resume=", "device=", "wandb.", "compile=",
                    "log_interval=", "ckpt_interval=")
         overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(skipped)]
-    name = "_".join([preset] + overrides)
-    return re.sub(r"[^A-Za-z0-9_.=,-]+", "-", name)
+    name = re.sub(r"[^A-Za-z0-9_.=,-]+", "-", "_".join([preset] + overrides))
+    if len(name) > MAX_RUN_NAME:  # a folder name has at most 255 bytes: keep a readable head, a hash keeps it unique
+        name = f"{name[:MAX_RUN_NAME - 11]}_{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return name
 
 
 def out_dir_of(cfg):
@@ -50,6 +57,11 @@ def build_optimizer(cfg, model):
     optim = cfg.optim
     groups = model.configure_optimizer_groups(optim.weight_decay)
     betas = tuple(optim.betas)
+    if optim.name == "muon":  # Muon on the decayed group (the blocks' matrices), AdamW on the other
+        return muon.MuonAdamW(*muon.param_groups(model, optim.weight_decay), lr=optim.lr,
+                              adam_lr=optim.lr if optim.adam_lr is None else optim.adam_lr, momentum=optim.momentum,
+                              nesterov=optim.nesterov, ns_steps=optim.ns_steps, adjust_lr_fn=str(optim.adjust_lr_fn),
+                              betas=betas, eps=optim.eps)
     if optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, fused=True)
     if optim.name == "lion":

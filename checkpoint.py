@@ -246,7 +246,7 @@ def save_run(run, elapsed_s):
     p = run.progress
     train_state = {"format": CHECKPOINT_FORMAT, "step": p.step,
                    "data_state": {"train_seqs": p.train_seqs, "hess_seqs": p.hess_seqs},
-                   "config": OmegaConf.to_container(run.cfg, resolve=True), "run_name": run.cfg.run_name,
+                   "config": OmegaConf.to_container(run.cfg, resolve=True, enum_to_str=True), "run_name": run.cfg.run_name,
                    "wandb_run_id": p.wandb_run_id, "elapsed_s": elapsed_s, "torch_version": torch.__version__}
     if run.cfg.parallel == "fsdp":  # every rank writes its shards
         save_sharded(run.ckpt_path, run.raw_model, run.optimizer, train_state, run.env)

@@ -63,10 +63,10 @@ def start_wandb(cfg, run_name, out_dir, run_id):
         import wandb
         run_id = run_id or secrets.token_hex(6)  # kept in the checkpoint: a resumed job continues this W&B run
         run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=run_name, id=run_id,
-                         resume="allow", dir=str(out_dir), mode=cfg.wandb.mode,
+                         resume="allow", dir=str(out_dir), mode=cfg.wandb.mode and str(cfg.wandb.mode),  # plain str
                          group=cfg.wandb.group or cfg.model.name,
                          tags=[cfg.optim.name, cfg.model.name, cfg.data.name] + list(cfg.wandb.tags),
-                         config=OmegaConf.to_container(cfg, resolve=True))
+                         config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         return run, run_id
     except Exception as e:
         print(f"warning: W&B could not start ({type(e).__name__}: {e}); logging to metrics.jsonl only")
@@ -120,6 +120,10 @@ def log_train(run, clock, lr, grad_norm):
               "lr": lr, "grad_norm": grad_norm.item(), "time/elapsed_s": clock.elapsed(),
               "throughput/tokens_per_s": tokens_per_s, "mfu": mfu,
               "optim/clip_rate": since.clipped_steps.item() / steps}
+    if env.device.type == "cuda":
+        # the most memory the allocator held for tensors since the last log line: what micro_batch_size must fit
+        record["memory/peak_mib"] = torch.cuda.max_memory_allocated(env.device) / 2**20
+        torch.cuda.reset_peak_memory_stats(env.device)
     if run.plan.sophia:
         record.update(sophia_record(run))
     if run.skipped_steps:

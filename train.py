@@ -33,8 +33,9 @@ from omegaconf import DictConfig
 import config_schema  # registers the configuration's schema with Hydra, before @hydra.main composes
 from build import build_run, compile_enabled, run_name_of
 from checkpoint import CONVERTER, RunError, save_run
-from config_schema import ConfigError
-from data.common import get_gpt2_encoding
+from config_schema import ConfigError, check_values
+from data.common import tokenizer_for
+from data.stream import data_dir_of
 from distributed import StopSignals, clip_gradients, gradient_sync, setup_processes, world_size_from_env
 from metrics import Clock, log_train, tokens_per_step
 
@@ -55,70 +56,22 @@ class BatchPlan:
 
 
 def plan_batches(cfg, world_size):
-    """Check the configuration and split the batches; raise ConfigError for anything that would fail later."""
-    def need(ok, message):
-        if not ok:
-            raise ConfigError(message)
-
+    """Check the configuration's values (ConfigError) and split the batches over the ranks and micro-steps."""
+    check_values(cfg, world_size)
     optim = cfg.optim
-    need(optim.name in ("adamw", "lion", "sophiag", "sophiah"),
-         f"optim.name={optim.name} is unknown: choose optim=adamw, lion, sophiag or sophiah")
-    need(cfg.max_steps >= 1, f"max_steps={cfg.max_steps}: set max_steps to 1 or more")
     lr_decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.max_steps
-    need(cfg.warmup_steps >= 0 and lr_decay_steps >= 1,
-         f"warmup_steps={cfg.warmup_steps}, lr_decay_steps={lr_decay_steps}: use warmup_steps >= 0, lr_decay_steps >= 1")
-    need(cfg.warmup_steps <= cfg.max_steps,
-         f"warmup_steps={cfg.warmup_steps} > max_steps={cfg.max_steps}: the learning rate would never reach "
-         f"optim.lr; lower warmup_steps (the paper warms up for 2% of the steps)")
-    need(lr_decay_steps >= cfg.warmup_steps,
-         f"lr_decay_steps={lr_decay_steps} < warmup_steps={cfg.warmup_steps}: the learning rate would drop to "
-         f"min_lr right after the warmup; set lr_decay_steps >= warmup_steps (null = max_steps)")
-    need(cfg.max_skipped_updates >= 1, f"max_skipped_updates={cfg.max_skipped_updates}: set it to 1 or more")
-    need(cfg.parallel in ("ddp", "fsdp"), f"parallel={cfg.parallel}: use parallel=ddp or parallel=fsdp")
-    model = cfg.model
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-        need(model[key] >= 1, f"model.{key}={model[key]}: set it to 1 or more")
-    need(model.n_embd % model.n_head == 0,
-         f"model.n_embd={model.n_embd} is not a multiple of model.n_head={model.n_head}: each head gets "
-         f"n_embd / n_head dimensions; pick n_head dividing n_embd")
-    need(0 <= model.dropout < 1, f"model.dropout={model.dropout}: use a value in [0, 1)")
-    need(optim.lr > 0, f"optim.lr={optim.lr}: the learning rate must be positive")
-    need(0 <= cfg.min_lr <= optim.lr, f"min_lr={cfg.min_lr} must lie in [0, optim.lr={optim.lr}]")
-    need(str(cfg.compile).lower() in ("auto", "true", "false"),
-         f"compile={cfg.compile}: use auto (compiled on CUDA), true or false")
-    need(cfg.dtype in ("auto", "float32", "bfloat16"),
-         f"dtype={cfg.dtype}: use auto, float32 or bfloat16 (float16 overflows Sophia's Hessian: use bfloat16)")
-    for key in ("eval_interval", "eval_steps", "log_interval", "ckpt_interval", "micro_batch_size",
-                "total_batch_size"):
-        need(cfg[key] >= 1, f"{key}={cfg[key]}: set it to 1 or more")
-    for beta in optim.get("betas", []):
-        need(0 <= beta < 1, f"optim.betas={list(optim.betas)}: each beta must lie in [0, 1)")
-
     # The global batch is fixed in sequences; each rank runs grad_accum micro-batches of micro_batch_size.
-    per_step = cfg.micro_batch_size * world_size
-    need(cfg.total_batch_size % per_step == 0,
-         f"total_batch_size={cfg.total_batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size} "
-         f"x world_size={world_size} = {per_step}: pick a micro_batch_size that divides "
-         f"{cfg.total_batch_size / world_size:g} (total_batch_size / world_size), or change total_batch_size")
-    grad_accum = cfg.total_batch_size // per_step
+    grad_accum = cfg.total_batch_size // (cfg.micro_batch_size * world_size)
     if optim.name not in ("sophiag", "sophiah"):
         return BatchPlan(grad_accum, lr_decay_steps, sophia=False)
-
-    need(optim.rho > 0, f"optim.rho={optim.rho}: rho must be positive (the paper uses 0.03-0.08)")
-    need(optim.hess_interval >= 1, f"optim.hess_interval={optim.hess_interval}: set it to 1 or more")
     # the Hessian batch runs in micro-batches of micro_batch_size, or in one smaller one per rank
     hess_batch = optim.hess_batch_size or cfg.total_batch_size
-    hess_per_rank = hess_batch // world_size
-    hess_micro = min(cfg.micro_batch_size, hess_per_rank)
-    need(hess_batch % world_size == 0 and hess_micro >= 1 and hess_per_rank % hess_micro == 0,
-         f"optim.hess_batch_size={hess_batch} does not split over world_size={world_size} in micro-batches of "
-         f"micro_batch_size={cfg.micro_batch_size}: use a multiple of {per_step}, or a multiple of "
-         f"{world_size} below {per_step} (the paper's half batch: {cfg.total_batch_size // 2})")
+    hess_micro = min(cfg.micro_batch_size, hess_batch // world_size)
     # GNB's estimate is B·grad² of the mean loss over B predictions: SophiaG takes B as `bs` (official).
     # Hutchinson's u*(Hu) is already the Hessian of the mean loss, so SophiaH's rho is gamma itself (bs=1).
     step_bs = hess_batch * cfg.model.block_size if optim.name == "sophiag" else 1
     return BatchPlan(grad_accum, lr_decay_steps, sophia=True, hess_batch=hess_batch,
-                     hess_accum=hess_per_rank // hess_micro, hess_micro=hess_micro, step_bs=step_bs)
+                     hess_accum=hess_batch // world_size // hess_micro, hess_micro=hess_micro, step_bs=step_bs)
 
 
 def random_seed(seed, step, chunk, purpose):
@@ -264,19 +217,17 @@ def stop_for_signal(run, clock, signum):
 
 def print_sample(run):
     """A few lines of text from the trained model, so that a first run shows what it learned."""
-    encoding = get_gpt2_encoding()
-    if encoding.n_vocab > run.raw_model.config.vocab_size:
-        return  # not GPT-2's vocabulary: the GPT-2 tokenizer cannot decode this model's tokens
+    tokenizer = tokenizer_for(data_dir_of(run.cfg))  # the data's: GPT-2 BPE or characters
     generator = torch.Generator(device=run.env.device).manual_seed(run.cfg.seed)
-    prompt = torch.tensor([[encoding.eot_token]], device=run.env.device)  # (1, 1): the start of a document
+    prompt = torch.tensor([tokenizer.start_ids], device=run.env.device)  # (1, T): the start of a text
     run.raw_model.eval()
     ids = run.raw_model.generate(prompt, 64, temperature=0.8, top_k=200, generator=generator,
-                                 vocab_size=encoding.n_vocab)
+                                 vocab_size=tokenizer.vocab_size)
     more = f"python scripts/sample.py out_dir={run.out_dir}"
     if run.cfg.parallel == "fsdp":
         more = f"python {CONVERTER} {run.out_dir}, then {more}"
     if run.env.is_master:
-        print(f"a sample (more: {more}):\n{encoding.decode(ids[0, 1:].tolist()).strip()}\n")
+        print(f"a sample (more: {more}):\n{tokenizer.decode(ids[0, prompt.shape[1]:].tolist()).strip()}\n")
 
 
 def already_finished(run):
@@ -357,5 +308,7 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    config_schema.check_command_line()  # --help; a wrong type or unknown key: one line, exit 2
+    # --help; a wrong type, an unknown key or a bad value in any run asked for (each point of a -m sweep,
+    # before the first starts): one line, exit 2
+    config_schema.check_command_line()
     main()

@@ -3,7 +3,8 @@ What every data/<name>/prepare.py shares: the GPT-2 tokenizer, loading a corpus 
 it in parallel, and writing token ids to uint16 .bin files that train.py memory-maps with open_split().
 
 A prepared data directory holds
-    train.bin, val.bin   flat uint16 arrays of GPT-2 token ids, <|endoftext|> (50256) after every document
+    train.bin, val.bin   flat uint16 arrays of token ids: GPT-2's, <|endoftext|> (50256) after every document;
+                         or one id per character (data/shakespeare_char)
     meta.json            token counts per split, tokenizer, source, and the settings that produced them
 A .bin is written under a temporary name and renamed once complete; meta.json is written last. So a
 directory is "prepared" exactly when meta.json exists, its settings match, and every .bin has the size
@@ -234,6 +235,22 @@ def write_meta(data_dir, meta):
     os.replace(tmp_path, path)
 
 
+def write_token_data(data_dir, splits, **meta):
+    """A prepared data directory from token ids held in memory (tests, synthetic data; a corpus goes through
+    write_splits): {split}.bin for each {split: 1-D array of ids < 65536}, then meta.json with their token
+    counts, dtype and `meta`. Returns data_dir."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for split, ids in splits.items():
+        ids = np.asarray(ids)
+        if ids.size and not (ids.min() >= 0 and ids.max() < 2 ** 16):
+            raise ValueError(f"{split}: token ids must lie in [0, 65536) to be stored as uint16")
+        ids.astype(np.uint16).tofile(data_dir / f"{split}.bin")
+    write_meta(data_dir, {"splits": {split: {"tokens": len(ids)} for split, ids in splits.items()},
+                          "dtype": "uint16", **meta})
+    return data_dir
+
+
 def read_meta(data_dir):
     """meta.json as a dict, or None when the directory holds no finished preparation."""
     path = Path(data_dir) / "meta.json"
@@ -283,20 +300,73 @@ def write_splits(data_dir, splits, num_proc=1):
     return counts
 
 
-def base_meta(name, settings, source, splits, prepare_command):
-    """The fields every meta.json has; prepare scripts may add their own."""
+def gpt2_meta():
+    """meta.json's tokenizer fields for GPT-2 BPE data."""
+    return {"tokenizer": "gpt2", "tokenizer_files": load_gpt2_encoding()[1], "vocab_size": GPT2_VOCAB_SIZE,
+            "eot_token": EOT_TOKEN}
+
+
+def base_meta(name, settings, source, splits, prepare_command, tokenizer_meta=None):
+    """The fields every meta.json has; prepare scripts may add their own. tokenizer_meta: the tokenizer's fields
+    ("tokenizer", "vocab_size", ...); None -> GPT-2's."""
     return {
         "name": name,
         "source": source,
-        "tokenizer": "gpt2",
-        "tokenizer_files": load_gpt2_encoding()[1],
-        "vocab_size": GPT2_VOCAB_SIZE,
-        "eot_token": EOT_TOKEN,
+        **(tokenizer_meta if tokenizer_meta is not None else gpt2_meta()),
         "dtype": "uint16",
         "splits": splits,  # {"train": {"tokens": int, "documents": int}, "val": {...}}
         "settings": settings,
         "prepare_command": prepare_command,
     }
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers: what train.py's end-of-run sample and scripts/sample.py decode with
+
+class GPT2Tokenizer:
+    """GPT-2 BPE; a text starts after <|endoftext|>."""
+    name = "gpt2"
+
+    def __init__(self):
+        self.encoding = get_gpt2_encoding()
+        self.vocab_size = self.encoding.n_vocab  # 50257: ids above it are padding rows of the embedding
+        self.start_ids = [self.encoding.eot_token]  # the start of a document
+
+    def encode(self, text):
+        return self.encoding.encode(text, allowed_special={"<|endoftext|>"})
+
+    def decode(self, ids):
+        return self.encoding.decode(ids)
+
+
+class CharTokenizer:
+    """One id per character: itos[i] is the character of id i (data/shakespeare_char/prepare.py)."""
+    name = "char"
+
+    def __init__(self, itos):
+        self.itos = list(itos)
+        self.stoi = {ch: i for i, ch in enumerate(self.itos)}
+        self.vocab_size = len(self.itos)
+        self.start_ids = self.encode("\n")  # a text starts on a new line
+
+    def encode(self, text):
+        unknown = sorted(set(text) - set(self.stoi))
+        if unknown:
+            raise ValueError(f"the characters {''.join(unknown)!r} are not in the data's vocabulary of "
+                             f"{self.vocab_size} characters: leave them out of the prompt")
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids):
+        return "".join(self.itos[i] for i in ids)
+
+
+def tokenizer_for(data_dir):
+    """The tokenizer data_dir's tokens were made with: characters when its meta.json says "char", else GPT-2's
+    (the BPE corpora, and data without a meta.json to ask)."""
+    meta = read_meta(data_dir) if data_dir is not None else None
+    if meta is not None and meta.get("tokenizer") == "char":
+        return CharTokenizer(meta["itos"])
+    return GPT2Tokenizer()
 
 
 # -----------------------------------------------------------------------------

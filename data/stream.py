@@ -4,6 +4,7 @@ by position. Position p of the stream is a pure function of (seed, p), so the sa
 per stream, and any world size sees the same batches.
 """
 
+import importlib
 import io
 from contextlib import redirect_stderr
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from config_schema import ConfigError
-from data.common import open_split
+from data.common import open_split, read_meta
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 
@@ -58,6 +59,10 @@ def data_dir_of(cfg):
     return Path(cfg.data.dir).absolute() if cfg.data.dir else REPO_DIR / "data" / cfg.data.name
 
 
+# the corpora that ship with the repo: train.py prepares them on first use (a few seconds each)
+EMBEDDED = ("shakespeare", "shakespeare_char")
+
+
 def load_data(cfg, is_master, distributed):
     """The train and val tokens (memory-mapped). The embedded corpora prepare themselves on first use (rank 0,
     while the other ranks wait: every rank takes the same path, so the barrier always matches)."""
@@ -65,10 +70,10 @@ def load_data(cfg, is_master, distributed):
     if cfg.data.dir and not data_dir.is_dir():
         raise ConfigError(f"data.dir={cfg.data.dir} does not exist: fix the path, or prepare the data there "
                           f"with python data/{cfg.data.name}/prepare.py --out-dir {data_dir}")
-    embedded = not cfg.data.dir and cfg.data.name == "shakespeare"
+    embedded = not cfg.data.dir and cfg.data.name in EMBEDDED
     if embedded and is_master and not (data_dir / "meta.json").exists():
-        print(f"preparing the Shakespeare corpus in {data_dir} (once, a few seconds)")
-        from data.shakespeare.prepare import prepare
+        print(f"preparing the {cfg.data.name} corpus in {data_dir} (once, a few seconds)")
+        prepare = importlib.import_module(f"data.{cfg.data.name}.prepare").prepare
         with redirect_stderr(io.StringIO()):  # its progress bars: noise for a few seconds' work
             prepare(out_dir=data_dir)
     if embedded and distributed:
@@ -91,6 +96,10 @@ class Streams:
 
 def load_streams(cfg, env, plan):
     train_tokens, val_tokens = load_data(cfg, env.is_master, env.distributed)
+    data_vocab_size = read_meta(data_dir_of(cfg)).get("vocab_size")  # None for data whose meta.json does not say
+    if data_vocab_size is not None and cfg.model.vocab_size < data_vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {data_vocab_size} token ids "
+                          f"of the data in {data_dir_of(cfg)}: set model.vocab_size >= {data_vocab_size}")
     seq_len = cfg.model.block_size
     streams = Streams(train=SequenceStream(train_tokens, seq_len, cfg.seed),
                       hessian=SequenceStream(train_tokens, seq_len, cfg.seed + 1),

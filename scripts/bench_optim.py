@@ -3,9 +3,9 @@ Optimizer step cost on GPT-2 124M-shaped parameters, in one process, against tor
 
     nice -n 10 python scripts/bench_optim.py [--device cpu] [--dtype float32] [--steps 10] [--warmup 3]
 
-Parameter shapes are built here (not from model.py): wte 50304x768, wpe 1024x768, 12 blocks of
-(ln_1, attn qkv 768x2304, attn proj 768x768, ln_2, mlp fc 768x3072, mlp proj 3072x768), ln_f;
---bias adds the biases. Gradients are random and fixed. Every optimizer runs its warm-up steps
+The parameters are model.py's GPT at the gpt2_small shape in model.py's own groups (configure_optimizer_groups:
+weight decay on nn.Linear weights only; the tied embedding/head once), through scripts/benchmark.py's
+gpt2_groups; --bias adds GPT-2's biases. Gradients are random and fixed. Every optimizer runs its warm-up steps
 (compilation included), then the optimizers take turns, one timed step each per round, so that a
 change in machine load hits them all alike. Printed: median and min step time, their ratios against
 AdamW(fused=True), and the optimizer state size. On a busy machine, `--threads 1 --clock cpu` gives
@@ -29,7 +29,9 @@ import torch.nn.functional as F
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
+import muon
 import sophia
+from scripts.benchmark import gpt2_groups
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cpu")
@@ -70,25 +72,14 @@ def timed(fn):
 
 
 def bench_optimizers():
-    # GPT-2 124M parameter shapes, split into weight-decay and no-decay groups as model.py does
-    d, vocab, block_size, n_layer = 768, 50304, 1024, 12
-    decay_shapes = [(vocab, d), (block_size, d)]
-    no_decay_shapes = [(d,)]  # ln_f
-    for _ in range(n_layer):
-        decay_shapes += [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]  # attn qkv, attn proj, mlp fc, mlp proj
-        no_decay_shapes += [(d,), (d,)]  # ln_1, ln_2
-        if args.bias:
-            no_decay_shapes += [(d,), (d,), (3 * d,), (d,), (4 * d,), (d,)]
-
-    torch.manual_seed(0)
-    decay = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02) for s in decay_shapes]
-    no_decay = [torch.nn.Parameter(torch.ones(s, device=device, dtype=dtype)) for s in no_decay_shapes]
-    for p in decay + no_decay:
-        p.grad = torch.randn_like(p) * 1e-3
-    n_params = sum(p.numel() for p in decay + no_decay)
+    # GPT-2 124M (configs/model/gpt2_small.yaml's shape) in model.py's weight-decay and no-decay groups
+    model_groups = gpt2_groups(dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
+                                    bias=args.bias), device, dtype)
+    tensors = [p for g in model_groups for p in g["params"]]
+    n_params = sum(p.numel() for p in tensors)
 
     def groups():
-        return [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+        return [dict(g) for g in model_groups]
 
     hess_bs = 480 * 1024  # the paper's tokens per batch: SophiaG's bs; SophiaH's rho is γ itself (bs=1)
     candidates = {
@@ -98,6 +89,11 @@ def bench_optimizers():
         "SophiaG reference (official loop)": lambda: sophia.SophiaG(groups(), lr=6e-4, rho=0.05, fused=False),
         "SophiaH fused": lambda: sophia.SophiaH(groups(), lr=6e-4, rho=0.05),
         "Lion foreach": lambda: sophia.Lion(groups(), lr=1e-4, betas=(0.95, 0.98)),
+        # optim=muon's split (muon.param_groups): Muon on model.py's decayed group, the blocks' matrices, fused
+        # AdamW on the other, the embeddings and the vectors
+        "Muon (blocks) + AdamW fused (rest)": lambda: muon.MuonAdamW(
+            *groups(), lr=6e-4, adam_lr=6e-4, momentum=0.95, nesterov=True, ns_steps=5,
+            adjust_lr_fn="match_rms_adamw", betas=(0.9, 0.95), eps=1e-8),
     }
 
     def step_kwargs(opt):
@@ -105,7 +101,7 @@ def bench_optimizers():
             return {"bs": 1}
         return {"bs": hess_bs} if isinstance(opt, sophia.SophiaG) else {}
 
-    print(f"# Optimizer step on GPT-2 124M shapes: {n_params / 1e6:.1f}M params in {len(decay + no_decay)} "
+    print(f"# Optimizer step on GPT-2 124M shapes: {n_params / 1e6:.1f}M params in {len(tensors)} "
           f"tensors, {args.dtype} on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.clock} clock)")
     optimizers = {}

@@ -26,15 +26,16 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
 import mfu
+from config_schema import compose_config
 from model import GPT, GPTConfig
 
 MODEL_PRESETS = sorted(path.stem for path in (REPO_DIR / "configs" / "model").glob("*.yaml"))
 
 
 def model_config(name, seq):
-    """GPTConfig from the training preset configs/model/<name>.yaml, block_size at least seq."""
+    """GPTConfig of `python train.py model=<name>`, block_size at least seq."""
     from omegaconf import OmegaConf
-    preset = OmegaConf.to_container(OmegaConf.load(REPO_DIR / "configs" / "model" / f"{name}.yaml"))
+    preset = OmegaConf.to_container(compose_config(None, [f"model={name}"]).model, resolve=True)
     cfg = {k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__}  # drops e.g. `name`
     cfg["block_size"] = max(cfg.get("block_size", 1024), seq)
     cfg["dropout"] = 0.0

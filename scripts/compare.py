@@ -5,6 +5,7 @@ run needs to reach a target loss, with the speed-up against a baseline.
     python scripts/compare.py out/shakespeare_adamw_max_steps=50 out/shakespeare_sophiag_max_steps=50 --out compare.png
     python scripts/compare.py multirun_out/ --best --baseline adamw      # tuned vs tuned from a sweep
     python scripts/compare.py --wandb ENTITY/PROJECT --group my_experiment --out compare.png
+    python scripts/compare.py out/study/char --budgets --baseline adamw --seconds-per-step s.json --out budgets.png
 
 Runs whose configs are identical except for `seed`, `out_dir`, `run_name`, `resume`, `wandb.*` and the
 logging knobs are seeds of one group; a group's curve is the mean over its seeds. The target loss defaults to the
@@ -12,6 +13,13 @@ baseline's final validation loss (mean over its seeds); the baseline is the firs
 --baseline names another. The markdown table printed at the end explains itself in its footnotes.
 Two runs with the same seed in one group are refused (one run passed twice counts once); runs that differ in
 length, schedule, batch or data are compared with a warning (printed, and marked in the table).
+
+--budgets: runs of one setting at several max_steps (each its own full schedule) and seeds. Per optimizer and
+budget: the final val loss with its 95% t-interval over seeds, and the data multiplier: the steps the baseline would
+need to reach that loss, read off the baseline's final-loss-vs-steps curve (seed means per budget, linear in
+log(steps); beyond its range only through the printed fit L = a + b·ln(steps), marked †), divided by the run's
+steps, per seed, then mean and 95% interval. The time multiplier scales it by the measured seconds per step
+(--seconds-per-step, a JSON {label: s/step}); the paper's steps-to-target on each budget's schedule beside it.
 """
 
 import argparse
@@ -579,17 +587,234 @@ def plot(groups, baseline, target, target_source, out_path):
 
 
 # -----------------------------------------------------------------------------
+# --budgets: final losses at several budgets, and the data multiplier against the baseline's loss-vs-steps curve
+
+BUDGET_KEYS = ("max_steps", "lr_decay_steps")  # what makes a budget; runs differing only in these are one contender
+
+# two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30 (any statistics table); df > 30: the normal 1.96
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def mean_ci95(values):
+    """(mean, [lo, hi]): the mean of the finite values and their 95% t-interval; the interval is None with fewer
+    than two values, the mean None with none."""
+    values = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if len(values) == 0:
+        return None, None
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, None
+    t = T95[len(values) - 2] if len(values) - 1 <= len(T95) else 1.96
+    half = t * float(values.std(ddof=1)) / math.sqrt(len(values))
+    return mean, [mean - half, mean + half]
+
+
+def budget_groups(runs):
+    """Runs -> contenders (Groups of every budget and seed of one setting), labelled as compare.py labels groups."""
+    groups = {}
+    for run in runs:
+        settings = {k: v for k, v in settings_of(run).items() if k not in BUDGET_KEYS}
+        key = json.dumps(settings, sort_keys=True, default=str)
+        groups.setdefault(key, Group(runs=[], settings=settings)).runs.append(run)
+    groups = list(groups.values())
+    label_groups(groups)
+    return groups
+
+
+def by_budget(group):
+    """{max_steps: [runs]}, budgets ascending; a run's budget is its config's max_steps (else its last step)."""
+    budgets = {}
+    for run in group.runs:
+        budgets.setdefault(int(run.config.get("max_steps") or run.steps[-1]), []).append(run)
+    return dict(sorted(budgets.items()))
+
+
+def loss_fit(steps, losses):
+    """Least squares L = a + b * log(steps) over the baseline's budgets: (a, b)."""
+    b, a = np.polyfit(np.log(steps), losses, 1)
+    return float(a), float(b)
+
+
+def steps_for_loss(loss, steps, losses, fit):
+    """The steps at which the baseline's final-loss curve (losses at budgets `steps`, ascending) reaches `loss`:
+    linear in log(steps) between the two budgets around it (the first such pair); outside the curve's range, from
+    the fit L = a + b log(steps). Returns (steps, extrapolated); (None, True) when the fit cannot say (b >= 0)."""
+    log_steps = np.log(np.asarray(steps, dtype=np.float64))
+    for i in range(len(steps) - 1):
+        lo, hi = sorted((losses[i], losses[i + 1]))
+        if lo <= loss <= hi and losses[i] != losses[i + 1]:
+            fraction = (losses[i] - loss) / (losses[i] - losses[i + 1])
+            return float(np.exp(log_steps[i] + fraction * (log_steps[i + 1] - log_steps[i]))), False
+        if losses[i] == losses[i + 1] == loss:
+            return float(steps[i]), False
+    if len(steps) == 1 and loss == losses[0]:
+        return float(steps[0]), False
+    if fit is None or not fit[1] < 0 or not math.isfinite(loss):
+        return None, True
+    a, b = fit
+    return float(np.exp((loss - a) / b)), True
+
+
+def analyse_budgets(groups, baseline, seconds_per_step=None):
+    """Fills g.stats["budgets"] for every contender: per budget the final losses, the data multiplier and the
+    time multiplier (mean and 95% interval over seeds), and the paper's steps-to-target speed-up.
+    seconds_per_step: {label: s/step} or None. Returns the baseline's curve and fit (for the notes and JSON)."""
+    base = by_budget(baseline)
+    curve_steps = np.array(list(base), dtype=np.float64)
+    # a diverged seed (NaN) is left out of its budget's mean
+    curve_losses = np.array([float(np.nanmean([r.val_loss[-1] for r in runs])) for runs in base.values()])
+    fit = loss_fit(curve_steps, curve_losses) if len(curve_steps) >= 2 else None
+    seconds = seconds_per_step or {}
+    for g in groups:
+        rows = []
+        for steps, runs in by_budget(g).items():
+            finals = [float(r.val_loss[-1]) for r in runs]
+            mean, ci = mean_ci95(finals)
+            needed = [steps_for_loss(f, curve_steps, curve_losses, fit) for f in finals]
+            data = [None if s is None else s / steps for s, _ in needed]
+            row = {"steps": steps, "seeds": [r.config.get("seed") for r in runs], "runs": [r.name for r in runs],
+                   "final_val_loss": finals, "final_mean": mean, "final_ci95": ci,
+                   "baseline_steps": [s for s, _ in needed], "extrapolated": any(e for _, e in needed)}
+            row["data_multiplier"] = dict(zip(("mean", "ci95"), mean_ci95(data)), per_seed=data)
+            if baseline.label in seconds and g.label in seconds:
+                ratio = seconds[baseline.label] / seconds[g.label]
+                times = [None if d is None else d * ratio for d in data]
+                row["time_multiplier"] = dict(zip(("mean", "ci95"), mean_ci95(times)), per_seed=times)
+            else:
+                row["time_multiplier"] = None
+            rows.append(row)
+        g.stats["budgets"] = rows
+    # the paper's measure at each budget: steps to the baseline's final loss (seed mean) on the same schedule
+    for steps, base_runs in base.items():
+        peers = [Group(runs=by_budget(g)[steps], settings=g.settings, label=g.label) for g in groups
+                 if steps in by_budget(g)]
+        base_peer = next(p for p in peers if p.label == baseline.label)
+        analyse(peers, base_peer, float(np.mean([r.val_loss[-1] for r in base_runs])))
+        for g, peer in zip([g for g in groups if steps in by_budget(g)], peers):
+            row = next(r for r in g.stats["budgets"] if r["steps"] == steps)
+            row["steps_to_target_speedup"] = peer.stats["speedup_steps"]
+    return {"steps": curve_steps.tolist(), "final_mean": curve_losses.tolist(),
+            "fit": None if fit is None else {"a": fit[0], "b": fit[1]}}
+
+
+def format_interval(stats, spec=".2f", suffix="×"):
+    if not stats or stats.get("mean") is None:
+        return "n/a"
+    text = format(stats["mean"], spec) + suffix
+    return text if stats.get("ci95") is None else f"{text} [{stats['ci95'][0]:{spec}}, {stats['ci95'][1]:{spec}}]"
+
+
+def budget_table(groups, baseline, curve):
+    rows = ["| optimizer | steps | seeds | final val loss (95% CI) | data multiplier | time multiplier | "
+            "steps-to-target speed-up (paper) |", "|---|---|---|---|---|---|---|"]
+    for g in groups:
+        for row in g.stats["budgets"]:
+            final = format_interval({"mean": row["final_mean"], "ci95": row["final_ci95"]}, ".4f", "")
+            dagger = " †" if row["extrapolated"] else ""
+            paper = row.get("steps_to_target_speedup")
+            rows.append(f"| {g.label}{' (baseline)' if g is baseline else ''} | {row['steps']} | {len(row['seeds'])} | "
+                        f"{final} | {format_interval(row['data_multiplier'])}{dagger} | "
+                        f"{format_interval(row['time_multiplier'])}{dagger} | "
+                        f"{'n/a' if paper is None else format_speedup(paper)} |")
+    fit = curve["fit"]
+    fit_text = "no fit (fewer than 2 budgets)" if fit is None else f"L = {fit['a']:.4f} + ({fit['b']:.4f})·ln(steps)"
+    notes = [
+        "Final val loss: the last eval of each run; mean over seeds with its 95% t-interval (Student t, n-1 dof).",
+        (f"Data multiplier: the steps {baseline.label} would need to reach a run's final loss, read off "
+         f"{baseline.label}'s final-loss-vs-steps curve (its seed means at {', '.join(f'{s:g}' for s in curve['steps'])}"
+         f" steps: {', '.join(f'{v:.4f}' for v in curve['final_mean'])}), linear in log(steps) between budgets, "
+         "divided by the run's steps; one per seed, then mean and 95% t-interval. >1: fewer steps than the baseline."),
+        f"† outside the baseline's range: extrapolated with the least-squares fit {fit_text}.",
+        "Time multiplier: the data multiplier × (baseline s/step) / (this optimizer's s/step), from the timing input.",
+        ("Steps-to-target (the paper's measure): at each budget, steps to reach the baseline's final loss (seed mean) "
+         "on the same schedule, the baseline's / this one's (resolution: the eval interval)."),
+    ]
+    return "\n".join(rows) + "\n\n" + "\n".join(f"{i + 1}. {note}" for i, note in enumerate(notes))
+
+
+def budget_json(groups, baseline, curve):
+    return clean({"baseline": baseline.label, "baseline_curve": curve,
+                  "groups": [{"label": g.label, "settings": g.settings, "budgets": g.stats["budgets"]} for g in groups]})
+
+
+def plot_budgets(groups, baseline, out_path, title="final validation loss vs budget"):
+    """Final val loss (seed mean, 95% interval bars) against steps on a log axis, one line per contender."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for g in groups:
+        rows = [r for r in g.stats["budgets"] if r["final_mean"] is not None and math.isfinite(r["final_mean"])]
+        steps = np.array([r["steps"] for r in rows], dtype=np.float64)
+        means = np.array([r["final_mean"] for r in rows])
+        half = np.array([0.0 if r["final_ci95"] is None else r["final_ci95"][1] - r["final_mean"] for r in rows])
+        ax.errorbar(steps, means, yerr=half, marker="o", capsize=4,
+                    label=g.label + (" (baseline)" if g is baseline else ""))
+    ax.set_xscale("log")
+    ax.set_xlabel("optimizer steps (each budget its own full schedule; log scale)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title(title + "; bars: 95% t-interval over seeds")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return fig
+
+
+def read_seconds_per_step(path):
+    try:
+        with open(path) as f:
+            seconds = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CompareError(f"--seconds-per-step {path}: {e}; give a JSON object {{label: seconds per step}}")
+    if not isinstance(seconds, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in seconds.values()):
+        raise CompareError(f"--seconds-per-step {path}: give a JSON object {{label: seconds per step > 0}}")
+    return seconds
+
+
+def main_budgets(runs, args):
+    """--budgets: the table, the plot (final loss vs steps) and the JSON."""
+    groups = budget_groups(runs)
+    for g in groups:
+        check_seeds([Group(runs=r, settings=g.settings, label=f"{g.label} at {s} steps") for s, r in by_budget(g).items()])
+    baseline = find_baseline(groups, args.baseline)
+    seconds = read_seconds_per_step(args.seconds_per_step) if args.seconds_per_step else None
+    unknown = sorted(set(seconds or {}) - {g.label for g in groups})
+    if unknown:
+        raise CompareError(f"--seconds-per-step names {unknown}, which are not among the labels "
+                           f"{[g.label for g in groups]}: key the JSON by these labels")
+    curve = analyse_budgets(groups, baseline, seconds)
+    print(budget_table(groups, baseline, curve))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    plot_budgets(groups, baseline, args.out)
+    print(f"\nwrote {args.out}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(budget_json(groups, baseline, curve), f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", help="run directories, or directories holding run directories")
-    parser.add_argument("--out", default="compare.png", help="PNG to write (default: compare.png)")
+    parser.add_argument("--out", default="out/compare.png", help="PNG to write (default: out/compare.png)")
     parser.add_argument("--target-loss", type=float, help="default: the baseline's final val loss, mean over seeds")
     parser.add_argument("--baseline", help="group label, optimizer name or run directory (default: the first group)")
     parser.add_argument("--best", action="store_true", help="per optimizer, keep only its best setting of a sweep")
     parser.add_argument("--json", help="also write the table's numbers to this JSON file")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from W&B instead of (or as well as) dirs")
     parser.add_argument("--group", help="the W&B group to read (with --wandb)")
+    parser.add_argument("--budgets", action="store_true",
+                        help="runs of several max_steps (each its own full schedule): final loss per budget and the "
+                             "data multiplier against the baseline's final-loss-vs-steps curve")
+    parser.add_argument("--seconds-per-step", metavar="JSON",
+                        help="with --budgets: {label: measured seconds per step}, for the time multiplier")
     args = parser.parse_args(argv)
     try:
         if not args.runs and not args.wandb:
@@ -604,6 +829,10 @@ def main(argv=None):
         runs = [load_run_dir(d) for d in find_run_dirs(args.runs)]
         if args.wandb:
             runs += load_wandb_runs(args.wandb, args.group)
+        if args.budgets:
+            return main_budgets(runs, args)
+        if args.seconds_per_step:
+            raise CompareError("--seconds-per-step goes with --budgets")
         groups = group_runs(runs)
         label_groups(groups)
         check_seeds(groups)

@@ -15,6 +15,7 @@ model's (for GPT-2's 50257 tokens: the rows that pad our embedding to 50304 are 
 
 import argparse
 import shutil
+import stat
 import sys
 from importlib.util import find_spec
 from pathlib import Path
@@ -22,7 +23,10 @@ from pathlib import Path
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
-from data.common import EOT_TOKEN, GPT2_VOCAB_SIZE
+from omegaconf import OmegaConf
+
+from data.common import EOT_TOKEN, GPT2_VOCAB_SIZE, tokenizer_for
+from data.stream import data_dir_of
 from scripts.sample import DEFAULTS as SAMPLE_DEFAULTS
 from scripts.sample import SampleError, load_run
 
@@ -65,7 +69,11 @@ def save_tokenizer(out_dir, block_size):
 def export(run_dir, out_dir):
     """run_dir/ckpt.pt -> out_dir, a folder GPT2LMHeadModel / AutoTokenizer / pipeline load offline."""
     from transformers import GenerationConfig
-    model, _ = load_run(run_dir, usage="give a run folder that holds ckpt.pt as RUN")
+    model, ckpt = load_run(run_dir, usage="give a run folder that holds ckpt.pt as RUN")
+    data = ckpt["config"].get("data")
+    if data and tokenizer_for(data_dir_of(OmegaConf.create({"data": data}))).name == "char":
+        raise ExportError(f"{run_dir} was trained on {data['name']}, a character-level corpus: the GPT-2 tokenizer "
+                          f"does not apply, so it has no Hugging Face GPT-2 export (sample it with scripts/sample.py)")
     vocab_size = model.config.vocab_size
     if vocab_size < GPT2_VOCAB_SIZE:
         raise ExportError(f"the model's vocab_size={vocab_size} is smaller than the GPT-2 tokenizer's "
@@ -80,6 +88,9 @@ def export(run_dir, out_dir):
     out_dir = Path(out_dir)
     hf_model.save_pretrained(out_dir)
     save_tokenizer(out_dir, model.config.block_size)
+    # safetensors writes its file with mode 0600: give it the mode the umask gives every other file here, so
+    # that whoever may read the folder may load the model
+    (out_dir / "model.safetensors").chmod(stat.S_IMODE((out_dir / "config.json").stat().st_mode))
     print(f"wrote {out_dir}: GPT2LMHeadModel.from_pretrained({str(out_dir)!r}) and AutoTokenizer load it offline")
 
 

@@ -21,7 +21,8 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
 from checkpoint import CONVERTER, checkpoint_path
-from data.common import get_gpt2_encoding
+from data.common import tokenizer_for
+from data.stream import data_dir_of
 from model import GPT, GPTConfig
 
 DEFAULTS = {
@@ -45,10 +46,13 @@ class SampleError(Exception):
 # Generation, usable from train.py
 
 @torch.no_grad()
-def encode_prompt(encoding, start, block_size):
+def encode_prompt(tokenizer, start, block_size):
     """The prompt's token ids, at most block_size of them (the last ones, with a note on stderr).
-    An empty prompt becomes <|endoftext|>, GPT-2's start of a document."""
-    ids = encoding.encode(start, allowed_special={"<|endoftext|>"}) or [encoding.eot_token]
+    An empty prompt becomes the tokenizer's start of a text (GPT-2: <|endoftext|>; characters: a newline)."""
+    try:
+        ids = tokenizer.encode(start) or tokenizer.start_ids
+    except ValueError as e:  # a character the data's vocabulary lacks
+        raise SampleError(f"start={start!r}: {e}") from None
     if len(ids) > block_size:
         print(f"note: the prompt has {len(ids)} tokens, more than the model's block_size={block_size}: "
               f"keeping its last {block_size}", file=sys.stderr)
@@ -56,23 +60,36 @@ def encode_prompt(encoding, start, block_size):
     return ids
 
 
-def sample_text(model, encoding, start="\n", num_samples=1, max_new_tokens=200, temperature=0.8, top_k=200,
+def sample_text(model, tokenizer, start="\n", num_samples=1, max_new_tokens=200, temperature=0.8, top_k=200,
                 seed=1337, device=None):
     """num_samples texts, each the (cropped) prompt `start` followed by max_new_tokens sampled tokens.
     model: our GPT, not wrapped in DDP (eval mode while sampling, its mode restored after);
-    encoding: a tiktoken encoding, e.g. get_gpt2_encoding().
+    tokenizer: the data's, data.common.tokenizer_for(data_dir) (GPT-2 BPE or characters).
     Deterministic for a seed on a given device; the global RNG state is not touched."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()  # no dropout
     generator = torch.Generator(device=device).manual_seed(seed)
-    prompt = torch.tensor(encode_prompt(encoding, start, model.config.block_size), device=device)[None]  # (1, T)
+    prompt = torch.tensor(encode_prompt(tokenizer, start, model.config.block_size), device=device)[None]  # (1, T)
     texts = []
     for _ in range(num_samples):  # one at a time: logits are (T, V) per sequence, large for GPT-2's vocab
-        ids = model.generate(prompt, max_new_tokens, temperature, top_k, generator, vocab_size=encoding.n_vocab)
-        texts.append(encoding.decode(ids[0].tolist()))
+        ids = model.generate(prompt, max_new_tokens, temperature, top_k, generator, vocab_size=tokenizer.vocab_size)
+        texts.append(tokenizer.decode(ids[0].tolist()))
     model.train(was_training)
     return texts
+
+
+def run_tokenizer(ckpt, model):
+    """The tokenizer of the data the run trained on (its meta.json); GPT-2's for a checkpoint that names no data."""
+    data = ckpt["config"].get("data")
+    data_dir = data_dir_of(OmegaConf.create({"data": data})) if data else None
+    tokenizer = tokenizer_for(data_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:  # e.g. a character-level run whose meta.json is gone
+        fix = f"prepare its data again: python data/{data['name']}/prepare.py" if data else "train it with train.py"
+        where = f"{data_dir} holds no meta.json naming another tokenizer" if data else "the checkpoint names no data"
+        raise SampleError(f"the run's model has vocab_size={model.config.vocab_size}, fewer ids than the "
+                          f"{tokenizer.name} tokenizer's {tokenizer.vocab_size}, and {where}: {fix}")
+    return tokenizer
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -149,12 +166,13 @@ def main(argv=None):
         args = parse_args(sys.argv[1:] if argv is None else argv)
         device = pick_device(args["device"])
         start = read_prompt(args["start"])
-        model, _ = load_run(args["out_dir"], device)
+        model, ckpt = load_run(args["out_dir"], device)
+        tokenizer = run_tokenizer(ckpt, model)
+        texts = sample_text(model, tokenizer, start, args["num_samples"], args["max_new_tokens"],
+                            args["temperature"], args["top_k"], args["seed"], device)
     except SampleError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    texts = sample_text(model, get_gpt2_encoding(), start, args["num_samples"], args["max_new_tokens"],
-                        args["temperature"], args["top_k"], args["seed"], device)
     for text in texts:
         print(text)
         print("---------------")

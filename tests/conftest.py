@@ -110,30 +110,25 @@ def flatten(tree, prefix=""):
 def compose_config(preset=None, overrides=()):
     """The config train.py runs with for `python train.py [config=preset] overrides...`, as a plain dict."""
     from omegaconf import OmegaConf
-    return OmegaConf.to_container(config_schema.compose_config(preset, overrides), resolve=True)
+    return OmegaConf.to_container(config_schema.compose_config(preset, overrides), resolve=True, enum_to_str=True)
 
 
-def write_token_data(data_dir, vocab_size=50304, train_tokens=200_000, val_tokens=20_000, seed=0):
-    """A prepared data directory (train.bin, val.bin, meta.json, as data/common.open_split reads them) of
-    synthetic uint16 tokens: a random walk of small steps modulo vocab_size, so that a model can learn it."""
+def write_synthetic_tokens(data_dir, vocab_size=50304, train_tokens=200_000, val_tokens=20_000, seed=0):
+    """A prepared data directory of synthetic tokens: a random walk of small steps modulo vocab_size, so that a
+    model can learn it."""
     import numpy as np
 
-    from data.common import write_meta
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    from data.common import write_token_data as write
     rng = np.random.default_rng(seed)
-    splits = {}
-    for split, n in (("train", train_tokens), ("val", val_tokens)):
-        (np.cumsum(rng.integers(0, 8, n)) % vocab_size).astype(np.uint16).tofile(data_dir / f"{split}.bin")
-        splits[split] = {"tokens": n}
-    write_meta(data_dir, {"splits": splits, "dtype": "uint16", "tokenizer": "synthetic", "source": "synthetic"})
-    return data_dir
+    walks = {split: np.cumsum(rng.integers(0, 8, n)) % vocab_size
+             for split, n in (("train", train_tokens), ("val", val_tokens))}
+    return write(data_dir, walks, tokenizer="synthetic", source="synthetic")
 
 
 @pytest.fixture(scope="session")
 def token_data(tmp_path_factory):
     """A synthetic prepared data directory, for runs that need data but not a real corpus (data.dir=)."""
-    return write_token_data(tmp_path_factory.mktemp("token_data"))
+    return write_synthetic_tokens(tmp_path_factory.mktemp("token_data"))
 
 
 @pytest.fixture(scope="session")

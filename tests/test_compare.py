@@ -466,3 +466,71 @@ def test_wandb_reader_asks_for_the_group_and_explains_network_errors(monkeypatch
     monkeypatch.setattr(wandb, "Api", OfflineApi)
     with pytest.raises(compare.CompareError, match=r"(?s)could not read W&B runs of me/sophia.*wandb login"):
         compare.load_wandb_runs("me/sophia", "exp1")
+
+
+# --budgets: AdamW's final loss follows L(S) = 4 - 0.5 ln(S / 1000) exactly (seed offsets sum to zero), so its
+# interpolation and its fit in log(steps) are exact, and an optimizer whose final loss at S is L(m S) + offset
+# has a data multiplier of exactly m exp(-offset / 0.5) per seed, inside the curve's range or beyond it (the fit).
+BUDGETS = [500, 1000, 2000]
+OFFSETS = [-0.01, 0.0, 0.01]
+
+
+def adamw_law(steps):
+    return 4 - 0.5 * np.log(steps / 1000)
+
+
+def make_budget_runs(tmp_path, optimizer, multiplier, seconds_per_step, lr=1e-3):
+    dirs = []
+    for budget in BUDGETS:
+        for seed, offset in enumerate(OFFSETS):
+            final = adamw_law(multiplier * budget) + offset
+            # a straight line down to its final loss: the step it reaches a target at is closed form too
+            dirs.append(make_run(tmp_path / f"{optimizer}_{budget}_{seed}", optimizer, seed,
+                                 lambda s, f=final, b=budget: f + 2 * (1 - s / b), lr=lr,
+                                 seconds_per_step=seconds_per_step, steps=np.arange(budget // 10, budget + 1, budget // 10)))
+    return dirs
+
+
+def test_budgets_data_multiplier_closed_form(tmp_path):
+    dirs = make_budget_runs(tmp_path, "adamw", 1.0, 0.5) + make_budget_runs(tmp_path, "sophiag", 1.5, 0.6)
+    (tmp_path / "s.json").write_text(json.dumps({"adamw": 0.5, "sophiag": 0.6}))
+    out = tmp_path / "b.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), *dirs, "--budgets",
+                             "--baseline", "adamw", "--seconds-per-step", str(tmp_path / "s.json"),
+                             "--out", str(tmp_path / "b.png"), "--json", str(out)],
+                            capture_output=True, text=True, cwd=REPO, check=False)
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(out.read_text())
+    np.testing.assert_allclose(numbers["baseline_curve"]["fit"]["a"], 4 + 0.5 * np.log(1000), rtol=1e-9)
+    np.testing.assert_allclose(numbers["baseline_curve"]["fit"]["b"], -0.5, rtol=1e-9)
+    adamw, sophia = numbers["groups"]
+    assert [g["label"] for g in numbers["groups"]] == ["adamw", "sophiag"]
+    per_seed = 1.5 * np.exp(-np.array(OFFSETS) / 0.5)
+    t_975_2 = 4.302653  # Student t, 2 degrees of freedom
+    for row, budget in zip(sophia["budgets"], BUDGETS):
+        assert row["steps"] == budget and row["seeds"] == [0, 1, 2]
+        np.testing.assert_allclose(row["final_val_loss"], adamw_law(1.5 * budget) + np.array(OFFSETS), rtol=1e-12)
+        np.testing.assert_allclose(row["data_multiplier"]["per_seed"], per_seed, rtol=1e-9)
+        half = t_975_2 * per_seed.std(ddof=1) / np.sqrt(3)
+        np.testing.assert_allclose(row["data_multiplier"]["mean"], per_seed.mean(), rtol=1e-9)
+        np.testing.assert_allclose(row["data_multiplier"]["ci95"], [per_seed.mean() - half, per_seed.mean() + half],
+                                   rtol=1e-4)
+        np.testing.assert_allclose(row["time_multiplier"]["per_seed"], per_seed * 0.5 / 0.6, rtol=1e-9)
+        # beyond AdamW's largest budget (1.5 x 2000 > 2000 for two seeds) only through the fit
+        assert row["extrapolated"] == (budget == 2000)
+        # the paper's measure: sophia's line f + 2 (1 - s/S) reaches AdamW's final mean L(S) at S (1 - (L(S) - f) / 2)
+        reach = budget * (1 - (adamw_law(budget) - row["final_val_loss"]) / 2)
+        np.testing.assert_allclose(row["steps_to_target_speedup"]["per_seed"], budget / reach, rtol=1e-9)
+    for row in adamw["budgets"]:  # the baseline against itself: its seeds' offsets only
+        np.testing.assert_allclose(row["data_multiplier"]["per_seed"], np.exp(-np.array(OFFSETS) / 0.5), rtol=1e-9)
+    assert "| sophiag | 2000 | 3 |" in result.stdout and "† outside the baseline's range" in result.stdout
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_steps_for_loss_interpolates_in_log_steps():
+    steps, losses = np.array([100.0, 1000.0]), np.array([5.0, 4.0])
+    assert compare.steps_for_loss(4.5, steps, losses, (7.0, -1 / np.log(10))) == (pytest.approx(100 * 10 ** 0.5), False)
+    # a curve that rises (no decreasing fit) cannot be extrapolated: no number rather than a wrong one
+    assert compare.steps_for_loss(3.0, steps, np.array([4.0, 5.0]), (0.0, 1.0)) == (None, True)
+    mean, ci = compare.mean_ci95([1.0, 2.0, 3.0, float("nan")])  # a diverged seed is left out
+    assert mean == 2.0 and ci == pytest.approx([2 - 4.303 / np.sqrt(3), 2 + 4.303 / np.sqrt(3)])

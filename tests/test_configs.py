@@ -1,12 +1,19 @@
 """The presets, composed by Hydra exactly as train.py composes them.
 
 Fairness: the presets of one model size may differ in the optimizer block (and its min_lr) alone, so that
-Sophia, AdamW and Lion share model, data order, batch, schedule, seed, loss scaling and evaluation."""
+Sophia, AdamW and Lion share model, data order, batch, schedule, seed, loss scaling and evaluation. By
+construction: a preset is a size (configs/size/) plus an optimizer block; and checked: the composed configs
+of one size are diffed."""
+from collections import defaultdict
+
 import pytest
+from omegaconf import OmegaConf
 
-from conftest import compose_config, flatten
+from conftest import REPO_DIR, compose_config, flatten
 
-OPTIMIZERS = ["adamw", "lion", "sophiag", "sophiah"]
+CONFIGS = REPO_DIR / "configs"
+
+OPTIMIZERS = ["adamw", "lion", "sophiag", "sophiah", "muon"]
 SIZES = {"small": (12, 12, 768), "medium": (24, 16, 1024), "large": (36, 20, 1280)}
 
 # the official repository's configs: lr, min_lr, weight decay, betas, rho
@@ -56,6 +63,18 @@ def test_presets_carry_the_official_hyperparameters(size, opt):
 def test_lion_presets_use_the_paper_learning_rate(size):
     cfg = compose_config(f"gpt2_{size}_lion")
     assert cfg["optim"]["lr"] == LION_LR[size] and cfg["optim"]["betas"] == [0.95, 0.98]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_muon_presets_reuse_the_adamw_hyperparameters(size):
+    """Moonlight's recipe: match_rms_adamw gives Muon's update AdamW's RMS, so both parts take AdamW's lr,
+    weight decay and schedule."""
+    muon, adamw = compose_config(f"gpt2_{size}_muon")["optim"], compose_config(f"gpt2_{size}_adamw")
+    assert (muon["lr"], muon["adam_lr"], muon["weight_decay"], muon["betas"], muon["eps"]) == \
+        (adamw["optim"]["lr"], None, 0.1, adamw["optim"]["betas"], adamw["optim"]["eps"])
+    assert compose_config(f"gpt2_{size}_muon")["min_lr"] == adamw["min_lr"]
+    assert (muon["adjust_lr_fn"], muon["momentum"], muon["nesterov"], muon["ns_steps"]) == \
+        ("match_rms_adamw", 0.95, True, 5)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -129,12 +148,87 @@ def test_xl_presets_differ_only_in_the_optimizer_and_are_sharded():
     assert sophiag["optim.rho"] > 0 and adamw["optim.name"] == "adamw"
 
 
-def test_shakespeare_presets_differ_only_in_the_optimizer():
-    sophia, adamw = flatten(compose_config("shakespeare_sophiag")), flatten(compose_config("shakespeare_adamw"))
-    differing = {k for k in set(sophia) | set(adamw) if sophia.get(k) != adamw.get(k)}
+@pytest.mark.parametrize("other", ["sophiag", "muon"])
+def test_shakespeare_presets_differ_only_in_the_optimizer(other):
+    preset, adamw = flatten(compose_config(f"shakespeare_{other}")), flatten(compose_config("shakespeare_adamw"))
+    differing = {k for k in set(preset) | set(adamw) if preset.get(k) != adamw.get(k)}
     assert differing and all(k.startswith("optim.") for k in differing), sorted(differing)
     # python train.py runs the Sophia preset
     assert flatten(compose_config("shakespeare_sophiag")) == flatten(compose_config())
+
+
+CHAR_OPTIMIZERS = ["adamw", "lion", "sophiag", "muon"]
+
+
+def test_char_presets_differ_only_in_the_optimizer_and_end_at_a_tenth_of_lr():
+    configs = {opt: flatten(compose_config(f"shakespeare_char_{opt}")) for opt in CHAR_OPTIMIZERS}
+    reference = configs["adamw"]
+    for opt, flat in configs.items():
+        differing = {k for k in set(flat) | set(reference) if flat.get(k) != reference.get(k)}
+        assert all(k.startswith("optim.") or k == "min_lr" for k in differing), (opt, sorted(differing))
+        assert flat["optim.name"] == opt and flat["min_lr"] == pytest.approx(flat["optim.lr"] / 10, rel=1e-12)
+    # the min_lr follows a swept learning rate
+    swept = flatten(compose_config("shakespeare_char_sophiag", ["optim.lr=1e-3"]))
+    assert swept["min_lr"] == pytest.approx(1e-4, rel=1e-12)
+    # nanoGPT's baby GPT, 12 sequences x 64 characters, 2,000 steps
+    flat = reference
+    assert (flat["model.n_layer"], flat["model.n_head"], flat["model.n_embd"], flat["model.block_size"]) == (4, 4, 128, 64)
+    assert flat["model.vocab_size"] == 128 and flat["model.dropout"] == 0.0 and flat["data.name"] == "shakespeare_char"
+    assert (flat["total_batch_size"], flat["max_steps"], flat["warmup_steps"], flat["eval_interval"]) == (12, 2000, 100, 200)
+    # each evaluation covers at least 100k validation characters (the study's final loss)
+    assert flat["eval_steps"] * flat["micro_batch_size"] * flat["model.block_size"] >= 100_000
+    assert (configs["sophiag"]["optim.lr"], configs["sophiag"]["optim.rho"]) == (3e-4, 0.5)
+    assert (configs["lion"]["optim.lr"], configs["lion"]["optim.weight_decay"]) == (3e-4, 1.0)
+    assert configs["adamw"]["optim.lr"] == 2e-3
+    muon, adamw = configs["muon"], configs["adamw"]  # Moonlight's recipe: AdamW's values for both parts
+    assert [muon[f"optim.{k}"] for k in ("lr", "betas", "weight_decay", "eps")] == \
+        [adamw[f"optim.{k}"] for k in ("lr", "betas", "weight_decay", "eps")]
+    assert (muon["optim.adam_lr"], muon["optim.adjust_lr_fn"]) == (None, "match_rms_adamw")
+
+
+# -----------------------------------------------------------------------------------------------------
+# Fair by construction: a preset names a size and an optimizer, and sets the optimizer block alone.
+
+def preset_files():
+    return {p.stem: OmegaConf.load(p) for p in sorted((CONFIGS / "config").glob("*.yaml"))}
+
+
+def test_every_preset_is_a_size_plus_an_optimizer_block():
+    sizes = {p.stem for p in (CONFIGS / "size").glob("*.yaml")}
+    for name, preset in preset_files().items():
+        if name.endswith("_adamw_official"):  # the official AdamW: its fair twin, clip and eps changed
+            assert list(preset.defaults) == [name.removesuffix("_official"), "_self_"], name
+            assert set(preset) - {"defaults"} == {"grad_clip", "optim"} and set(preset.optim) == {"eps"}, name
+            continue
+        size, optim = preset.defaults
+        assert size["/size"] in sizes and optim["override /optim"] in name, (name, preset.defaults)
+        assert name == f"{size['/size']}_{optim['override /optim']}", name
+        assert set(preset) - {"defaults"} <= {"min_lr", "optim"}, (name, sorted(preset))
+
+
+def test_presets_of_every_size_differ_only_in_the_optimizer_block():
+    by_size = defaultdict(list)
+    for name, preset in preset_files().items():
+        if not name.endswith("_official"):
+            by_size[preset.defaults[0]["/size"]].append(name)
+    assert set(by_size) == {p.stem for p in (CONFIGS / "size").glob("*.yaml")}  # every size has presets
+    for size, names in by_size.items():
+        configs = {name: flatten(compose_config(name)) for name in names}
+        reference = configs[names[0]]
+        for name, flat in configs.items():
+            differing = {k for k in set(flat) | set(reference) if flat.get(k) != reference.get(k)}
+            assert all(k.startswith("optim.") or k == "min_lr" for k in differing), (name, sorted(differing))
+
+
+def test_train_yaml_holds_the_embedded_runs_values():
+    """`python train.py`'s configuration is train.yaml's values, its groups' and the Sophia preset's optimizer
+    block: a size changes what differs from the embedded run, so size/shakespeare.yaml sets no training knob."""
+    train_yaml = OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml"))
+    knobs = flatten({k: v for k, v in train_yaml.items() if k not in ("defaults", "hydra")})
+    embedded = flatten(compose_config())
+    assert {k: embedded[k] for k in knobs if k != "wandb.group"} == {k: v for k, v in knobs.items() if k != "wandb.group"}
+    shakespeare = OmegaConf.load(CONFIGS / "size" / "shakespeare.yaml")
+    assert set(shakespeare) - {"defaults"} == {"wandb"}  # its W&B group name alone
 
 
 def test_train_py_with_clip_and_eps_over_accumulation_equals_the_official_adamw_loop(tmp_path, token_data):

@@ -1,12 +1,20 @@
-"""What only a CUDA GPU can show (skipped without one: the `cuda` marker, tests/conftest.py): the Sophia step's
-hyper-parameters reach the GPU from pinned memory, step() / update_hessian() / sophia_stats() never wait for
-the GPU, and the GNB estimator with bf16 logits."""
+"""What only a CUDA GPU can show (skipped without one: the `cuda` marker, tests/conftest.py): the fused Sophia
+step compiled by Triton against the reference path (fp32 and bf16 parameters), its hyper-parameters reaching the
+GPU from pinned memory, step() / update_hessian() / sophia_stats() never waiting for the GPU, the GNB and
+Hutchinson estimators against closed forms on the GPU, our GPT against HF's logits on the GPU (fp32 without TF32,
+bf16), and train.py on the GPU: resume equal to one run, two NCCL ranks equal to one process.
+
+    python -m pytest -q -m cuda tests          # on a GPU node; scripts/gpu_check.py measures the speed
+"""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import sophia
+from conftest import read_metrics, run_train
 from model import GPT, GPTConfig
 
 # the fused path must really be compiled (Triton), not its eager fallback
@@ -96,13 +104,14 @@ def test_gnb_with_bf16_logits_equals_cross_entropy_on_the_same_labels():
     torch.testing.assert_close(ours.grad.float(), peer.grad.bfloat16().float(), **BF16_TOL)
 
 
-def test_gnb_with_bf16_logits_matches_the_gauss_newton_diagonal():
-    # softmax regression logits_n = W x_n in bf16; Gauss-Newton diagonal of the mean loss, closed form from the
-    # bf16 values: GN[v, d] = (1/N) Σ_n x_nd² p_nv (1 − p_nv). R replicas of W give R independent estimates.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gnb_on_the_gpu_matches_the_gauss_newton_diagonal(dtype):
+    # softmax regression logits_n = W x_n in dtype; Gauss-Newton diagonal of the mean loss, closed form from the
+    # dtype's values: GN[v, d] = (1/N) Σ_n x_nd² p_nv (1 − p_nv). R replicas of W give R independent estimates.
     gen = torch.Generator().manual_seed(0)
     n, d, vocab, replicas = 5, 3, 4, 40_000
-    x = torch.randn(n, d, generator=gen).to(DEVICE, torch.bfloat16)
-    w = torch.randn(vocab, d, generator=gen).to(DEVICE, torch.bfloat16)
+    x = torch.randn(n, d, generator=gen).to(DEVICE, dtype)
+    w = torch.randn(vocab, d, generator=gen).to(DEVICE, dtype)
     xe, we = x.double(), w.double()
     probs = torch.softmax(xe @ we.T, dim=-1)
     gauss_newton = torch.einsum("nd,nv->vd", xe ** 2, probs * (1 - probs)) / n
@@ -135,3 +144,139 @@ def test_gnb_through_a_bf16_model_equals_the_official_recipe():
         assert torch.isfinite(ours[name]).all(), name
         # bf16 backward: equal up to bf16 round-off, relative to each tensor's scale
         torch.testing.assert_close(ours[name], p.grad, rtol=2e-2, atol=1e-2 * p.grad.abs().max().item(), msg=name)
+
+
+# ---- the fused step against the reference path, on the GPU (Triton)
+
+
+def sophia_trajectory(cls, dtype, fused, values=None):
+    """Six steps with a Hessian refresh every second one, from fixed random gradients (rounded to `values`, then
+    held in dtype) on the GPU: the final params, exp_avg and hessian, each flattened to one float64 vector. Five
+    equal-size weights go through one bundled call (sophia.BUNDLE = 4) and one alone."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(shape, scale=1.0):
+        return (torch.randn(shape, generator=gen) * scale).to(values or dtype).to(DEVICE, dtype)
+
+    shapes = [(40, 24)] * 5 + [(24,), (3, 4, 5)]
+    params = [randn(s).requires_grad_() for s in shapes]
+    opt = cls([{"params": params[:6], "weight_decay": 0.2}, {"params": params[6:], "weight_decay": 0.0}],
+              lr=1e-2, rho=0.05, fused=fused)
+    for step in range(6):
+        if step % 2 == 0:
+            for p in params:
+                p.grad = randn(p.shape)
+            opt.update_hessian()
+        for p in params:
+            p.grad = randn(p.shape, 0.1)
+        opt.step(bs=100)
+    tensors = {"param": [p.detach() for p in params], "exp_avg": [opt.state[p]["exp_avg"] for p in params],
+               "hessian": [opt.state[p]["hessian"] for p in params]}
+    return {kind: torch.cat([t.double().flatten() for t in ts]).cpu() for kind, ts in tensors.items()}
+
+
+@pytest.mark.parametrize("cls", [sophia.SophiaG, sophia.SophiaH])
+def test_fused_step_on_the_gpu_matches_the_reference_path_in_fp32(cls):
+    fused, reference = (sophia_trajectory(cls, torch.float32, f) for f in (True, False))
+    for kind in fused:  # the same formula: equal up to fp32 round-off
+        torch.testing.assert_close(fused[kind], reference[kind], rtol=1e-5, atol=1e-6, msg=kind)
+
+
+@pytest.mark.parametrize("cls", [sophia.SophiaG, sophia.SophiaH])
+def test_fused_step_with_bf16_params_is_as_accurate_as_the_reference_path(cls):
+    """bf16 parameters: the fused kernel rounds once per step, the reference after every op, so they drift apart
+    by a few bf16 ulps. Each against the exact trajectory (float64 from the same bf16 values): the fused path's
+    error is no larger than the reference's on average, and at worst within 1.5x of the reference's worst."""
+    fused, reference = (sophia_trajectory(cls, torch.bfloat16, f) for f in (True, False))
+    exact = sophia_trajectory(cls, torch.float64, False, values=torch.bfloat16)
+    for kind in exact:
+        fused_error, reference_error = (fused[kind] - exact[kind]).abs(), (reference[kind] - exact[kind]).abs()
+        assert reference_error.max() > 0, kind  # bf16 rounding shows: the comparison can tell the paths apart
+        assert fused_error.mean() <= reference_error.mean(), kind
+        assert fused_error.max() <= 1.5 * reference_error.max(), kind
+
+
+# ---- Hutchinson and our GPT on the GPU
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_hutchinson_on_the_gpu_matches_the_hessian_diagonal(probe):
+    """loss = Σ_r ½ x_rᵀ A x_r: the Hessian is A for each of R replicas, so one call draws R probes; their mean is
+    within 5σ of diag(A) (per-probe variance Σ_{j≠i} A_ij², + 2 A_ii² for Gaussian probes). One Rademacher probe
+    is exact on a diagonal Hessian."""
+    gen = torch.Generator().manual_seed(0)
+    n, replicas = 10, 20_000
+    q = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    a = q @ q.T / n + torch.diag(torch.linspace(1.0, 5.0, n, dtype=torch.float64))
+    x = torch.randn(replicas, n, generator=gen).to(DEVICE).requires_grad_()
+    loss = 0.5 * ((x @ a.to(DEVICE, torch.float32)) * x).sum()
+    sophia.hutchinson_backward(loss, [x], 1.0, torch.Generator(device=DEVICE).manual_seed(2), probe=probe)
+    estimate = x.grad.double().mean(0).cpu()
+    variance = (a ** 2).sum(1) - torch.diag(a) ** 2 + (2 * torch.diag(a) ** 2 if probe == "gaussian" else 0)
+    assert ((estimate - torch.diag(a)).abs() <= 5 * (variance / replicas).sqrt()).all()
+
+    diag = torch.linspace(-2.0, 3.0, n, device=DEVICE)
+    y = torch.randn(4, n, device=DEVICE, requires_grad=True)
+    sophia.hutchinson_backward(0.5 * (diag * y * y).sum(), [y], 1.0, torch.Generator(device=DEVICE).manual_seed(3))
+    torch.testing.assert_close(y.grad, diag.expand(4, n), rtol=0, atol=1e-6)
+
+
+def test_gpt_on_the_gpu_gives_hf_logits_in_fp32_and_bf16():
+    """The same weights in our GPT and HF's GPT2LMHeadModel (eager attention: HF's own arithmetic) on the GPU: fp32
+    logits (TF32 off) equal up to round-off; bf16 ones no further apart than twice HF's own bf16-vs-fp32 noise."""
+    from test_model import hf_reference  # a GPT2LMHeadModel with every weight random
+    hf = hf_reference(True, vocab_size=50257, n_positions=64)
+    ours = GPT.from_hf(hf).to(DEVICE).eval()
+    hf = hf.to(DEVICE)
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.no_grad():
+            theirs, mine = hf(idx).logits.float(), ours(idx)[0].float()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                theirs16, mine16 = hf(idx).logits.float(), ours(idx)[0].float()
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert (mine - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    hf_noise = ((theirs16 - theirs).norm() / theirs.norm()).item()
+    assert 0 < hf_noise and ((mine16 - theirs16).norm() / theirs16.norm()).item() <= max(1e-2, 2 * hf_noise)
+
+
+# ---- train.py on the GPU (compiled, bf16: device=auto, dtype=auto, compile=auto)
+
+
+def by_step(records, key):
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+COMPARED = ("train/loss", "val/loss", "grad_norm", "optim/hessian_norm")
+
+
+@pytest.mark.usefixtures("shakespeare_bins")
+def test_train_on_the_gpu_resumes_as_one_run(tmp_path):
+    """4 + 4 steps of SophiaG equal 8 in one go on the GPU (bf16 round-off apart: the kernels' reduction order may
+    differ between processes), each step logged once; the metrics hold the GPU's peak memory."""
+    common = ["optim=sophiag", "max_steps=8", "lr_decay_steps=8", "optim.hess_interval=2"]
+    run_train(common, tmp_path / "whole")
+    run_train(common + ["max_steps=4"], tmp_path / "split")
+    resumed = run_train(common, tmp_path / "split")
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout and "device cuda" in resumed.stdout
+    whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
+    for key in COMPARED:
+        assert by_step(split, key) == pytest.approx(by_step(whole, key), rel=1e-2), key
+    assert [r["step"] for r in split if "train/loss" in r] == list(range(1, 9))
+    assert all(r["memory/peak_mib"] > 0 for r in whole if "train/loss" in r)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (train.py puts rank r on cuda:r)")
+@pytest.mark.usefixtures("shakespeare_bins")
+def test_two_nccl_ranks_on_two_gpus_equal_one_process(tmp_path):
+    args = ["optim=sophiag", "max_steps=4", "optim.hess_interval=2", "total_batch_size=4", "micro_batch_size=2"]
+    run_train(args, tmp_path / "one")
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    ddp = run_train(args, tmp_path / "two", launcher=launcher)
+    assert "2 rank(s) x 1 micro-batch(es)" in ddp.stdout
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for key in COMPARED:
+        assert by_step(two, key) == pytest.approx(by_step(one, key), rel=1e-2), key

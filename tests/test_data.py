@@ -115,8 +115,7 @@ def test_get_gpt2_encoding_falls_back_offline_and_quickly(tmp_path, monkeypatch)
 
 def test_reading_prepared_bins_needs_no_tokenizer(tmp_path):
     # a training node may have no tokenizer installed: open_split must not import tiktoken
-    np.array([5, EOT_TOKEN, 7, 8], dtype=np.uint16).tofile(tmp_path / "train.bin")
-    common.write_meta(tmp_path, {"splits": {"train": {"tokens": 4}}, "dtype": "uint16"})
+    common.write_token_data(tmp_path, {"train": [5, EOT_TOKEN, 7, 8]})
     code = ("import sys; sys.modules['tiktoken'] = None  # any `import tiktoken` now fails\n"
             "from data.common import open_split\n"
             f"print(open_split({str(tmp_path)!r}, 'train').tolist())")

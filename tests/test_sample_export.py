@@ -5,6 +5,8 @@ References: our tokenizer (data.common.get_gpt2_encoding) for prompts and ids, H
 
 import contextlib
 import io
+import os
+import stat
 import subprocess
 import sys
 from dataclasses import asdict
@@ -182,3 +184,11 @@ def test_export_without_checkpoint_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and f"{tmp_path} holds no checkpoint" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_exported_files_share_one_mode(exported):
+    """Every exported file readable by others as the umask allows (safetensors alone wrote 0600 once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in exported[0].iterdir() if path.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes

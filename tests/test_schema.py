@@ -9,7 +9,6 @@ import typing
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import config_schema
@@ -22,11 +21,6 @@ PRESETS = sorted(p.stem for p in (REPO_DIR / "configs" / "config").glob("*.yaml"
 def train_py(*args, cwd=REPO_DIR):
     return subprocess.run([sys.executable, str(REPO_DIR / "train.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300, check=False)
-
-
-def composed(overrides):
-    with initialize_config_dir(config_dir=str(REPO_DIR / "configs"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -42,13 +36,28 @@ def composed(overrides):
     (["max_stepz=5"], ["max_stepz=5", "unknown key max_stepz", "did you mean max_steps?"]),
     (["+max_stepz=5"], ["+max_stepz=5", "unknown key max_stepz"]),
     (["optim=adamw", "optim.rho=0.1"], ["optim.rho=0.1", "optim=adamw has no key rho"]),
-    (["config=no_such_preset"], ["config=no_such_preset", "shakespeare_sophiag"]),
-    # a sweep: every point is checked before the first one starts
+    # a mistyped preset or group option: the closest one, as for a mistyped key
+    (["config=shakespeare_sophia"], ["config=shakespeare_sophia", "did you mean config=shakespeare_sophiag?"]),
+    (["model=gpt2_smal"], ["model=gpt2_smal", "did you mean model=gpt2_small?"]),
+    (["config=no_such_preset"], ["config=no_such_preset", "python train.py --help lists them"]),
+    # a value outside a knob's choices: refused by Hydra as it composes (typed choices), with the choices
+    (["dtype=float16"], ["dtype=float16", "expected auto|float32|bfloat16"]),
+    (["parallel=zero3"], ["parallel=zero3", "expected ddp|fsdp"]),
+    (["optim=sophiah", "optim.probe=uniform"], ["optim.probe=uniform", "expected rademacher|gaussian"]),
+    (["wandb.mode=onlin"], ["wandb.mode=onlin", "expected online|offline|disabled or null"]),
+    (["compile=yes"], ["compile=yes: use auto"]),
+    # a value no type can refuse
+    (["warmup_steps=5"], ["warmup_steps=5 > max_steps=2"]),
+    (["total_batch_size=5"], ["total_batch_size=5 is not a multiple of micro_batch_size=8"]),
+    # a sweep: every point is checked before the first one starts, so one bad point stops none midway
     (["-m", "optim.lr=1e-3,abc"], ["optim.lr=abc", "expected float"]),
+    (["-m", "warmup_steps=1,5"], ["warmup_steps=5 > max_steps=2"]),
+    (["-m", "optim=adamw,sophiag", "optim.lr=1e-3,-1"], ["optim.lr=-1.0: the learning rate must be positive"]),
 ])
 def test_a_wrong_type_or_unknown_key_is_one_line_and_exit_code_2(tmp_path, args, expected):
-    result = train_py(*args, "max_steps=2", f"out_dir={tmp_path / 'run'}", "hydra.sweep.dir=" + str(tmp_path / "sweep"),
-                      cwd=tmp_path)
+    flags, overrides = [a for a in args if a.startswith("-")], [a for a in args if not a.startswith("-")]
+    result = train_py(*flags, "max_steps=2", "warmup_steps=0", *overrides, f"out_dir={tmp_path / 'run'}",
+                      "hydra.sweep.dir=" + str(tmp_path / "sweep"), cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -58,14 +67,14 @@ def test_a_wrong_type_or_unknown_key_is_one_line_and_exit_code_2(tmp_path, args,
 
 def test_the_message_names_a_yaml_files_bad_value(tmp_path, monkeypatch, capsys):
     shutil.copytree(REPO_DIR / "configs", tmp_path / "configs")
-    preset = tmp_path / "configs" / "config" / "shakespeare_adamw.yaml"
-    preset.write_text(preset.read_text().replace("max_steps: 500", "max_steps: five hundred"))
+    size = tmp_path / "configs" / "size" / "shakespeare_char.yaml"
+    size.write_text(size.read_text().replace("max_steps: 2000", "max_steps: two thousand"))
     monkeypatch.setattr(config_schema, "CONFIG_DIR", tmp_path / "configs")
     with pytest.raises(SystemExit) as stop:
-        config_schema.check_command_line(["config=shakespeare_adamw"])
+        config_schema.check_command_line(["config=shakespeare_char_adamw"])
     message = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and len(message.splitlines()) == 1
-    assert "max_steps in configs/config/shakespeare_adamw.yaml" in message and "five hundred" in message
+    assert "max_steps in configs/size/shakespeare_char.yaml" in message and "two thousand" in message
     assert "expected int" in message
 
 
@@ -99,11 +108,12 @@ def help_rows(text):
 @pytest.mark.parametrize("preset", ["shakespeare_sophiag", "gpt2_small_sophiah", "gpt2_small_adamw", "gpt2_small_lion"])
 def test_help_lists_every_key_of_a_composed_config(help_text, preset):
     rows = help_rows(help_text)
-    keys = flatten(OmegaConf.to_container(composed([f"config={preset}"])))
+    keys = flatten(OmegaConf.to_container(config_schema.compose_config(preset)))
     assert set(keys) <= set(rows), sorted(set(keys) - set(rows))
     for key in keys:
         type_, _, description = rows[key]
-        assert re.fullmatch(r"(int|float|bool|str|list of \w+)( or null)?", type_) and len(description) > 5, key
+        assert re.fullmatch(r"(int|float|bool|str|list of \w+|\w+(\|\w+)+)( or null)?", type_), (key, type_)
+        assert len(description) > 5, key
 
 
 def test_help_is_grouped_and_names_the_presets(help_text):
@@ -121,6 +131,47 @@ def test_hydra_help_is_still_hydras():
 
 def test_every_knob_has_a_description():
     assert all(knob.help for knob in config_schema.all_knobs().values())
+
+
+def test_help_says_what_it_is_told_by_the_fields_metadata(help_text):
+    """The descriptions are the fields' metadata (not parsed from the source): a changed one shows at once."""
+    rows = help_rows(help_text)
+    for key, knob in config_schema.all_knobs().items():
+        assert rows[key][2] == knob.help, key
+    assert rows["dtype"][0] == "auto|float32|bfloat16" and rows["parallel"][:2] == ["ddp|fsdp", "ddp"]
+    assert "nn.Linear weights only" in rows["optim.weight_decay"][2]  # model.configure_optimizer_groups
+    assert "ckpt.dcp under parallel=fsdp" in rows["resume"][2]
+
+
+def test_help_of_a_preset_shows_its_values():
+    result = train_py("--help", "config=gpt2_xl_sophiag")
+    rows = help_rows(result.stdout)
+    assert result.returncode == 0 and rows["parallel"][1] == "fsdp" and rows["model.n_layer"][1] == "48"
+
+
+def test_choices_compare_and_save_as_their_strings(tmp_path):
+    """Code reads the typed choices as strings (cfg.parallel == "fsdp"); saved configs hold plain strings."""
+    cfg = config_schema.compose_config("gpt2_xl_sophiag", ["optim=sophiah"])
+    assert cfg.parallel == "fsdp" and f"{cfg.parallel}/{cfg.dtype}/{cfg.optim.probe}" == "fsdp/auto/rademacher"
+    assert {"fsdp": 1}[cfg.parallel] == 1
+    saved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert type(saved["parallel"]) is str and type(saved["optim"]["probe"]) is str
+    OmegaConf.save(cfg, tmp_path / "config.yaml")  # as build.py writes a run's config.yaml
+    assert (tmp_path / "config.yaml").read_text().count("parallel: fsdp\n") == 1
+
+
+def test_the_checks_of_train_py_are_check_values(monkeypatch):
+    """plan_batches refuses what check_command_line refuses, through the one function."""
+    import train
+    calls = []
+    monkeypatch.setattr(train, "check_values", lambda cfg, world_size: calls.append(world_size))
+    train.plan_batches(config_schema.compose_config(), 1)
+    assert calls == [1]
+
+
+def test_no_private_hydra_import():
+    source = (REPO_DIR / "config_schema.py").read_text()
+    assert "hydra._internal" not in source and "inspect" not in source
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -142,7 +193,7 @@ def assert_matches_schema(cfg):
     optim = config_schema.OPTIMIZERS[cfg.optim.name]
     assert OmegaConf.get_type(cfg.optim) is optim
     schema.update((k.key, k.type) for k in config_schema.knobs(optim, "optim."))
-    values = flatten(OmegaConf.to_container(cfg))
+    values = flatten(OmegaConf.to_container(cfg, resolve=True))  # as train.py reads them: min_lr=${mul:...}
     assert set(values) == set(schema), sorted(set(values) ^ set(schema))
     for key, value in values.items():
         assert matches(value, schema[key]), (key, value, schema[key])
@@ -150,13 +201,13 @@ def assert_matches_schema(cfg):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_with_the_schemas_types(preset):
-    assert_matches_schema(composed([f"config={preset}"]))
+    assert_matches_schema(config_schema.compose_config(preset))
 
 
-@pytest.mark.parametrize("group", ["model", "optim", "data"])
+@pytest.mark.parametrize("group", ["size", "model", "optim", "data"])
 def test_every_group_option_composes_with_the_schemas_types(group):
     options = sorted(p.stem for p in (REPO_DIR / "configs" / group).glob("*.yaml"))
     assert options
     for option in options:
         # shakespeare_adamw sets no optimizer-specific key, so any optimizer goes under it
-        assert_matches_schema(composed(["config=shakespeare_adamw", f"{group}={option}"]))
+        assert_matches_schema(config_schema.compose_config("shakespeare_adamw", [f"{group}={option}"]))

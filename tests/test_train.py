@@ -20,7 +20,7 @@ def by_step(records, key):
     return {r["step"]: r[key] for r in records if key in r}
 
 
-@pytest.mark.parametrize("optim", ["adamw", "sophiag", "sophiah", "lion"])
+@pytest.mark.parametrize("optim", ["adamw", "sophiag", "sophiah", "lion", "muon"])
 @pytest.mark.usefixtures("shakespeare_bins")
 def test_resume_continues_exactly(tmp_path, optim):
     """Stop after 4 of 8 steps, run the same command again: the losses equal an uninterrupted run's. With dropout:

@@ -1,0 +1,59 @@
+"""
+What the benchmark scripts share: n training steps through train.py's own loop, and GPT-2-shaped parameter
+groups with random gradients for timing optimizers.
+
+train.py runs as users run it, in a subprocess (no script imports train.py, whose train_step and refresh_hessian
+stay in the loop's file), and its speed and memory are read back from the metrics.jsonl it writes: the run's own
+clock (evaluation left out), so a benchmark measures exactly what a user's run reports, process start-up, data
+pipeline and torch.compile included, and the timings never pass through a second copy of the loop.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
+
+from metrics import read_metrics
+from model import GPT, GPTConfig
+
+
+def train_steps(overrides, steps, out_dir, window=10, timeout=1800):
+    """`python train.py OVERRIDES` for `steps` steps into the fresh folder out_dir, a metrics line every `window`
+    steps, evaluation and a checkpoint only at the start and the end; returns its metrics.jsonl records.
+    A run that fails raises RuntimeError with the end of its output."""
+    args = [*overrides, f"out_dir={out_dir}", f"max_steps={steps}", f"log_interval={window}",
+            f"eval_interval={steps}", "eval_steps=1", f"ckpt_interval={steps}", "wandb.enabled=false"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, str(REPO_DIR / "train.py"), *args], cwd=REPO_DIR, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        output = (proc.stdout + proc.stderr).strip()
+        raise RuntimeError(f"train.py {' '.join(overrides)} exited {proc.returncode}: {output[-1500:]}")
+    return read_metrics(out_dir)
+
+
+def windows(records, skip=1):
+    """The metrics lines of the training windows, after the first `skip` (torch.compile, the optimizer state's
+    allocation and the first evaluation fall in the first one)."""
+    return [r for r in records if "throughput/tokens_per_s" in r][skip:]
+
+
+def step_seconds(record):
+    """Seconds per training step in one window: tokens per step over the window's tokens/s."""
+    return record["tokens"] / record["step"] / record["throughput/tokens_per_s"]
+
+
+def gpt2_groups(config, device, dtype=torch.float32, seed=0):
+    """model.py's parameter groups (weight decay on nn.Linear weights only) of a GPT of this GPTConfig, with
+    random gradients: what an optimizer step sees in training."""
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialised where it runs: a 770M model's init on a CPU takes a while
+        model = GPT(GPTConfig(**config)).to(dtype)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    return model.configure_optimizer_groups(0.1)
