@@ -67,7 +67,7 @@ def run_tests(repo, tests):
     """pytest's exit status and the tail of its output: 0 passed, 1 some failed, other: it could not run."""
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=repo,
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return result.returncode, (result.stdout + result.stderr).strip().splitlines()[-1:]
+    return result.returncode, (result.stdout.strip() or result.stderr.strip()).splitlines()[-1:]  # pytest's summary
 
 
 def main():
