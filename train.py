@@ -76,7 +76,7 @@ def plan_batches(cfg, world_size):
 
 def random_seed(seed, step, chunk, purpose):
     """The seed for one micro-batch's randomness: a pure function, so resume needs no RNG state."""
-    entropy = [seed, step, chunk, {"dropout": 1, "hessian": 2}[purpose]]
+    entropy = [seed, step, chunk, {"dropout": 1, "hessian": 2, "hessian_dropout": 3}[purpose]]
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -143,6 +143,7 @@ def refresh_hessian(run):
     for micro in range(plan.hess_accum):
         chunk = env.rank * plan.hess_accum + micro  # as in the training step: independent of the world size
         generator.manual_seed(random_seed(cfg.seed, progress.step, chunk, "hessian"))  # sampled labels or probes
+        torch.manual_seed(random_seed(cfg.seed, progress.step, chunk, "hessian_dropout"))  # the forward's dropout
         x, y = run.streams.hessian.batch(progress.hess_seqs + chunk * plan.hess_micro, plan.hess_micro, env.device)
         run.estimator.add(run, x, y, 1.0 / plan.hess_accum, generator, last=micro == plan.hess_accum - 1)
     grad_norm = run.estimator.finish(run)  # GNB: the Hessian batch's gradient norm before its clip

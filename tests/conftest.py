@@ -18,20 +18,82 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 
-# a small model and batch: a step takes a few milliseconds, a run a few seconds (mostly start-up)
+# a small model and batch: a step takes a few milliseconds, a run a few seconds (mostly start-up). A checkpoint
+# only at the end of a run (and on a stop signal): a test that reads one in between sets its own ckpt_interval
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
         "total_batch_size=4", "micro_batch_size=2", "eval_interval=4", "eval_steps=2",
-        "log_interval=1", "ckpt_interval=4", "warmup_steps=2", "cpu_peak_flops=1e11"]
+        "log_interval=1", "ckpt_interval=1000", "warmup_steps=2", "cpu_peak_flops=1e11"]
+
+
+# the prepared Shakespeare corpus of this test session, in its temporary folder (never the repo's data/ folder,
+# so that parallel test processes never share, and no stale copy is reused): set by the shakespeare_bins fixture
+CORPUS = {"dir": None}
+
+
+def train_command(args, out_dir, launcher=(sys.executable,)):
+    """The command line of train.py with TINY, the session's corpus (args may name another data.dir), then args."""
+    if CORPUS["dir"] is None and not any(a.startswith("data.dir=") for a in args):
+        raise AssertionError("a test that runs train.py on Shakespeare needs the shakespeare_bins fixture")
+    corpus = [f"data.dir={CORPUS['dir']}"] if CORPUS["dir"] is not None else []
+    return [*launcher, str(REPO_DIR / "train.py"), *TINY, *corpus, f"out_dir={out_dir}", *args]
 
 
 def run_train(args, out_dir, check=True, launcher=(sys.executable,), env=None):
     """train.py in a subprocess with TINY, then args; fails the test with its output unless check=False."""
-    cmd = [*launcher, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out_dir}", *args]
+    cmd = train_command(args, out_dir, launcher)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, env=env, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def train_in_process(args, out_dir):
+    """train.train() in this process, as `python train.py` with TINY, the session's corpus, then args: for tests
+    of what a run computes, where a subprocess adds only start-up (and SophiaG's kernels compile once per test
+    process, not once per run). Returns (exit status, printed output). Exit codes, one-line errors and signals
+    stay with run_train."""
+    import contextlib
+    import io
+    import signal
+
+    import torch
+
+    import train
+    cfg = config_schema.compose_config(None, train_command(args, out_dir)[2:])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run_train's OMP_NUM_THREADS=1: the same sums in the same order
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            status = train.train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+        for signum, handler in handlers.items():  # train() installs its stop-signal handlers
+            signal.signal(signum, handler)
+    return status, printed.getvalue()
+
+
+def refusal_in_process(args, out_dir):
+    """(exit status, stderr) of `python train.py args` when it refuses its input, without a new process: the
+    command line's check (config_schema.check_command_line exits 2 with one line), then train(), whose
+    ConfigError main() prints as `error: ...` and turns into exit status 2. Status 0: nothing refused."""
+    import contextlib
+    import io
+
+    from config_schema import ConfigError
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            config_schema.check_command_line(train_command(args, out_dir)[2:])
+            train_in_process(args, out_dir)
+        except SystemExit as e:
+            return e.code, stderr.getvalue()
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)  # main()
+            return 2, stderr.getvalue()
+    return 0, stderr.getvalue()
 
 
 def flatten(tree, prefix=""):
@@ -70,11 +132,13 @@ def token_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shakespeare_bins():
-    """The embedded corpus, prepared once before the runs that read it (so that no run's timing or output
-    includes the preparation)."""
+def shakespeare_bins(tmp_path_factory):
+    """The embedded corpus, prepared once per test process into a temporary folder, before the runs that read it
+    (so that no run's timing or output includes the preparation); run_train passes it as data.dir."""
     from data.shakespeare.prepare import prepare
-    prepare()
+    CORPUS["dir"] = prepare(out_dir=tmp_path_factory.mktemp("shakespeare"))
+    yield CORPUS["dir"]
+    CORPUS["dir"] = None
 
 
 def pytest_collection_modifyitems(config, items):

@@ -34,6 +34,7 @@ def test_an_unknown_compile_value_stops_before_training():
         train.plan_batches(cfg, 1)
 
 
+@pytest.mark.slow
 def test_a_compiled_run_prints_its_compile_time_and_trains_as_eager(tmp_path, token_data):
     """compile=true on CPU (auto would not compile here): the compile time is printed before the first step's
     metrics, and the losses equal the eager run's (auto on CPU) up to fp32 round-off."""

@@ -229,3 +229,42 @@ def test_train_yaml_holds_the_embedded_runs_values():
     assert {k: embedded[k] for k in knobs if k != "wandb.group"} == {k: v for k, v in knobs.items() if k != "wandb.group"}
     shakespeare = OmegaConf.load(CONFIGS / "size" / "shakespeare.yaml")
     assert set(shakespeare) - {"defaults"} == {"wandb"}  # its W&B group name alone
+
+
+def test_train_py_with_clip_and_eps_over_accumulation_equals_the_official_adamw_loop(tmp_path, token_data):
+    """The same equivalence through train.py itself, as the _adamw_official presets run: train.py with
+    grad_clip=max_norm/A and optim.eps=eps/A against train_adam.py's loop written out here (each micro-batch's
+    loss backpropagated undivided, clip at max_norm, torch's AdamW with eps), on the same data and schedule."""
+    import math
+
+    import torch
+
+    from conftest import train_in_process
+    from data.common import open_split
+    from data.stream import SequenceStream
+    from model import GPT, GPTConfig
+    A, steps, lr, min_lr, max_norm, eps = 2, 6, 1e-2, 1e-4, 1.45, 1e-4
+    status, _ = train_in_process(["optim=adamw", f"max_steps={steps}", "warmup_steps=0", f"optim.lr={lr}",
+                                  f"min_lr={min_lr}", f"grad_clip={max_norm / A}", f"optim.eps={eps / A}",
+                                  f"data.dir={token_data}"], tmp_path)
+    assert status == 0
+    trained = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+
+    torch.manual_seed(1337)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
+    opt = torch.optim.AdamW(model.configure_optimizer_groups(0.1), lr=lr, betas=(0.9, 0.95), eps=eps, foreach=False)
+    stream = SequenceStream(open_split(token_data, "train"), 32, 1337)
+    norms = []
+    for step in range(steps):
+        for group in opt.param_groups:  # no warmup: the cosine from lr to min_lr over the run
+            group["lr"] = min_lr + 0.5 * (1 + math.cos(math.pi * step / steps)) * (lr - min_lr)
+        for micro in range(A):  # total_batch_size=4: A micro-batches of 2 sequences
+            x, y = stream.batch(4 * step + 2 * micro, 2, torch.device("cpu"))
+            _, loss = model(x, y)
+            loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert min(norms) < max_norm < max(norms)  # some steps clip, others do not
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(trained[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

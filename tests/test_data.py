@@ -144,10 +144,10 @@ def test_shakespeare_couple_of_plays_round_trip(tmp_path):
     assert meta["splits"]["train"]["documents"] == 1 and meta["splits"]["val"]["documents"] == 2
 
 
-def test_shakespeare_default_corpus_holds_out_two_whole_plays(tmp_path):
+def test_shakespeare_default_corpus_holds_out_two_whole_plays(shakespeare_bins):
     files = shakespeare_prepare.package_text_files()
     assert len(files) == 42
-    out = shakespeare_prepare.prepare(tmp_path / "shakespeare")
+    out = shakespeare_bins  # prepare() of the default corpus, into the session's folder (conftest)
     meta = read_meta(out)
     val_names = ["two_gentlemen_of_verona_gut.txt", "winters_tale_gut.txt"]
     assert meta["val_document_names"] == val_names == [f.name for f in files[-2:]]

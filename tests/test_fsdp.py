@@ -3,6 +3,8 @@
 References: a 2-rank DDP run of the same command (losses, gradient norms, Sophia's statistics and the final
 weights must agree to fp32 round-off), and the optimizers on whole tensors (their updates on DTensor shards
 must give the same tensors). This module is also the torchrun worker of the optimizer test (run as a script)."""
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_DIR, read_metrics, run_train
+from conftest import REPO_DIR, read_metrics, refusal_in_process, run_train, train_in_process
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
@@ -36,6 +38,7 @@ EQUAL_ARGS = ["max_steps=4", "total_batch_size=8", "micro_batch_size=2", "grad_c
 
 
 # sophiah: its Hessian-vector products run on the gathered weights (distributed.hold_gathered)
+@pytest.mark.slow
 @pytest.mark.parametrize("optim", ["adamw", "sophiag", "sophiah"])
 @pytest.mark.usefixtures("shakespeare_bins")
 def test_fsdp_equals_ddp_step_by_step(tmp_path, optim):
@@ -65,13 +68,20 @@ def test_fsdp_equals_ddp_step_by_step(tmp_path, optim):
 # -----------------------------------------------------------------------------------------------------
 # Sharded checkpoints
 
-def convert(run_dir, to="ddp"):
+def convert(run_dir, to="ddp", in_process=True):
+    """scripts/convert_checkpoint.py RUN --to TO; its output. In this process unless in_process=False."""
+    if in_process:
+        from scripts.convert_checkpoint import main as convert_main
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            convert_main([str(run_dir), "--to", to])
+        return printed.getvalue()
     result = subprocess.run([sys.executable, str(REPO_DIR / "scripts" / "convert_checkpoint.py"), str(run_dir),
                              "--to", to], cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("shakespeare_bins")
 def test_resume_continues_exactly_on_another_world_size(tmp_path):
     """Stop a 2-rank run at step 4, go on with one process to 6, then with 2 ranks to 8: the same metrics and the
@@ -80,9 +90,9 @@ def test_resume_continues_exactly_on_another_world_size(tmp_path):
     run_train(common + ["max_steps=8"], tmp_path / "whole", launcher=TORCHRUN)
     split = tmp_path / "split"
     run_train(common + ["max_steps=4"], split, launcher=TORCHRUN)
-    one = run_train(common + ["max_steps=6"], split)
-    assert "resumed from" in one.stdout and "at step 4" in one.stdout
-    assert "parallel=fsdp with one process: the model is not sharded" in one.stdout
+    status, one = train_in_process(common + ["max_steps=6"], split)
+    assert status == 0 and "resumed from" in one and "at step 4" in one
+    assert "parallel=fsdp with one process: the model is not sharded" in one
     two = run_train(common + ["max_steps=8"], split, launcher=TORCHRUN)
     assert "at step 6" in two.stdout
 
@@ -114,26 +124,26 @@ def test_converter_and_the_other_format_refused_by_name(tmp_path):
     """A sharded checkpoint converts to ckpt.pt with the same weights (sample.py reads it) and resumes under
     parallel=ddp; a checkpoint of the other format is refused with the converter's command; and back."""
     out = tmp_path / "run"
-    run_train(["optim=sophiag", "optim.hess_interval=2", "max_steps=2", "parallel=fsdp"], out)
-    refused = run_train(["optim=sophiag", "max_steps=4"], out, check=False)
-    assert refused.returncode == 2 and f"convert_checkpoint.py {out} --to ddp" in refused.stderr
+    assert train_in_process(["optim=sophiag", "optim.hess_interval=2", "max_steps=2", "parallel=fsdp"], out)[0] == 0
+    status, stderr = refusal_in_process(["optim=sophiag", "max_steps=4"], out)
+    assert status == 2 and f"convert_checkpoint.py {out} --to ddp" in stderr
 
-    assert "wrote" in convert(out)
+    assert "wrote" in convert(out, in_process=False)  # the command, as users run it
     from scripts.sample import load_run
     model, _ = load_run(out)
     sharded = sharded_weights(out / "ckpt.dcp")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, sharded[name]), name
-    resumed = run_train(["optim=sophiag", "optim.hess_interval=2", "max_steps=4"], out)
-    assert "resumed from" in resumed.stdout and "ckpt.pt at step 2" in resumed.stdout
+    status, resumed = train_in_process(["optim=sophiag", "optim.hess_interval=2", "max_steps=4"], out)
+    assert status == 0 and "resumed from" in resumed and "ckpt.pt at step 2" in resumed
 
     # now ckpt.pt (step 4) is ahead of ckpt.dcp (step 2): parallel=fsdp must not go back to step 2
-    refused = run_train(["optim=sophiag", "max_steps=6", "parallel=fsdp"], out, check=False)
-    assert refused.returncode == 2 and "newer than ckpt.dcp (step 2)" in refused.stderr
-    assert f"convert_checkpoint.py {out} --to fsdp" in refused.stderr
+    status, stderr = refusal_in_process(["optim=sophiag", "max_steps=6", "parallel=fsdp"], out)
+    assert status == 2 and "newer than ckpt.dcp (step 2)" in stderr
+    assert f"convert_checkpoint.py {out} --to fsdp" in stderr
     convert(out, to="fsdp")
-    resumed = run_train(["optim=sophiag", "optim.hess_interval=2", "max_steps=6", "parallel=fsdp"], out)
-    assert "ckpt.dcp at step 4" in resumed.stdout
+    status, resumed = train_in_process(["optim=sophiag", "optim.hess_interval=2", "max_steps=6", "parallel=fsdp"], out)
+    assert status == 0 and "ckpt.dcp at step 4" in resumed
 
 
 def test_sharded_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -247,6 +257,7 @@ def sharded_optimizer_worker():
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_optimizers_on_shards_equal_whole_tensors():
     # PYTHONPATH: the script imports conftest, which imports the repo's modules before any path set-up can run
     result = subprocess.run([*TORCHRUN, __file__], cwd=REPO_DIR, capture_output=True, text=True, timeout=600,

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_DIR, read_metrics, run_train
+from conftest import read_metrics, run_train
 from model import GPT, GPTConfig
 
 
@@ -31,8 +31,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
 
 
 @pytest.mark.parametrize("adjust_lr_fn", ["match_rms_adamw", "original"])
-@pytest.mark.usefixtures("shakespeare_bins")
-def test_two_steps_equal_torch_muon_and_adamw_by_hand(tmp_path, adjust_lr_fn):
+def test_two_steps_equal_torch_muon_and_adamw_by_hand(tmp_path, adjust_lr_fn, shakespeare_bins):
     """The loop's first two steps (the second at a lower lr of the cosine, with momentum and Adam's moments),
     rebuilt by hand from the same pieces with torch.optim.Muon and torch.optim.AdamW, each part at its own lr."""
     lr, adam_lr, min_lr = 2e-2, 3e-3, 2e-3
@@ -49,7 +48,7 @@ def test_two_steps_equal_torch_muon_and_adamw_by_hand(tmp_path, adjust_lr_fn):
     from data.stream import SequenceStream
     torch.manual_seed(1337)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
-    stream = SequenceStream(open_split(REPO_DIR / "data" / "shakespeare", "train"), 32, 1337)
+    stream = SequenceStream(open_split(shakespeare_bins, "train"), 32, 1337)
     matrices = [p for n, p in model.named_parameters() if n.startswith("transformer.h.") and n.endswith(
         ("c_attn.weight", "c_proj.weight", "c_fc.weight"))]
     rest = [p for p in model.parameters() if all(p is not q for q in matrices)]
@@ -110,6 +109,7 @@ def test_state_dict_round_trip_continues_exactly():
     assert set(state[0]) == {"momentum_buffer"} and set(state[len(state) - 1]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("shakespeare_bins")
 def test_two_ranks_equal_one_process(tmp_path):
     """torchrun with 2 gloo ranks sees the samples one process sees over two micro-batches; every rank's Muon
@@ -136,6 +136,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     (["optim.adam_lr=0"], "optim.adam_lr=0.0: use a positive lr, or null"),
     (["optim.momentum=1.0"], "optim.momentum=1.0"),
 ])
+@pytest.mark.usefixtures("shakespeare_bins")  # the session's corpus: no run reads the repository's data/
 def test_bad_muon_settings_stop_before_any_work(tmp_path, args, message):
     result = run_train(["optim=muon", "max_steps=2", *args], tmp_path / "run", check=False)
     lines = result.stderr.strip().splitlines()

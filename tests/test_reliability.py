@@ -1,37 +1,39 @@
 """Nothing lost, nothing silent: train.py as an operator meets it. Two processes on one run directory, a
 diverging run, checkpoints that hold NaN, a full disk, unreadable files, and settings that would run
-silently wrong. Real processes throughout; the references are an uninterrupted run and the files on disk."""
+silently wrong. Real processes where the process matters (a lock, a divergence, a full disk, damaged files and
+permissions); in the test process the runs that only set the scene (a good checkpoint to keep) and the refused
+settings (test_train runs that path as a process). The references are an uninterrupted run and the files on disk."""
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO_DIR, TINY, read_metrics, run_train
+from conftest import CORPUS, REPO_DIR, read_metrics, refusal_in_process, run_train, train_command, train_in_process
 
 pytestmark = pytest.mark.usefixtures("shakespeare_bins")
-SHAKESPEARE = REPO_DIR / "data" / "shakespeare"
 
 
 def start_train(args, out_dir):
-    cmd = [sys.executable, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out_dir}", *args]
-    return subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """train.py in a new process, its output unbuffered so that the test can follow it line by line."""
+    return subprocess.Popen(train_command(args, out_dir), cwd=REPO_DIR, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
 
-def wait_for_training(out_dir, timeout_s=120):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if any(r["step"] > 0 for r in read_metrics(out_dir)):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no training step logged in {out_dir} within {timeout_s} s")
+def wait_for_line(proc, start):
+    """Read proc's output up to the line that starts with `start` (the step is then done); returns what was read."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(start):
+            return "".join(lines)
+    raise AssertionError(f"the run ended before a line starting with {start!r}:\n{''.join(lines)[-3000:]}")
 
 
 def strict_json_lines(path):
@@ -41,34 +43,43 @@ def strict_json_lines(path):
     return [json.loads(line, parse_constant=refuse) for line in Path(path).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
+    """The first process is paused (SIGSTOP: it holds its lock, as a slow one would) while the second tries the
+    same folder, so that the first is still at an early step when it is stopped with SIGTERM."""
     out = tmp_path / "run"
-    args = ["max_steps=400", "optim=adamw", "log_interval=1000"]
+    args = ["max_steps=400", "lr_decay_steps=400", "optim=adamw", "log_interval=1000"]
     first = start_train(args, out)
     try:
-        wait_for_training(out)
+        wait_for_line(first, "step 4: val loss")
+        first.send_signal(signal.SIGSTOP)
         second = run_train(args, out, check=False)
         assert second.returncode == 2
         assert f"is in use by another training process (PID {first.pid})" in second.stderr
         assert second.stderr.count("\n") == 1  # one line
     finally:
+        first.send_signal(signal.SIGCONT)
         first.send_signal(signal.SIGTERM)
         output, _ = first.communicate(timeout=120)
     assert first.returncode == 128 + signal.SIGTERM, output  # the conventional status after SIGTERM
     steps_logged = [r["step"] for r in read_metrics(out)]
     assert len(steps_logged) == len(set(steps_logged))  # the refused process wrote nothing
     assert not list(out.glob("ckpt.pt.tmp*"))
-    # the lock went with the first process: the same command now resumes and finishes
-    run_train(args, out)
-    assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == list(range(0, 401, 4))
+    stopped_at = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    assert stopped_at < 24, output
+    # the lock went with the first process: the same command (to step 24 of the same schedule) resumes and finishes
+    run_train(args + ["max_steps=24"], out)
+    assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == list(range(0, 25, 4))
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_and_keeps_the_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    run_train(["max_steps=4", "optim=adamw"], out)  # a good checkpoint at step 4
+    assert train_in_process(["max_steps=4", "optim=adamw"], out)[0] == 0  # a good checkpoint at step 4
     good = torch.load(out / "ckpt.pt", weights_only=False)
-    result = run_train(["max_steps=60", "optim=adamw", "optim.lr=1e6", "min_lr=0", "max_skipped_updates=5"],
-                       out, check=False)
+    # ckpt_interval=4: the saves it attempts while diverging must not replace the good checkpoint
+    result = run_train(["max_steps=60", "optim=adamw", "optim.lr=1e6", "min_lr=0", "max_skipped_updates=5",
+                        "ckpt_interval=4"], out, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "updates in a row skipped for non-finite gradients: the run diverged" in result.stderr
     assert "done" not in result.stdout
@@ -80,9 +91,10 @@ def test_a_diverging_run_stops_and_keeps_the_good_checkpoint(tmp_path):
     assert any(r.get("train/loss", 0) is None or r.get("grad_norm", 0) is None for r in records)  # NaN -> null
 
 
+@pytest.mark.slow
 def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(tmp_path):
     out = tmp_path / "run"
-    run_train(["max_steps=4", "optim=sophiag"], out)
+    assert train_in_process(["max_steps=4", "optim=sophiag"], out)[0] == 0
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     index = sorted(ckpt["optimizer"]["state"])[1]
     ckpt["optimizer"]["state"][index]["hessian"].view(-1)[0] = float("nan")
@@ -103,10 +115,11 @@ def test_an_empty_or_garbage_checkpoint_is_one_line(tmp_path, content):
     assert "_use_new_zipfile_serialization" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_good_checkpoint_and_says_so(tmp_path):
     """A real full disk: a tmpfs with room for one checkpoint and a half."""
     probe = tmp_path / "probe"
-    run_train(["max_steps=2", "optim=adamw"], probe)
+    assert train_in_process(["max_steps=2", "optim=adamw"], probe)[0] == 0
     size = (probe / "ckpt.pt").stat().st_size
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -135,9 +148,9 @@ def test_a_full_disk_keeps_the_good_checkpoint_and_says_so(tmp_path):
     (["max_skipped_updates=0"], "max_skipped_updates=0"),
 ])
 def test_settings_that_would_run_silently_wrong_are_refused(tmp_path, args, message):
-    result = run_train(args, tmp_path / "run", check=False)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    status, stderr = refusal_in_process(args, tmp_path / "run")  # test_train runs this path as a process
+    assert status == 2 and message in stderr, stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert not Path("/nonexistent").exists()
 
@@ -145,7 +158,7 @@ def test_settings_that_would_run_silently_wrong_are_refused(tmp_path, args, mess
 def copy_of_the_corpus(where):
     where.mkdir(parents=True)
     for name in ("meta.json", "train.bin", "val.bin"):
-        shutil.copy(SHAKESPEARE / name, where / name)
+        shutil.copy(CORPUS["dir"] / name, where / name)
     return where
 
 

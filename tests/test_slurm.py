@@ -22,9 +22,16 @@ from conftest import REPO_DIR, read_metrics
 from scripts.slurm import local_cluster
 
 SBATCH_SCRIPT = REPO_DIR / "scripts" / "slurm" / "train.sbatch"
-# the tiny model of train.py's tests: a step takes milliseconds of compute, a run is mostly start-up
-TINY = ["config=shakespeare_sophiag", "optim.hess_interval=2", *conftest.TINY]
 
+
+def tiny():
+    """The tiny model of train.py's tests (a step takes milliseconds of compute, a run is mostly start-up), on the
+    session's corpus (the shakespeare_bins fixture, which the cluster fixture requests)."""
+    return ["config=shakespeare_sophiag", "optim.hess_interval=2", *conftest.TINY, f"data.dir={conftest.CORPUS['dir']}"]
+
+
+# one cluster per test process, and one test process for them all (pytest -n 2: its ports are fixed)
+pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.slow]
 missing = local_cluster.missing_binaries()
 needs_cluster = pytest.mark.skipif(
     bool(missing) or os.geteuid() != 0,
@@ -111,20 +118,27 @@ def finished(env, job_id):
 def run_on_two_nodes(cluster, work, parallel="ddp"):
     """A 4-step run on 2 nodes x 1 worker, submitted with train.sbatch and waited for."""
     log_path = work / "slurm.out"
-    job_id = submit(cluster, log_path, [*TINY, "max_steps=4", f"out_dir={work / 'run'}", f"parallel={parallel}"])
+    job_id = submit(cluster, log_path, [*tiny(), "max_steps=4", f"out_dir={work / 'run'}", f"parallel={parallel}"])
     info = wait_for(lambda: finished(cluster, job_id), 240, f"job {job_id} to finish", log_path)
     return info, log_path.read_text(), work / "run"
 
 
 @pytest.fixture(scope="module")
-def two_node_run(cluster, tmp_path_factory):
-    return run_on_two_nodes(cluster, tmp_path_factory.mktemp("two_nodes"))
+def one_process_run(shakespeare_bins, tmp_path_factory):
+    """The reference of the two-node runs: the same 4-step command in one process, which accumulates the two
+    micro-batches itself. Run once for the module; its metrics."""
+    out_dir = tmp_path_factory.mktemp("one_process")
+    reference = subprocess.run([sys.executable, "train.py", *tiny(), "max_steps=4", f"out_dir={out_dir}"],
+                               cwd=REPO_DIR, capture_output=True, text=True, timeout=300,
+                               env={**without_slurm_variables(os.environ), "OMP_NUM_THREADS": "1"})
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    return read_metrics(out_dir)
 
 
 @needs_cluster
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_nodes_compute_what_one_process_computes(cluster, two_node_run, tmp_path, parallel):
-    info, log, out_dir = two_node_run if parallel == "ddp" else run_on_two_nodes(cluster, tmp_path, parallel)
+def test_two_nodes_compute_what_one_process_computes(cluster, one_process_run, tmp_path, parallel):
+    info, log, out_dir = run_on_two_nodes(cluster, tmp_path, parallel)
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]"
     assert "2 node(s) x 1 worker(s)" in log  # train.sbatch: one torchrun per node, one CPU worker each
@@ -132,31 +146,25 @@ def test_two_nodes_compute_what_one_process_computes(cluster, two_node_run, tmp_
     two_nodes = read_metrics(out_dir)
     assert train_steps(two_nodes) == [1, 2, 3, 4]
 
-    # the reference: the same command in one process, which accumulates the two micro-batches itself
-    reference = subprocess.run([sys.executable, "train.py", *TINY, "max_steps=4", f"out_dir={tmp_path / 'one'}"],
-                               cwd=REPO_DIR, capture_output=True, text=True, timeout=300,
-                               env={**without_slurm_variables(os.environ), "OMP_NUM_THREADS": "1"})
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    one_process = read_metrics(tmp_path / "one")
     assert (out_dir / ("ckpt.dcp" if parallel == "fsdp" else "ckpt.pt")).exists()
     for key in ("train/loss", "val/loss", "grad_norm", "optim/hessian_norm"):
         got = {r["step"]: r[key] for r in two_nodes if key in r}
-        want = {r["step"]: r[key] for r in one_process if key in r}
+        want = {r["step"]: r[key] for r in one_process_run if key in r}
         assert got == pytest.approx(want, rel=1e-4), key
 
 
 @needs_cluster
-def test_preemption_notice_requeues_the_job_and_it_resumes(cluster, two_node_run, tmp_path):
+def test_preemption_notice_requeues_the_job_and_it_resumes(cluster, one_process_run, tmp_path):
     """scancel --signal=USR1 is what SLURM sends 120 s before the time limit (#SBATCH --signal=USR1@120)."""
-    # Size the run from the first job's speed: long enough (~15 s of steps) for the signal to land
-    # mid-run on a fast machine, short enough not to drag on a slow one.
-    first = [r for r in read_metrics(two_node_run[2]) if "train/loss" in r]
+    # Size the run from the one-process reference's speed (two nodes are no faster): long enough (~15 s of
+    # steps) for the signal to land mid-run on a fast machine, short enough not to drag on a slow one.
+    first = [r for r in one_process_run if "train/loss" in r]
     seconds_per_step = (first[-1]["time/elapsed_s"] - first[0]["time/elapsed_s"]) / (len(first) - 1)
     max_steps = min(400, max(10, math.ceil(15 / max(seconds_per_step, 1e-3))))
 
     log_path = tmp_path / "slurm.out"
     out_dir = tmp_path / "run"
-    job_id = submit(cluster, log_path, [*TINY, f"max_steps={max_steps}", f"out_dir={out_dir}"])
+    job_id = submit(cluster, log_path, [*tiny(), f"max_steps={max_steps}", f"out_dir={out_dir}"])
     wait_for(lambda: len(train_steps(read_metrics(out_dir))) >= 2, 180, "the first training steps", log_path)
     slurm(cluster, "scancel", "--signal=USR1", job_id)  # to every process of the job's steps, as SLURM does
 
@@ -190,7 +198,9 @@ def test_hydra_sweep_runs_one_slurm_job_per_point(cluster, tmp_path):
     """configs/hydra/launcher/slurm.yaml: `train.py -m hydra/launcher=slurm` submits each point as a job."""
     sweep = [sys.executable, "train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
              "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path}",
-             *TINY, "max_steps=2", f"out_dir={tmp_path}/runs/${{run_name}}", "optim.lr=1e-3,2e-3"]
+             *tiny(), "max_steps=2", f"out_dir={tmp_path}/runs/lr_${{optim.lr}}", "optim.lr=1e-3,2e-3"]
+    # (a folder per point named by its lr: ${run_name} would name it by every override, data.dir's long temporary
+    # path included, past the 255 bytes a file name may have)
     result = subprocess.run(sweep, cwd=REPO_DIR, env=cluster, capture_output=True, text=True, timeout=300)
     # submitit pickles train.py's main (a __main__ function, so by value) with cloudpickle, which cannot
     # pickle torch.backends.* attribute modules referenced from it (cloudpipe/cloudpickle#405)
@@ -217,7 +227,7 @@ def test_scancel_cancels_the_job_for_good(cluster, tmp_path):
     """scancel sends SIGTERM: train.py may checkpoint, but must not requeue, or no user could cancel a run."""
     log_path = tmp_path / "slurm.out"
     out_dir = tmp_path / "run"
-    job_id = submit(cluster, log_path, [*TINY, "max_steps=400", f"out_dir={out_dir}"])
+    job_id = submit(cluster, log_path, [*tiny(), "max_steps=400", f"out_dir={out_dir}"])
     wait_for(lambda: len(train_steps(read_metrics(out_dir))) >= 2, 180, "the first training steps", log_path)
     slurm(cluster, "scancel", job_id)
     def settled():  # ended, or back in the queue
@@ -241,7 +251,7 @@ def test_a_node_that_never_joins_fails_the_job_with_a_message(cluster, tmp_path)
     stalled_python.chmod(0o755)
     env = {**cluster, "PYTHON": str(stalled_python), "RDZV_TIMEOUT": "10"}
     log_path = tmp_path / "slurm.out"
-    job_id = submit(env, log_path, [*TINY, "max_steps=2", f"out_dir={tmp_path / 'run'}"])
+    job_id = submit(env, log_path, [*tiny(), "max_steps=2", f"out_dir={tmp_path / 'run'}"])
     info = wait_for(lambda: finished(cluster, job_id), 120, f"job {job_id} to give up", log_path)
     log = log_path.read_text()
     assert info["JobState"] == "FAILED", log[-3000:]

@@ -1,8 +1,10 @@
-"""train.py end to end, as users run it: real processes, the real Shakespeare bins, tiny models.
+"""train.py end to end on the real Shakespeare bins and tiny models: real processes where the process matters
+(signals, kill -9, torchrun, exit statuses), train() in the test process where only the numbers do.
 
-References: an uninterrupted second run (resume), one process with gradient accumulation (DDP), and a
-hand-written step with torch's own AdamW (the loop)."""
+References: an uninterrupted second run (resume), one process with gradient accumulation (DDP), and the loop
+written out by hand: a step with torch's own AdamW, the official SophiaG loop (steps and Hessian refreshes)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_DIR, TINY, read_metrics, run_train
+from conftest import REPO_DIR, read_metrics, refusal_in_process, run_train, train_command, train_in_process
 
 
 def by_step(records, key):
@@ -21,16 +23,20 @@ def by_step(records, key):
 @pytest.mark.parametrize("optim", ["adamw", "sophiag", "sophiah", "lion", "muon"])
 @pytest.mark.usefixtures("shakespeare_bins")
 def test_resume_continues_exactly(tmp_path, optim):
-    """Stop after 4 of 8 steps, run the same command again: the losses equal an uninterrupted run's."""
-    common = [f"optim={optim}", "max_steps=8", "optim.hess_interval=2"] if optim.startswith("sophia") \
-        else [f"optim={optim}", "max_steps=8"]
-    run_train(common, tmp_path / "whole")
+    """Stop after 4 of 8 steps, run the same command again: the losses equal an uninterrupted run's. With dropout:
+    its masks (training and Hessian forwards) are seeded from (seed, step, micro-batch), not a running generator
+    that a resumed process would restart."""
+    common = [f"optim={optim}", "max_steps=8", "model.dropout=0.1"]
+    common += ["optim.hess_interval=2"] if optim.startswith("sophia") else []
+    # in this process: a resumed run builds everything from its checkpoint (and reseeds) as a new process does;
+    # the signal, kill -9 and two-rank tests resume in new processes
+    train_in_process(common, tmp_path / "whole")
     # the schedule depends on lr_decay_steps, not on where a run stops: stop at 4 with the same schedule
-    run_train(common + ["max_steps=4", "lr_decay_steps=8"], tmp_path / "split")
+    train_in_process(common + ["max_steps=4", "lr_decay_steps=8"], tmp_path / "split")
     first_half = read_metrics(tmp_path / "split")
     assert max(r["step"] for r in first_half) == 4
-    resumed = run_train(common + ["lr_decay_steps=8"], tmp_path / "split")
-    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+    status, printed = train_in_process(common + ["lr_decay_steps=8"], tmp_path / "split")
+    assert status == 0 and "resumed from" in printed and "at step 4" in printed
 
     whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
     for key in ("train/loss", "val/loss", "grad_norm", "lr"):
@@ -48,63 +54,149 @@ def test_resume_continues_exactly(tmp_path, optim):
         torch.testing.assert_close(b["model"][name], tensor, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.usefixtures("shakespeare_bins")
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT])
-def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, signum):
-    """SLURM's preemption notice (USR1) or Ctrl-C (INT): the run checkpoints at the end of the step, exits 0
-    after USR1 (the requeued job goes on) and 130 after Ctrl-C (so that `train.py && next` stops), and the same
-    command continues to the same weights as an uninterrupted run. log_interval is larger than
-    the run, so acting on the signal cannot wait for a log step."""
+# ckpt_interval beyond the run: only the signal handler can write a checkpoint before the last step. The run is
+# stopped a few steps after step 4, then resumed to step 24 (the same schedule: lr_decay_steps)
+SIGNAL_ARGS = ["max_steps=400", "lr_decay_steps=400", "optim=adamw", "log_interval=1000", "ckpt_interval=1000"]
+RESUMED_TO = 24
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_weights(shakespeare_bins, tmp_path_factory):
+    """The reference of the signal tests: the same run to step RESUMED_TO, never stopped; its final weights."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_train(SIGNAL_ARGS + [f"max_steps={RESUMED_TO}"], out)
+    return torch.load(out / "ckpt.pt", weights_only=False)["model"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status", [(signal.SIGUSR1, 0), (signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, signum, status, uninterrupted_weights):
+    """SLURM's preemption notice (USR1), Ctrl-C (INT) or scancel (TERM): the run checkpoints at the end of the
+    step, says at which step, exits 0 after USR1 (the requeued job goes on), 130 after Ctrl-C and 143 after
+    SIGTERM (so that `train.py && next` stops), and the same command continues to the same weights as an
+    uninterrupted run. log_interval and ckpt_interval are larger than the run, so acting on the signal cannot
+    wait for a log step, and the checkpoint can only be the handler's."""
     out = tmp_path / "run"
-    args = ["max_steps=400", "optim=adamw", "log_interval=1000"]
-    cmd = [sys.executable, str(REPO_DIR / "train.py"), *TINY, f"out_dir={out}", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait for the loop: an evaluation after step 0
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and any(r["step"] > 0 for r in read_metrics(out)):
+    proc = subprocess.Popen(train_command(SIGNAL_ARGS, out), cwd=REPO_DIR, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in proc.stdout:  # the loop is running: the evaluation after step 4
+        lines.append(line)
+        if line.startswith("step 4: val loss"):
             break
-        time.sleep(0.2)
     proc.send_signal(signum)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == (130 if signum == signal.SIGINT else 0), output
-    assert "stop signal received" in output and "Traceback" not in output
+    output = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == status, output
+    assert "Traceback" not in output
     if signum == signal.SIGINT:
         assert "Ctrl-C: checkpointing at the end of this step" in output
+    printed = int(re.search(r"stop signal received: checkpoint at step (\d+) in ", output).group(1))
     saved = torch.load(out / "ckpt.pt", weights_only=False)
-    assert 0 < saved["step"] < 400
-    assert max(r["step"] for r in read_metrics(out)) <= saved["step"]
+    assert saved["step"] == printed and 4 <= printed < RESUMED_TO
+    assert saved["data_state"]["train_seqs"] == printed * 4  # total_batch_size=4 sequences per step
+    assert max(r["step"] for r in read_metrics(out)) <= printed
 
-    run_train(args, out)
-    run_train(args, tmp_path / "uninterrupted")
-    assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == list(range(0, 401, 4))  # each once
+    run_train(SIGNAL_ARGS + [f"max_steps={RESUMED_TO}"], out)
+    assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == list(range(0, RESUMED_TO + 1, 4))  # once
     resumed = torch.load(out / "ckpt.pt", weights_only=False)["model"]
-    for name, tensor in torch.load(tmp_path / "uninterrupted" / "ckpt.pt", weights_only=False)["model"].items():
+    for name, tensor in uninterrupted_weights.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
 
-@pytest.mark.usefixtures("shakespeare_bins")
-def test_two_ranks_equal_one_process_with_accumulation(tmp_path):
-    """torchrun with 2 gloo ranks sees the samples one process sees over two micro-batches."""
-    args = ["optim=sophiag", "max_steps=4", "optim.hess_interval=2", "total_batch_size=4", "micro_batch_size=2"]
-    run_train(args, tmp_path / "one")
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    ddp = run_train(args, tmp_path / "two", launcher=launcher)
+@pytest.mark.slow
+def test_kill_9_loses_only_the_steps_since_the_checkpoint_and_the_rerun_continues_exactly(
+        tmp_path, uninterrupted_weights):
+    """SIGKILL (no handler runs) after step 8's evaluation: the checkpoint of step 4 or 8 (ckpt_interval=4) is
+    whole, the same command resumes from it, logs each step once, and ends at the uninterrupted run's weights."""
+    out = tmp_path / "run"
+    args = [a for a in SIGNAL_ARGS if not a.startswith("ckpt_interval=")] + ["ckpt_interval=4"]
+    proc = subprocess.Popen(train_command(args, out), cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 8: val loss"):
+            break
+    proc.kill()
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    saved = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    assert saved in (4, 8)
+
+    resumed = run_train(args + [f"max_steps={RESUMED_TO}"], out)
+    assert f"at step {saved}" in resumed.stdout
+    assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == list(range(0, RESUMED_TO + 1, 4))  # once
+    weights = torch.load(out / "ckpt.pt", weights_only=False)["model"]
+    for name, tensor in uninterrupted_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_second_ctrl_c_quits_at_once():
+    """The first Ctrl-C asks for a checkpoint at the end of the step; the second interrupts wherever the run is
+    (KeyboardInterrupt), for a step that hangs. In this process: two signals in a row cannot be timed against a
+    step of milliseconds from outside."""
+    from distributed import Env, StopSignals
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = StopSignals(Env(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), dtype="float32"))
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # Python runs the handler between bytecodes of the main thread
+        assert stop.agreed() == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+# one micro-batch of 2 per rank on 2 ranks, two on one process; dropout on. The metrics are compared, not the
+# weights bit for bit: the clip coefficient comes from a norm summed in another order on 2 ranks (~1e-7), which
+# Sophia's sign-like step can turn into a full lr on a coordinate whose momentum is ~0
+DDP_ARGS = ["optim=sophiag", "optim.hess_interval=2", "total_batch_size=4", "micro_batch_size=2", "model.dropout=0.1",
+            "lr_decay_steps=8"]
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+@pytest.fixture(scope="module")
+def one_process_run(shakespeare_bins, tmp_path_factory):
+    """The reference of the two-rank tests: 8 steps in one process, accumulating two micro-batches."""
+    out = tmp_path_factory.mktemp("one_process")
+    run_train(DDP_ARGS + ["max_steps=8"], out)
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_and_their_checkpoint_resumes_on_one(tmp_path, one_process_run):
+    """torchrun with 2 gloo ranks sees the samples and dropout masks one process sees over two micro-batches,
+    in the training steps and the Hessian refreshes; and their ckpt.pt resumes on one process (another world
+    size: the data counters count sequences) to the same losses as a run that never stopped."""
+    out = tmp_path / "two"
+    ddp = run_train(DDP_ARGS + ["max_steps=4"], out, launcher=TORCHRUN)
     assert "2 rank(s) x 1 micro-batch(es)" in ddp.stdout
-    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    for key in ("train/loss", "val/loss", "grad_norm", "optim/hessian_norm", "optim/win_rate",
-                "optim/win_rate/embedding", "optim/win_rate/blocks"):
-        assert by_step(two, key) == pytest.approx(by_step(one, key), rel=1e-4), key
     # only rank 0 wrote, into the one directory
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ckpt.pt", "config.yaml", "metrics.jsonl", "run.lock"]
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "config.yaml", "metrics.jsonl", "run.lock"]
+    one, two = read_metrics(one_process_run), read_metrics(out)
+    keys = ("train/loss", "val/loss", "grad_norm", "optim/hessian_norm", "optim/win_rate", "optim/win_rate/embedding",
+            "optim/win_rate/blocks")
+    for key in keys:
+        expected = {step: v for step, v in by_step(one, key).items() if step <= 4}
+        assert by_step(two, key) == pytest.approx(expected, rel=1e-4), key
+
+    resumed = run_train(DDP_ARGS + ["max_steps=8"], out)
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout and "1 rank(s)" in resumed.stdout
+    two = read_metrics(out)
+    for key in keys:
+        assert by_step(two, key) == pytest.approx(by_step(one, key), rel=1e-4), key
+    expected = torch.load(one_process_run / "ckpt.pt", weights_only=False)
+    assert torch.load(out / "ckpt.pt", weights_only=False)["data_state"] == expected["data_state"]
 
 
-@pytest.mark.usefixtures("shakespeare_bins")
-def test_one_step_equals_torch_adamw_by_hand(tmp_path):
+def test_one_step_equals_torch_adamw_by_hand(tmp_path, shakespeare_bins):
     """The loop's first step, rebuilt by hand from the same pieces with torch's reference AdamW."""
     # warmup_steps=0: with a warmup, step 0's learning rate is 0 (the official schedule) and nothing would move
-    run_train(["optim=adamw", "max_steps=1", "grad_clip=0.5", "optim.lr=1e-2", "warmup_steps=0"], tmp_path)
+    status, _ = train_in_process(["optim=adamw", "max_steps=1", "grad_clip=0.5", "optim.lr=1e-2", "warmup_steps=0"],
+                                 tmp_path)
+    assert status == 0
     trained = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
 
     from data.common import open_split
@@ -112,7 +204,7 @@ def test_one_step_equals_torch_adamw_by_hand(tmp_path):
     from model import GPT, GPTConfig
     torch.manual_seed(1337)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
-    stream = SequenceStream(open_split(REPO_DIR / "data" / "shakespeare", "train"), 32, 1337)
+    stream = SequenceStream(open_split(shakespeare_bins, "train"), 32, 1337)
     for first in (0, 2):  # two micro-batches of 2 sequences, each loss scaled by 1/2
         x, y = stream.batch(first, 2, torch.device("cpu"))
         _, loss = model(x, y)
@@ -128,6 +220,70 @@ def test_one_step_equals_torch_adamw_by_hand(tmp_path):
     opt.step()
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(trained[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sophiag_run_equals_the_official_loop_by_hand(tmp_path, shakespeare_bins):
+    """train.py's SophiaG against the official loop (Sophia's train_sophiag.py) written out here: every step
+    clips and calls step(bs=B·T), B·T the tokens of the Hessian batch (hess_batch_size sequences of block_size);
+    after steps k-1, 2k-1, ... (iter_num % k == k - 1) a refresh on a fresh batch of the Hessian stream:
+    labels sampled from the model, their gradient clipped, update_hessian(). Dropout on: every forward seeded
+    from (seed, step, micro-batch). The weights and the optimizer state must be equal."""
+    import math
+
+    import sophia
+    from data.common import open_split
+    from data.stream import SequenceStream
+    from model import GPT, GPTConfig
+    from train import random_seed
+
+    steps, k, lr, min_lr, rho = 6, 3, 1e-2, 1e-4, 20.0
+    args = ["optim=sophiag", f"max_steps={steps}", f"optim.hess_interval={k}", "warmup_steps=0",
+            f"optim.lr={lr}", f"min_lr={min_lr}", f"optim.rho={rho}", "model.dropout=0.1", "grad_clip=1.0",
+            "optim.hess_batch_size=2"]  # half the training batch: bs counts the Hessian batch's tokens
+    status, _ = train_in_process(args, tmp_path)
+    assert status == 0
+    trained = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    # a rho this large leaves coordinates unclipped, so that bs reaches the weights (a clipped one moves lr·sign(m))
+    assert by_step(read_metrics(tmp_path), "optim/win_rate/blocks")[steps] > 0.01
+
+    torch.manual_seed(1337)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.1))
+    params = list(model.parameters())
+    opt = sophia.SophiaG(model.configure_optimizer_groups(0.2), lr=lr, betas=(0.965, 0.99), rho=rho,
+                         weight_decay=0.2)
+    tokens = open_split(shakespeare_bins, "train")
+    train_stream, hessian_stream = SequenceStream(tokens, 32, 1337), SequenceStream(tokens, 32, 1338)
+    cpu = torch.device("cpu")
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:  # no warmup: the cosine from lr to min_lr over the run
+            group["lr"] = min_lr + 0.5 * (1 + math.cos(math.pi * step / steps)) * (lr - min_lr)
+        for micro in range(2):  # total_batch_size=4 in two micro-batches of 2
+            torch.manual_seed(random_seed(1337, step, micro, "dropout"))
+            x, y = train_stream.batch(4 * step + 2 * micro, 2, cpu)
+            _, loss = model(x, y)
+            (loss / 2).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(bs=2 * 32)  # the Hessian batch in tokens: hess_batch_size x block_size
+        opt.zero_grad(set_to_none=True)
+        if step % k == k - 1:
+            # one micro-batch: the 2 sequences of the Hessian batch, the next ones of the Hessian stream
+            torch.manual_seed(random_seed(1337, step, 0, "hessian_dropout"))
+            labels = torch.Generator().manual_seed(random_seed(1337, step, 0, "hessian"))
+            x, _ = hessian_stream.batch(2 * (step // k), 2, cpu)
+            logits, _ = model(x)
+            sophia.gnb_backward(logits, 1.0, labels)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.update_hessian()
+            opt.zero_grad(set_to_none=True)
+
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(trained["model"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    for index, state in opt.state_dict()["state"].items():
+        for key in ("exp_avg", "hessian", "step"):
+            torch.testing.assert_close(trained["optimizer"]["state"][index][key], state[key], rtol=1e-5, atol=1e-9,
+                                       msg=f"state[{index}].{key}")
+    assert trained["data_state"] == {"train_seqs": 4 * steps, "hess_seqs": 2 * (steps // k)}
 
 
 def test_lr_schedule_matches_torch_schedulers():
@@ -166,37 +322,45 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=False)["step"] == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["config=no_such_preset"], "no_such_preset"),
-    (["total_batch_size=5", "micro_batch_size=2"], "pick a micro_batch_size that divides"),
-    (["data=openwebtext", "data.dir=/nonexistent/owt"], "prepare.py"),
-    (["optim.lr=-1"], "learning rate must be positive"),
-    (["optim=sophiag", "optim.rho=0"], "rho must be positive"),
-    (["optim=sophiag", "optim.hess_interval=0"], "hess_interval"),
-    (["optim=sophiag", "optim.betas=[0.9,1.0]"], "betas"),
-    (["optim=sophiag", "optim.hess_batch_size=3"], "hess_batch_size"),
-    (["optim=sophiag", "optim.hess_batch_size=1000000"], "exceed"),
-    (["dtype=float16"], "bfloat16"),
-    (["model.block_size=2000000"], "lower model.block_size"),
-    (["no_such_knob=1"], "no_such_knob"),
+# the first two run as processes: a mistake found by the command line's check, one found by train()
+@pytest.mark.parametrize("args, message, in_process", [
+    (["no_such_knob=1"], "no_such_knob", False),
+    (["total_batch_size=5", "micro_batch_size=2"], "pick a micro_batch_size that divides", False),
+    (["config=no_such_preset"], "no_such_preset", True),
+    (["data=openwebtext", "data.dir=/nonexistent/owt"], "prepare.py", True),
+    (["optim.lr=-1"], "learning rate must be positive", True),
+    (["optim=sophiag", "optim.rho=0"], "rho must be positive", True),
+    (["optim=sophiag", "optim.hess_interval=0"], "hess_interval", True),
+    (["optim=sophiag", "optim.betas=[0.9,1.0]"], "betas", True),
+    (["optim=sophiag", "optim.hess_batch_size=3"], "hess_batch_size", True),
+    (["optim=sophiag", "optim.hess_batch_size=1000000"], "exceed", True),
+    (["dtype=float16"], "bfloat16", True),
+    (["model.block_size=2000000"], "lower model.block_size", True),
 ])
 @pytest.mark.usefixtures("shakespeare_bins")
-def test_bad_input_stops_before_training(tmp_path, args, message):
-    result = run_train(["max_steps=2"] + args, tmp_path / "run", check=False)
-    assert result.returncode != 0
-    assert message in result.stdout + result.stderr
+def test_bad_input_stops_before_training(tmp_path, args, message, in_process):
+    """The README's promise: one line naming the fix, on stderr, exit status 2, before any training."""
+    if in_process:
+        status, stderr = refusal_in_process(["max_steps=2"] + args, tmp_path / "run")
+    else:
+        result = run_train(["max_steps=2"] + args, tmp_path / "run", check=False)
+        status, stderr = result.returncode, result.stderr
+    assert status == 2, stderr
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert message in stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 @pytest.mark.usefixtures("shakespeare_bins")
 def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
+    """In this process (test_reliability runs damaged checkpoints as processes)."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"not a checkpoint")
-    result = run_train(["max_steps=2"], out, check=False)
-    assert result.returncode == 2 and "cannot read the checkpoint" in result.stderr
+    status, stderr = refusal_in_process(["max_steps=2"], out)
+    assert status == 2 and "cannot read the checkpoint" in stderr
     # a checkpoint of another model size
     (out / "ckpt.pt").unlink()
-    run_train(["max_steps=2", "optim=adamw"], out)
-    result = run_train(["max_steps=4", "optim=adamw", "model.n_embd=64"], out, check=False)
-    assert result.returncode == 2 and "model.n_embd" in result.stderr
+    assert train_in_process(["max_steps=2", "optim=adamw"], out)[0] == 0
+    status, stderr = refusal_in_process(["max_steps=4", "optim=adamw", "model.n_embd=64"], out)
+    assert status == 2 and "model.n_embd" in stderr and stderr.count("\n") == 1
