@@ -239,7 +239,8 @@ def test_sophiag_run_equals_the_official_loop_by_hand(tmp_path, shakespeare_bins
     steps, k, lr, min_lr, rho = 6, 3, 1e-2, 1e-4, 20.0
     args = ["optim=sophiag", f"max_steps={steps}", f"optim.hess_interval={k}", "warmup_steps=0",
             f"optim.lr={lr}", f"min_lr={min_lr}", f"optim.rho={rho}", "model.dropout=0.1", "grad_clip=1.0",
-            "optim.hess_batch_size=2"]  # half the training batch: bs counts the Hessian batch's tokens
+            "optim.hess_batch_size=2", f"log_interval={steps}"]  # half the training batch: bs counts the
+    # Hessian batch's tokens; one log line after the last step, over both refreshes
     status, _ = train_in_process(args, tmp_path)
     assert status == 0
     trained = torch.load(tmp_path / "ckpt.pt", weights_only=False)
@@ -255,6 +256,7 @@ def test_sophiag_run_equals_the_official_loop_by_hand(tmp_path, shakespeare_bins
     train_stream, hessian_stream = SequenceStream(tokens, 32, 1337), SequenceStream(tokens, 32, 1338)
     cpu = torch.device("cpu")
     model.train()
+    hessian_grad_norms = []  # the Hessian batch's gradient norm before its clip, per refresh
     for step in range(steps):
         for group in opt.param_groups:  # no warmup: the cosine from lr to min_lr over the run
             group["lr"] = min_lr + 0.5 * (1 + math.cos(math.pi * step / steps)) * (lr - min_lr)
@@ -273,7 +275,7 @@ def test_sophiag_run_equals_the_official_loop_by_hand(tmp_path, shakespeare_bins
             x, _ = hessian_stream.batch(2 * (step // k), 2, cpu)
             logits, _ = model(x)
             sophia.gnb_backward(logits, 1.0, labels)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            hessian_grad_norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0).item())
             opt.update_hessian()
             opt.zero_grad(set_to_none=True)
 
@@ -284,6 +286,12 @@ def test_sophiag_run_equals_the_official_loop_by_hand(tmp_path, shakespeare_bins
             torch.testing.assert_close(trained["optimizer"]["state"][index][key], state[key], rtol=1e-5, atol=1e-9,
                                        msg=f"state[{index}].{key}")
     assert trained["data_state"] == {"train_seqs": 4 * steps, "hess_seqs": 2 * (steps // k)}
+    # the two diagnostics of the Hessian refresh: mean norm over the refreshes since the last log line, and the
+    # fraction of them where the clip at grad_clip fired
+    [logged] = [r for r in read_metrics(tmp_path) if "optim/hessian_grad_norm" in r]
+    assert len(hessian_grad_norms) == 2
+    assert logged["optim/hessian_grad_norm"] == pytest.approx(sum(hessian_grad_norms) / 2, rel=1e-5)
+    assert logged["optim/hessian_clip_rate"] == sum(n > 1.0 for n in hessian_grad_norms) / 2
 
 
 def test_lr_schedule_matches_torch_schedulers():
