@@ -43,7 +43,7 @@ class SampleError(Exception):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Generation, usable from train.py
+# Generation (the end-of-run sample in train.py calls GPT.generate directly)
 
 @torch.no_grad()
 def encode_prompt(tokenizer, start, block_size):
