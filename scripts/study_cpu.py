@@ -569,9 +569,17 @@ def proxy_report(proxy, contenders, record, times, args):
         runs += [run_of(ln) for ln in lines]
         P["contenders"][c.name] = C
     md += ["", "### sweep (one seed, the preset's budget)", "", *sweep_rows, ""]
+    if any(C["sweep"] for C in P["contenders"].values()):
+        plot_sweep(proxy, P, DOCS / f"study_cpu_{proxy}_sweep.png")
+        md.append(f"![sweep](study_cpu_{proxy}_sweep.png)\n")
     names = {r.config["optim.name"] for r in runs}
     if "adamw" not in names:
         md.append("no AdamW budget runs yet: no multipliers")
+        return P, "\n".join(md)
+    adamw_budgets = {r.config["max_steps"] for r in runs if r.config["optim.name"] == "adamw"}
+    if len(adamw_budgets) < 2:  # a curve through one point: nothing to read a multiplier off
+        md.append(f"AdamW has runs at one budget only ({sorted(adamw_budgets)[0]} steps): no multipliers yet "
+                  "(run --phase budgets)")
         return P, "\n".join(md)
     groups = compare.budget_groups(runs)
     baseline = next(g for g in groups if g.label == "adamw")
@@ -598,10 +606,8 @@ def proxy_report(proxy, contenders, record, times, args):
                   f"{t.get('load_before')} before, {t.get('load_after')} after")
     if "adamw" not in seconds:
         md.append("- no timing of AdamW in docs/study/time.jsonl: no time multipliers (run --phase time)")
-    docs = DOCS
-    compare.plot_budgets(groups, baseline, docs / f"study_cpu_{proxy}_budgets.png", f"{proxy} proxy: final val loss")
-    plot_sweep(proxy, P, docs / f"study_cpu_{proxy}_sweep.png")
-    md.append(f"![final loss vs budget](study_cpu_{proxy}_budgets.png) ![sweep](study_cpu_{proxy}_sweep.png)\n")
+    compare.plot_budgets(groups, baseline, DOCS / f"study_cpu_{proxy}_budgets.png", f"{proxy} proxy: final val loss")
+    md.append(f"![final loss vs budget](study_cpu_{proxy}_budgets.png)\n")
     return P, "\n".join(md)
 
 

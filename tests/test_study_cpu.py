@@ -129,32 +129,36 @@ def test_sweep_extends_until_the_best_point_is_inside(tmp_path, monkeypatch, cen
 # -----------------------------------------------------------------------------
 # the record
 
-def test_record_round_trip_and_report_from_the_record_alone(record_in, monkeypatch):
-    """Synthetic finished runs written through record_line, a second pass that runs nothing, and the report's
-    multipliers from the record alone, checked against compare.py's closed form (AdamW's final loss linear in
-    log(steps), the other contender reaching AdamW's loss of 1.5x its steps)."""
+# a synthetic study: AdamW's final loss linear in log(steps), Lion reaching AdamW's loss in 1/1.5 of its steps
+SEED_OFFSETS = {1337: -0.01, 2: 0.0, 3: 0.01}
+
+
+def synthetic_final_loss(contender, lr, steps, seed):
+    multiplier = 1.5 if contender == "lion" else 1.0
+    tuned = {"adamw": 2e-3, "lion": 3e-4}[contender]  # the sweeps' minima, inside the grids
+    return 4 - 0.5 * np.log(multiplier * steps / 100) + SEED_OFFSETS[seed] + abs(math.log(lr / tuned))
+
+
+def fake_train(job):
+    """What train.py would leave: metrics.jsonl with eval and Sophia-less train lines, as a record line."""
+    final = synthetic_final_loss(job.contender.name, job.settings["optim.lr"], job.steps, job.seed)
+    events = [{"step": s, "val/loss": final + 1 - s / job.steps} for s in range(0, job.steps + 1, job.steps // 4)]
+    events += [{"step": s, "train/loss": 5.0, "time/elapsed_s": s * 0.1, "throughput/tokens_per_s": 1e4}
+               for s in range(10, job.steps + 1, 10)]
+    if job.contender.name == "lion":  # as a Sophia run logs them: the blocks' win rate 0.2 then 0.4
+        for e in events[-2:]:
+            e["optim/win_rate/blocks"] = 0.2 if e is events[-2] else 0.4
+    return study_cpu.record_line(job, "finished", events, job.steps * 0.1, "abc")
+
+
+@pytest.fixture
+def synthetic_study(record_in, monkeypatch):
+    """AdamW and Lion at 100 steps a preset, trained by fake_train; returns the keys of the runs launched."""
     monkeypatch.setattr(study_cpu, "preset_steps", lambda contender: 100)
     monkeypatch.setattr(study_cpu, "eval_steps_of", lambda preset, extra=(): (4, 4096))
     adamw = study_cpu.Contender("adamw", "shakespeare_adamw", {"optim.lr": [1e-3, 2e-3, 4e-3]})
     lion = study_cpu.Contender("lion", "shakespeare_adamw", {"optim.lr": [1e-4, 3e-4, 1e-3]}, ["optim=lion"])
     monkeypatch.setattr(study_cpu, "contenders_of", lambda proxy: ([adamw, lion], []))
-    law = lambda steps: 4 - 0.5 * np.log(steps / 100)  # noqa: E731
-    offsets = {1337: -0.01, 2: 0.0, 3: 0.01}
-
-    def fake_train(job):
-        """What train.py would leave: metrics.jsonl with eval and Sophia-less train lines."""
-        lr = job.settings["optim.lr"]
-        multiplier = 1.5 if job.contender.name == "lion" else 1.0
-        tuned = {"adamw": 2e-3, "lion": 3e-4}[job.contender.name]  # the sweeps' minima, inside the grids
-        final = law(multiplier * job.steps) + offsets[job.seed] + abs(math.log(lr / tuned))
-        events = [{"step": s, "val/loss": final + 1 - s / job.steps} for s in range(0, job.steps + 1, job.steps // 4)]
-        events += [{"step": s, "train/loss": 5.0, "time/elapsed_s": s * 0.1, "throughput/tokens_per_s": 1e4}
-                   for s in range(10, job.steps + 1, 10)]
-        if job.contender.name == "lion":  # as a Sophia run logs them: the blocks' win rate 0.2 then 0.4
-            for e in events[-2:]:
-                e["optim/win_rate/blocks"] = 0.2 if e is events[-2] else 0.4
-        return study_cpu.record_line(job, "finished", events, job.steps * 0.1, "abc")
-
     launched = []
 
     def fake_run_jobs(jobs, record, args):
@@ -168,6 +172,14 @@ def test_record_round_trip_and_report_from_the_record_alone(record_in, monkeypat
         return set()  # none failed
 
     monkeypatch.setattr(study_cpu, "run_jobs", fake_run_jobs)
+    return launched
+
+
+def test_record_round_trip_and_report_from_the_record_alone(record_in, synthetic_study):
+    """Synthetic finished runs written through record_line, a second pass that runs nothing, and the report's
+    multipliers from the record alone, checked against compare.py's closed form (AdamW's final loss linear in
+    log(steps), the other contender reaching AdamW's loss of 1.5x its steps)."""
+    launched = synthetic_study
     args = ["--proxy", "bpe", "--out", str(record_in / "out")]
     assert study_cpu.main(["--phase", "sweep", *args]) == 0
     assert study_cpu.main(["--phase", "budgets", *args]) == 0
@@ -193,7 +205,7 @@ def test_record_round_trip_and_report_from_the_record_alone(record_in, monkeypat
     assert sorted(b["steps"] for b in C["lion"]["budgets"]) == [25, 50, 100]
     assert sorted(b["steps"] for b in C["adamw"]["budgets"]) == [25, 50, 100, 200]
     assert all(b["seeds"] == [1337, 2, 3] for b in C["lion"]["budgets"])
-    per_seed = 1.5 * np.exp(-np.array(list(offsets.values())) / 0.5)
+    per_seed = 1.5 * np.exp(-np.array(list(SEED_OFFSETS.values())) / 0.5)
     np.testing.assert_allclose(C["lion"]["data_multiplier"]["mean"], per_seed.mean(), rtol=1e-9)
     assert C["lion"]["data_multiplier"]["budget_steps"] == 100
     np.testing.assert_allclose(C["lion"]["time_multiplier"]["mean"], per_seed.mean() * 0.1 / 0.08, rtol=1e-9)
@@ -207,6 +219,24 @@ def test_record_round_trip_and_report_from_the_record_alone(record_in, monkeypat
     assert ("lion's win rate in the blocks (mean over each run, then over seeds): "
             "25 steps 0.300, 50 steps 0.300, 100 steps 0.300") in markdown
     assert C["lion"]["budgets"][0]["win_rate"][0]["blocks"] == {"mean": pytest.approx(0.3), "peak": 0.4, "final": 0.4}
+
+
+def test_report_of_a_sweep_alone_has_the_sweep_and_no_multipliers(record_in, synthetic_study):
+    """A study stopped after its sweep (one budget, one seed each): the report holds the sweep, its best points
+    and plot, and says why it has no multipliers, rather than fitting AdamW's curve to one point."""
+    args = ["--proxy", "bpe", "--out", str(record_in / "out")]
+    assert study_cpu.main(["--phase", "sweep", *args]) == 0 and len(synthetic_study) == 6
+    assert study_cpu.main(["--phase", "report", *args]) == 0
+    C = json.loads((record_in / "docs" / "study_cpu.json").read_text())["proxies"]["bpe"]["contenders"]
+    assert C["adamw"]["best"] == {"optim.lr": 2e-3} and C["lion"]["best"] == {"optim.lr": 3e-4}
+    for name, lr in (("adamw", 2e-3), ("lion", 3e-4)):
+        best = next(s for s in C[name]["sweep"] if s["settings"] == {"optim.lr": lr})
+        assert best["final_val_loss"] == pytest.approx(synthetic_final_loss(name, lr, 100, 1337))
+        assert "data_multiplier" not in C[name]
+    markdown = (record_in / "docs" / "study_cpu.md").read_text()
+    assert "AdamW has runs at one budget only" in markdown
+    assert (record_in / "docs" / "study_cpu_bpe_sweep.png").is_file()
+    assert not (record_in / "docs" / "study_cpu_bpe_budgets.png").exists()
 
 
 def test_time_phase_refuses_a_busy_machine(record_in, monkeypatch, capsys):
