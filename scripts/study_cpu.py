@@ -277,8 +277,10 @@ def finished_line(job, returncode, log_path):
     return record_line(job, status, events, seconds, git_commit())
 
 
-def run_jobs(jobs, record, args):
+def run_jobs(jobs, record, args, refill=None):
     """Run the jobs not yet in the record, --jobs at a time, appending each finished one to the record.
+    refill(failed), when given, is asked for the jobs to run after each one ends: the list left to run is replaced
+    by its answer (less the running ones), so that a job the new results call for can start next.
     Returns the keys of the jobs that failed (not recorded: a rerun of the study tries them again)."""
     todo, failed = [j for j in jobs if j.key not in record], set()
     for job in jobs:
@@ -315,6 +317,9 @@ def run_jobs(jobs, record, args):
             with open(RECORD, "a") as f:
                 f.write(json.dumps(line) + "\n")
             print(f"done ({line['status']}, final val loss {line['final_val_loss']}): {job.key}", flush=True)
+        if refill is not None and len(running) < args.jobs:
+            running_keys = {job.key for job, _, _ in running}
+            todo = [j for j in refill(failed) if j.key not in record and j.key not in running_keys]
     return failed
 
 
@@ -390,21 +395,29 @@ def sweep_state(proxy, contender, record, out_root, seed):
     raise AssertionError("unreachable")
 
 
+def sweep_jobs(proxy, contenders, record, args, failed):
+    """The sweep's runs to do now, in the contenders' order (the official-style AdamW control last): each one's
+    missing grid points, or, once its grid is done, the extension its results call for. A failed run is not
+    retried until the next invocation of the study."""
+    jobs = []
+    for c in sorted(contenders, key=lambda c: c.name == "adamw_official"):
+        _, todo, _ = sweep_state(proxy, c, record, args.out, args.seeds[0])
+        jobs += [Job(proxy, c, dict(p), preset_steps(c), args.seeds[0], args.out) for p in todo]
+    return [j for j in jobs if j.key not in failed]
+
+
 def phase_sweep(proxy, contenders, record, args):
-    """Rounds: every contender's missing points, side by side; then the extensions their results call for."""
-    seed, failed = args.seeds[0], set()
+    """Every contender's missing points, side by side; a contender's grid extension starts as soon as its grid is
+    done (before the later contenders' points), so that a study cut short has its first contenders bracketed."""
+    failed = set()
     while True:
-        jobs = []
-        for c in contenders:
-            _, todo, _ = sweep_state(proxy, c, record, args.out, seed)
-            jobs += [Job(proxy, c, dict(p), preset_steps(c), seed, args.out) for p in todo]
-        jobs = [j for j in jobs if j.key not in failed]  # a failed run is not retried until the next invocation
-        jobs.sort(key=lambda j: j.contender.name == "adamw_official")  # the control: last, if a study is cut short
+        jobs = sweep_jobs(proxy, contenders, record, args, failed)
         if not jobs:
             if failed:
                 print(f"{proxy}: {len(failed)} sweep run(s) failed (see their logs); their contenders' sweeps wait")
             return
-        failed |= run_jobs(jobs, record, args)
+        failed |= run_jobs(jobs, record, args,
+                           refill=lambda failed_now: sweep_jobs(proxy, contenders, record, args, failed | failed_now))
         if args.dry_run:
             print("(dry run: the grid's extensions depend on these results and are not shown)")
             return

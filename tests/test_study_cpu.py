@@ -161,7 +161,7 @@ def synthetic_study(record_in, monkeypatch):
     monkeypatch.setattr(study_cpu, "contenders_of", lambda proxy: ([adamw, lion], []))
     launched = []
 
-    def fake_run_jobs(jobs, record, args):
+    def fake_run_jobs(jobs, record, args, refill=None):  # one round at a time: the sweep asks again
         for job in jobs:
             if job.key not in record:
                 launched.append(job.key)
@@ -237,6 +237,40 @@ def test_report_of_a_sweep_alone_has_the_sweep_and_no_multipliers(record_in, syn
     assert "AdamW has runs at one budget only" in markdown
     assert (record_in / "docs" / "study_cpu_bpe_sweep.png").is_file()
     assert not (record_in / "docs" / "study_cpu_bpe_budgets.png").exists()
+
+
+def test_sweep_extends_a_grid_as_soon_as_it_is_done(record_in, monkeypatch):
+    """Through run_jobs itself (train.py replaced by a process that ends at once): AdamW's best on the low edge of
+    its grid gets its extension before Lion's grid starts, so a study cut short has AdamW bracketed."""
+    monkeypatch.setattr(study_cpu, "preset_steps", lambda contender: 100)
+    monkeypatch.setattr(study_cpu, "eval_steps_of", lambda preset, extra=(): (4, 4096))
+    adamw = study_cpu.Contender("adamw", "shakespeare_adamw", {"optim.lr": [4e-3, 8e-3]})  # tuned: 2e-3
+    lion = study_cpu.Contender("lion", "shakespeare_adamw", {"optim.lr": [1e-4, 3e-4, 1e-3]}, ["optim=lion"])
+    monkeypatch.setattr(study_cpu, "contenders_of", lambda proxy: ([adamw, lion], []))
+
+    class Ended:  # a train.py that has exited 0
+        returncode = 0
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def poll(self):
+            return 0
+
+    finished = []
+
+    def fake_finished_line(job, returncode, log_path):
+        finished.append(job.key.split("/", 1)[1])
+        return fake_train(job)
+
+    monkeypatch.setattr(study_cpu.subprocess, "Popen", Ended)
+    monkeypatch.setattr(study_cpu, "finished_line", fake_finished_line)
+    monkeypatch.setattr(study_cpu.time, "sleep", lambda seconds: None)
+    assert study_cpu.main(["--phase", "sweep", "--proxy", "bpe", "--jobs", "1", "--out", str(record_in / "out")]) == 0
+    assert finished == ["adamw/lr0.004_steps100_seed1337", "adamw/lr0.008_steps100_seed1337",
+                        "adamw/lr0.002_steps100_seed1337", "adamw/lr0.001_steps100_seed1337",  # bracketed: 2e-3
+                        "lion/lr0.0001_steps100_seed1337", "lion/lr0.0003_steps100_seed1337",
+                        "lion/lr0.001_steps100_seed1337"]
 
 
 def test_time_phase_refuses_a_busy_machine(record_in, monkeypatch, capsys):
