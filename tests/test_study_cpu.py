@@ -325,7 +325,14 @@ def test_a_failing_sweep_run_is_not_retried_in_a_loop(tmp_path, monkeypatch, cap
     monkeypatch.setattr(study_cpu, "preset_steps", lambda contender: 100)
     contender = study_cpu.Contender("adamw", "shakespeare_adamw", {"optim.lr": [1e-3, 2e-3]})
     calls = []
-    monkeypatch.setattr(study_cpu, "run_jobs", lambda jobs, record, args: calls.append(jobs) or {j.key for j in jobs})
+
+    def run_jobs_that_fail(jobs, record, args, refill=None):
+        calls.append(jobs)
+        failed = {j.key for j in jobs}
+        assert refill(set()) == jobs and refill(failed) == []  # what refill offers after a failure: not it again
+        return failed
+
+    monkeypatch.setattr(study_cpu, "run_jobs", run_jobs_that_fail)
 
     class Args:
         seeds, out, dry_run = [1337], tmp_path, False
