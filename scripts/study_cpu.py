@@ -615,12 +615,13 @@ def proxy_report(proxy, contenders, record, times, args):
             md.append(f"- {name}'s win rate in the blocks (mean over each run, then over seeds): " + ", ".join(
                 f"{steps} steps {np.mean(values):.3f}" for steps, values in regime if values))
     for name, t in sorted(times.get(proxy, {}).items()):
-        md.append(f"- time: {name} {t['seconds_per_step']} s/step at {t.get('settings')}, {t.get('date')}, load average "
-                  f"{t.get('load_before')} before, {t.get('load_after')} after")
+        before, after = (f"{t[key]:.2f}" if t.get(key) is not None else "?" for key in ("load_before", "load_after"))
+        md.append(f"- time: {name} {t['seconds_per_step']:.4f} s/step at {t.get('settings')}, {t.get('date')}, load average "
+                  f"{before} before, {after} after")
     if "adamw" not in seconds:
         md.append("- no timing of AdamW in docs/study/time.jsonl: no time multipliers (run --phase time)")
     compare.plot_budgets(groups, baseline, DOCS / f"study_cpu_{proxy}_budgets.png", f"{proxy} proxy: final val loss")
-    md.append(f"![final loss vs budget](study_cpu_{proxy}_budgets.png)\n")
+    md += ["", f"![final loss vs budget](study_cpu_{proxy}_budgets.png)", ""]
     return P, "\n".join(md)
 
 
