@@ -7,6 +7,7 @@ model of presets shakespeare_*).
     python scripts/study_cpu.py --phase sweep --proxy all --dry-run    # print the commands, run nothing
     python scripts/study_cpu.py --phase time --proxy char              # on a quiet machine: seconds per step
     python scripts/study_cpu.py --phase report                         # docs/study_cpu.{json,md} + plots, from the record
+    python scripts/study_cpu.py --phase verify --proxy char            # rerun recorded commands, compare their losses
 
 Phases:
   sweep    one seed at the preset's budget: AdamW lr, official-style AdamW lr (grad_clip 1/6, eps/6: the official
@@ -20,6 +21,11 @@ Phases:
            in this process's order; refused when the load average exceeds --max-load: run it last, on a quiet machine.
   report   scripts/compare.py --budgets over the record: docs/study_cpu.json, docs/study_cpu.md, and the plots
            docs/study_cpu_<proxy>_budgets.png and docs/study_cpu_<proxy>_sweep.png.
+  verify   (not part of `all`) rerun recorded commands, each on the code of its recorded commit (exported with
+           git archive under <--out>/verify/code when HEAD is another), and print each final val loss beside the
+           recorded one; exit 1 when one differs by more than --tolerance. --verify-runs N per contender, the
+           cheapest first (0: every run). On the machine that made the record a rerun is expected to be bit-equal
+           (one thread per run, fixed seeds); another CPU's kernels may round differently.
 
 Every run uses OMP_NUM_THREADS=1 (--jobs N of them side by side), min_lr = lr x the preset's min_lr/lr (so each lr
 of a sweep decays to the same fraction of itself), an evaluation over at least EVAL_TOKENS validation tokens at
@@ -66,6 +72,10 @@ MAX_EXTENSIONS = 3             # grid points added beyond an edge, per contender
 TIME_STEPS = 200               # steps of a timing run
 QUIET_WAIT_S = 120             # time: how long to wait for the load average to fall below --max-load
 OFFICIAL_ADAMW = {"grad_clip": 1 / 6}  # and optim.eps / 6: the official GPT-2 small run (6 micro-batches, loss not / 6)
+
+
+class StudyError(Exception):
+    """A request the study cannot carry out; its message says why and what to do."""
 
 
 @dataclass
@@ -518,6 +528,118 @@ def phase_time(proxy, contenders, record, args):
 
 
 # -----------------------------------------------------------------------------
+# verify: a recorded command, rerun on its recorded commit, gives its recorded final val loss
+
+def verify_lines(proxies, record, runs_per_contender):
+    """The record lines to rerun: per contender of the chosen proxies, its cheapest finished runs (fewest steps
+    first), runs_per_contender of them (0: all)."""
+    chosen = []
+    for proxy, (contenders, _) in proxies.items():
+        for c in contenders:
+            lines = sorted((ln for ln in record.values() if ln["proxy"] == proxy and ln["contender"] == c.name
+                            and ln["status"] == "finished"), key=lambda ln: (ln["steps"], ln["key"]))
+            chosen += lines[:runs_per_contender or None]
+    return chosen
+
+
+def code_at(commit, root):
+    """A folder holding the code of `commit`: the repository itself when its HEAD is that commit with no change
+    outside docs/, else the commit's tracked files exported under root (once; `git archive`, so the repository
+    is left as it is). Raises StudyError when the commit cannot be had."""
+    if commit.endswith("-dirty"):
+        raise StudyError(f"commit {commit}: the run used uncommitted code, which no checkout can give back")
+    if git_commit() == commit:
+        return REPO
+    if subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=REPO, capture_output=True).returncode:
+        raise StudyError(f"commit {commit} is not in this clone: fetch it (git fetch origin {commit}) and rerun")
+    folder = root / commit[:12]
+    if not (folder / "train.py").is_file():
+        partial = root / f"{commit[:12]}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=REPO, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(partial)], input=archive.stdout, check=True)
+        partial.rename(folder)
+    return folder
+
+
+def rerun_argv(line, out_dir):
+    """The recorded command as argv, writing to out_dir instead of the recorded run's folder."""
+    words = shlex.split(line["command"])
+    if words[:2] != ["OMP_NUM_THREADS=1", "python"]:
+        raise StudyError(f"{line['key']}: unexpected command {line['command']!r} (expected OMP_NUM_THREADS=1 python ...)")
+    return [*[w for w in words[words.index("python"):] if not w.startswith("out_dir=")], f"out_dir={out_dir}"]
+
+
+def prepare_data(folder, argv):
+    """Prepare the data the command reads inside folder, unless it names its own data.dir: before any two runs
+    could both start preparing it."""
+    if any(w.startswith("data.dir=") for w in argv):
+        return
+    preset = next(w.removeprefix("config=") for w in argv if w.startswith("config="))
+    name = str(preset_config(preset).data.name)
+    prepare = folder / "data" / name / "prepare.py"
+    if prepare.is_file() and not (folder / "data" / name / "meta.json").is_file():
+        subprocess.run([sys.executable, str(prepare)], cwd=folder, check=True, stdout=subprocess.DEVNULL)
+
+
+def final_val_loss(out_dir, steps):
+    """The val loss logged at the last step, or None."""
+    metrics = out_dir / "metrics.jsonl"
+    events = compare.read_metrics(metrics) if metrics.is_file() and metrics.stat().st_size else []
+    finals = [e["val/loss"] for e in events if e.get("val/loss") is not None and e.get("step") == steps]
+    return finals[-1] if finals else None
+
+
+def phase_verify(proxies, record, args):
+    """Rerun the chosen record lines, --jobs at a time, each on its recorded commit, and compare final val losses.
+    Returns 0 when every one is within --tolerance of its record, 1 otherwise."""
+    root = args.out / "verify"
+    todo = []
+    for line in verify_lines(proxies, record, args.verify_runs):
+        try:
+            folder = code_at(line["commit"], root / "code")
+            argv = rerun_argv(line, root / "runs" / line["key"])
+        except StudyError as e:
+            print(f"cannot verify {line['key']}: {e}")
+            todo.append((line, None, None))
+            continue
+        if not args.dry_run:
+            shutil.rmtree(root / "runs" / line["key"], ignore_errors=True)
+            prepare_data(folder, argv)
+        todo.append((line, folder, argv))
+    if args.dry_run:
+        for line, folder, argv in todo:
+            if folder is not None:
+                print(f"(cd {folder} && OMP_NUM_THREADS=1 {shlex.join(argv)})")
+        return 0
+    env, running, waiting = {**os.environ, "OMP_NUM_THREADS": "1"}, [], [t for t in todo if t[1] is not None]
+    while waiting or running:
+        while waiting and len(running) < args.jobs:
+            line, folder, argv = waiting.pop(0)
+            log = root / "runs" / f"{line['key']}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"rerun ({line['commit'][:12]}): {shlex.join(argv)}", flush=True)
+            with open(log, "w") as f:
+                running.append((line, subprocess.Popen(argv, cwd=folder, env=env, stdout=f, stderr=subprocess.STDOUT)))
+        time.sleep(1)
+        for entry in [r for r in running if r[1].poll() is not None]:
+            running.remove(entry)
+    rows, ok = [], True
+    for line, folder, argv in todo:
+        got = None if folder is None else final_val_loss(root / "runs" / line["key"], line["steps"])
+        same = got is not None and abs(got - line["final_val_loss"]) <= args.tolerance
+        ok &= same
+        delta = "n/a" if got is None else f"{got - line['final_val_loss']:+.2e}"
+        rows.append(f"| {line['key']} | {line['commit'][:12]} | {line['final_val_loss']:.6f} | "
+                    f"{'n/a' if got is None else f'{got:.6f}'} | {delta} | {'yes' if same else 'NO'} |")
+    print("\n".join(["| run | commit | recorded | rerun | difference | within tolerance |", "|---|---|---|---|---|---|",
+                     *rows]))
+    print(f"{sum(r.endswith('yes |') for r in rows)} of {len(rows)} rerun(s) within {args.tolerance:g} of the record")
+    return 0 if ok else 1
+
+
+# -----------------------------------------------------------------------------
 # report: from the record alone
 
 def run_of(line):
@@ -694,13 +816,18 @@ def phase_report(proxies, record, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", default="all", choices=["sweep", "budgets", "time", "report", "all"])
+    parser.add_argument("--phase", default="all", choices=["sweep", "budgets", "time", "report", "all",
+                                                                 "verify"])
     parser.add_argument("--proxy", default="all", choices=["char", "bpe", "all"])
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, each OMP_NUM_THREADS=1 (default 2)")
     parser.add_argument("--seeds", default="1337,2,3", help="comma-separated; the first is the sweep's (default 1337,2,3)")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "study", help="run directories (default out/study)")
     parser.add_argument("--max-load", type=float, default=0.5, help="time: refuse above this 1-minute load average")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the runs to do, run nothing")
+    parser.add_argument("--verify-runs", type=int, default=1,
+                        help="verify: record lines to rerun per contender, the cheapest first (default 1; 0: all)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="verify: the largest difference from a recorded final val loss that passes (default 1e-4)")
     parser.add_argument("--contenders", help="comma-separated subset, e.g. adamw,sophiag (default: every one the loop has)")
     args = parser.parse_args(argv)
     try:
@@ -724,6 +851,8 @@ def main(argv=None):
         for note in notes:
             print(f"note: {note}")
     record = read_record()
+    if args.phase == "verify":
+        return phase_verify(proxies, record, args)
     phases = ["sweep", "budgets", "time", "report"] if args.phase == "all" else [args.phase]
     for phase in phases:
         for proxy, (contenders, _) in proxies.items():

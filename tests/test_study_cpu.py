@@ -360,3 +360,41 @@ def test_sophiag_is_judged_within_its_regime():
                (("optim.rho", 5.0),): study_cpu.loss_of(line("sophiag", 2.10, 0.90))}
     assert study_cpu.best_point(results) == (("optim.rho", 0.5),)
     assert study_cpu.extension(results) is None  # inside the grid: rho tried below and above
+
+
+@pytest.mark.skipif(subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode != 0,
+                    reason="not a git checkout: verify reruns the code of a recorded commit")
+def test_verify_reruns_recorded_commands_and_flags_a_different_loss(record_in, token_data, capsys):
+    """A record line from a real tiny train.py run on HEAD's code: verify reruns it and gets the same final loss;
+    the same run recorded with its loss moved by 1e-3 is flagged (exit 1); a run of uncommitted code is refused
+    with its reason, not rerun."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    code = study_cpu.code_at(head, record_in / "code")  # this checkout if clean, else HEAD's files exported
+    assert (code / "train.py").read_bytes() == subprocess.run(["git", "show", f"{head}:train.py"], cwd=REPO,
+                                                              capture_output=True).stdout
+    tiny = ["config=shakespeare_adamw", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+            "total_batch_size=4", "micro_batch_size=2", "log_interval=2", "warmup_steps=1", "cpu_peak_flops=1e11",
+            f"data.dir={token_data}", "max_steps=4", "eval_steps=2", "eval_interval=2", "ckpt_interval=4", "seed=5"]
+    subprocess.run(["python", "train.py", *tiny, f"out_dir={record_in / 'original'}"], cwd=code, check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    loss = study_cpu.final_val_loss(record_in / "original", 4)
+    assert loss is not None and math.isfinite(loss)
+    command = "OMP_NUM_THREADS=1 " + shlex.join(["python", "train.py", *tiny, "out_dir=out/somewhere"])
+    base = {"proxy": "bpe", "contender": "adamw", "status": "finished", "steps": 4, "command": command}
+    lines = [{**base, "key": "bpe/adamw/same", "final_val_loss": loss, "commit": head},
+             {**base, "key": "bpe/adamw/moved", "final_val_loss": loss + 1e-3, "commit": head},
+             {**base, "key": "bpe/adamw/dirty", "final_val_loss": loss, "commit": head + "-dirty"}]
+    study_cpu.RECORD.parent.mkdir(parents=True)
+    study_cpu.RECORD.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    status = study_cpu.main(["--phase", "verify", "--proxy", "bpe", "--contenders", "adamw", "--verify-runs", "0",
+                             "--jobs", "2", "--out", str(record_in / "out")])
+    out = capsys.readouterr().out
+    assert status == 1
+    rows = {row.split(" | ")[0].strip("| "): row for row in out.splitlines() if row.startswith("| bpe/")}
+    assert rows["bpe/adamw/same"].endswith("| +0.00e+00 | yes |")
+    assert rows["bpe/adamw/moved"].endswith("| -1.00e-03 | NO |")
+    assert "cannot verify bpe/adamw/dirty: commit" in out and "uncommitted code" in out
+    assert rows["bpe/adamw/dirty"].endswith("| n/a | NO |")
+    assert "1 of 3 rerun(s) within 0.0001 of the record" in out
+    # the rerun wrote to its own folder, not the recorded out_dir
+    assert study_cpu.final_val_loss(record_in / "out" / "verify" / "runs" / "bpe/adamw/same", 4) == loss
