@@ -568,7 +568,7 @@ def rerun_argv(line, out_dir):
     words = shlex.split(line["command"])
     if words[:2] != ["OMP_NUM_THREADS=1", "python"]:
         raise StudyError(f"{line['key']}: unexpected command {line['command']!r} (expected OMP_NUM_THREADS=1 python ...)")
-    return [*[w for w in words[words.index("python"):] if not w.startswith("out_dir=")], f"out_dir={out_dir}"]
+    return [*[w for w in words[1:] if not w.startswith("out_dir=")], f"out_dir={out_dir}"]
 
 
 def prepare_data(folder, argv):
@@ -589,6 +589,20 @@ def final_val_loss(out_dir, steps):
     events = compare.read_metrics(metrics) if metrics.is_file() and metrics.stat().st_size else []
     finals = [e["val/loss"] for e in events if e.get("val/loss") is not None and e.get("step") == steps]
     return finals[-1] if finals else None
+
+
+def run_side_by_side(runs, jobs):
+    """runs: [(argv, cwd, log path)], `jobs` at a time, each with OMP_NUM_THREADS=1; returns when all have ended."""
+    env, running, waiting = {**os.environ, "OMP_NUM_THREADS": "1"}, [], list(runs)
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            argv, cwd, log = waiting.pop(0)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"rerun in {cwd}: {shlex.join(argv)}", flush=True)
+            with open(log, "w") as f:
+                running.append(subprocess.Popen(argv, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT))
+        time.sleep(1)
+        running = [p for p in running if p.poll() is None]
 
 
 def phase_verify(proxies, record, args):
@@ -613,24 +627,19 @@ def phase_verify(proxies, record, args):
             if folder is not None:
                 print(f"(cd {folder} && OMP_NUM_THREADS=1 {shlex.join(argv)})")
         return 0
-    env, running, waiting = {**os.environ, "OMP_NUM_THREADS": "1"}, [], [t for t in todo if t[1] is not None]
-    while waiting or running:
-        while waiting and len(running) < args.jobs:
-            line, folder, argv = waiting.pop(0)
-            log = root / "runs" / f"{line['key']}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            print(f"rerun ({line['commit'][:12]}): {shlex.join(argv)}", flush=True)
-            with open(log, "w") as f:
-                running.append((line, subprocess.Popen(argv, cwd=folder, env=env, stdout=f, stderr=subprocess.STDOUT)))
-        time.sleep(1)
-        for entry in [r for r in running if r[1].poll() is not None]:
-            running.remove(entry)
+    if not todo:
+        print(f"nothing to verify: no finished run of {', '.join(proxies)} in {RECORD}", file=sys.stderr)
+        return 2
+    run_side_by_side([(argv, folder, root / "runs" / f"{line['key']}.log") for line, folder, argv in todo if folder],
+                     args.jobs)
     rows, ok = [], True
     for line, folder, argv in todo:
         got = None if folder is None else final_val_loss(root / "runs" / line["key"], line["steps"])
         same = got is not None and abs(got - line["final_val_loss"]) <= args.tolerance
         ok &= same
         delta = "n/a" if got is None else f"{got - line['final_val_loss']:+.2e}"
+        if folder is not None and got is None:
+            print(f"{line['key']}: the rerun logged no final val loss; see {root / 'runs' / line['key']}.log")
         rows.append(f"| {line['key']} | {line['commit'][:12]} | {line['final_val_loss']:.6f} | "
                     f"{'n/a' if got is None else f'{got:.6f}'} | {delta} | {'yes' if same else 'NO'} |")
     print("\n".join(["| run | commit | recorded | rerun | difference | within tolerance |", "|---|---|---|---|---|---|",

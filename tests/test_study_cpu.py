@@ -384,6 +384,8 @@ def test_verify_reruns_recorded_commands_and_flags_a_different_loss(record_in, t
     lines = [{**base, "key": "bpe/adamw/same", "final_val_loss": loss, "commit": head},
              {**base, "key": "bpe/adamw/moved", "final_val_loss": loss + 1e-3, "commit": head},
              {**base, "key": "bpe/adamw/dirty", "final_val_loss": loss, "commit": head + "-dirty"}]
+    verify = ["--phase", "verify", "--proxy", "bpe", "--contenders", "adamw", "--out", str(record_in / "out")]
+    assert study_cpu.main(verify) == 2 and "nothing to verify" in capsys.readouterr().err  # an empty record
     study_cpu.RECORD.parent.mkdir(parents=True)
     study_cpu.RECORD.write_text("".join(json.dumps(line) + "\n" for line in lines))
     status = study_cpu.main(["--phase", "verify", "--proxy", "bpe", "--contenders", "adamw", "--verify-runs", "0",
