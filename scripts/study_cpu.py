@@ -117,14 +117,20 @@ def val_tokens(preset, extra=()):
     """Tokens in the preset's validation split, preparing the data first if it is not (once, before any two runs
     could both prepare it). None for a data.dir that has no meta.json."""
     cfg = preset_config(preset, extra)
+    prepare_data(REPO, cfg)
     data_dir = data_dir_of(cfg)
-    prepare = REPO / "data" / str(cfg.data.name) / "prepare.py"
-    if not (data_dir / "meta.json").is_file() and not cfg.data.dir and prepare.is_file():
-        subprocess.run([sys.executable, str(prepare)], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     if not (data_dir / "meta.json").is_file():
         return None
     tokens = json.loads((data_dir / "meta.json").read_text()).get("splits", {}).get("val", {}).get("tokens")
     return None if tokens is None else int(tokens)
+
+
+def prepare_data(folder, cfg):
+    """Prepare cfg's data inside folder (this repository, or a commit's files exported by verify) unless cfg names
+    its own data.dir or it is prepared already: once, before any two runs could both start preparing it."""
+    prepare = folder / "data" / str(cfg.data.name) / "prepare.py"
+    if not cfg.data.dir and prepare.is_file() and not (prepare.parent / "meta.json").is_file():
+        subprocess.run([sys.executable, str(prepare)], cwd=folder, check=True, stdout=subprocess.DEVNULL)
 
 
 def eval_steps_of(preset, extra=()):
@@ -542,13 +548,13 @@ def verify_lines(proxies, record, runs_per_contender):
     return chosen
 
 
-def code_at(commit, root):
-    """A folder holding the code of `commit`: the repository itself when its HEAD is that commit with no change
-    outside docs/, else the commit's tracked files exported under root (once; `git archive`, so the repository
-    is left as it is). Raises StudyError when the commit cannot be had."""
+def code_at(commit, root, head):
+    """A folder holding the code of `commit`: the repository itself when its HEAD (`head`, git_commit()'s answer)
+    is that commit with no change outside docs/, else the commit's tracked files exported under root (once;
+    `git archive`, so the repository is left as it is). Raises StudyError when the commit cannot be had."""
     if commit.endswith("-dirty"):
         raise StudyError(f"commit {commit}: the run used uncommitted code, which no checkout can give back")
-    if git_commit() == commit:
+    if head == commit:
         return REPO
     if subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=REPO, capture_output=True).returncode:
         raise StudyError(f"commit {commit} is not in this clone: fetch it (git fetch origin {commit}) and rerun")
@@ -569,18 +575,6 @@ def rerun_argv(line, out_dir):
     if words[:2] != ["OMP_NUM_THREADS=1", "python"]:
         raise StudyError(f"{line['key']}: unexpected command {line['command']!r} (expected OMP_NUM_THREADS=1 python ...)")
     return [*[w for w in words[1:] if not w.startswith("out_dir=")], f"out_dir={out_dir}"]
-
-
-def prepare_data(folder, argv):
-    """Prepare the data the command reads inside folder, unless it names its own data.dir: before any two runs
-    could both start preparing it."""
-    if any(w.startswith("data.dir=") for w in argv):
-        return
-    preset = next(w.removeprefix("config=") for w in argv if w.startswith("config="))
-    name = str(preset_config(preset).data.name)
-    prepare = folder / "data" / name / "prepare.py"
-    if prepare.is_file() and not (folder / "data" / name / "meta.json").is_file():
-        subprocess.run([sys.executable, str(prepare)], cwd=folder, check=True, stdout=subprocess.DEVNULL)
 
 
 def final_val_loss(out_dir, steps):
@@ -608,38 +602,38 @@ def run_side_by_side(runs, jobs):
 def phase_verify(proxies, record, args):
     """Rerun the chosen record lines, --jobs at a time, each on its recorded commit, and compare final val losses.
     Returns 0 when every one is within --tolerance of its record, 1 otherwise."""
-    root = args.out / "verify"
-    todo = []
+    root, head, todo = args.out / "verify", git_commit(), []
     for line in verify_lines(proxies, record, args.verify_runs):
+        out_dir = root / "runs" / line["key"]
         try:
-            folder = code_at(line["commit"], root / "code")
-            argv = rerun_argv(line, root / "runs" / line["key"])
+            folder = code_at(line["commit"], root / "code", head)
+            argv = rerun_argv(line, out_dir)
         except StudyError as e:
             print(f"cannot verify {line['key']}: {e}")
-            todo.append((line, None, None))
+            todo.append((line, None, None, out_dir))
             continue
         if not args.dry_run:
-            shutil.rmtree(root / "runs" / line["key"], ignore_errors=True)
-            prepare_data(folder, argv)
-        todo.append((line, folder, argv))
+            shutil.rmtree(out_dir, ignore_errors=True)
+            if not any(w.startswith("data.dir=") for w in argv):
+                prepare_data(folder, preset_config(line["preset"]))
+        todo.append((line, folder, argv, out_dir))
     if args.dry_run:
-        for line, folder, argv in todo:
+        for line, folder, argv, _ in todo:
             if folder is not None:
                 print(f"(cd {folder} && OMP_NUM_THREADS=1 {shlex.join(argv)})")
         return 0
     if not todo:
         print(f"nothing to verify: no finished run of {', '.join(proxies)} in {RECORD}", file=sys.stderr)
         return 2
-    run_side_by_side([(argv, folder, root / "runs" / f"{line['key']}.log") for line, folder, argv in todo if folder],
-                     args.jobs)
+    run_side_by_side([(argv, folder, Path(f"{out_dir}.log")) for _, folder, argv, out_dir in todo if folder], args.jobs)
     rows, ok = [], True
-    for line, folder, argv in todo:
-        got = None if folder is None else final_val_loss(root / "runs" / line["key"], line["steps"])
+    for line, folder, _, out_dir in todo:
+        got = None if folder is None else final_val_loss(out_dir, line["steps"])
         same = got is not None and abs(got - line["final_val_loss"]) <= args.tolerance
         ok &= same
         delta = "n/a" if got is None else f"{got - line['final_val_loss']:+.2e}"
         if folder is not None and got is None:
-            print(f"{line['key']}: the rerun logged no final val loss; see {root / 'runs' / line['key']}.log")
+            print(f"{line['key']}: the rerun logged no final val loss; see {out_dir}.log")
         rows.append(f"| {line['key']} | {line['commit'][:12]} | {line['final_val_loss']:.6f} | "
                     f"{'n/a' if got is None else f'{got:.6f}'} | {delta} | {'yes' if same else 'NO'} |")
     print("\n".join(["| run | commit | recorded | rerun | difference | within tolerance |", "|---|---|---|---|---|---|",

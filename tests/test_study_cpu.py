@@ -369,7 +369,8 @@ def test_verify_reruns_recorded_commands_and_flags_a_different_loss(record_in, t
     the same run recorded with its loss moved by 1e-3 is flagged (exit 1); a run of uncommitted code is refused
     with its reason, not rerun."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    code = study_cpu.code_at(head, record_in / "code")  # this checkout if clean, else HEAD's files exported
+    # this checkout if clean, else HEAD's files exported
+    code = study_cpu.code_at(head, record_in / "code", study_cpu.git_commit())
     assert (code / "train.py").read_bytes() == subprocess.run(["git", "show", f"{head}:train.py"], cwd=REPO,
                                                               capture_output=True).stdout
     tiny = ["config=shakespeare_adamw", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
@@ -388,8 +389,7 @@ def test_verify_reruns_recorded_commands_and_flags_a_different_loss(record_in, t
     assert study_cpu.main(verify) == 2 and "nothing to verify" in capsys.readouterr().err  # an empty record
     study_cpu.RECORD.parent.mkdir(parents=True)
     study_cpu.RECORD.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    status = study_cpu.main(["--phase", "verify", "--proxy", "bpe", "--contenders", "adamw", "--verify-runs", "0",
-                             "--jobs", "2", "--out", str(record_in / "out")])
+    status = study_cpu.main([*verify, "--verify-runs", "0", "--jobs", "2"])
     out = capsys.readouterr().out
     assert status == 1
     rows = {row.split(" | ")[0].strip("| "): row for row in out.splitlines() if row.startswith("| bpe/")}
