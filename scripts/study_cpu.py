@@ -8,6 +8,7 @@ model of presets shakespeare_*).
     python scripts/study_cpu.py --phase time --proxy char              # on a quiet machine: seconds per step
     python scripts/study_cpu.py --phase report                         # docs/study_cpu.{json,md} + plots, from the record
     python scripts/study_cpu.py --phase verify --proxy char            # rerun recorded commands, compare their losses
+    python scripts/study_cpu.py --phase verify --against other/runs.jsonl   # compare with another machine's record
 
 Phases:
   sweep    one seed at the preset's budget: AdamW lr, official-style AdamW lr (grad_clip 1/6, eps/6: the official
@@ -25,7 +26,9 @@ Phases:
            git archive under <--out>/verify/code when HEAD is another), and print each final val loss beside the
            recorded one; exit 1 when one differs by more than --tolerance. --verify-runs N per contender, the
            cheapest first (0: every run). On the machine that made the record a rerun is expected to be bit-equal
-           (one thread per run, fixed seeds); another CPU's kernels may round differently.
+           (one thread per run, fixed seeds); another CPU's kernels may round differently. With --against FILE
+           (a runs.jsonl the study wrote on another machine or checkout) it reruns nothing: it prints each run in
+           both side by side, the median and largest difference, and each contender's best setting in both.
 
 Every run uses OMP_NUM_THREADS=1 (--jobs N of them side by side), min_lr = lr x the preset's min_lr/lr (so each lr
 of a sweep decays to the same fraction of itself), an evaluation over at least EVAL_TOKENS validation tokens at
@@ -234,9 +237,10 @@ def preset_steps(contender):
 # -----------------------------------------------------------------------------
 # the record
 
-def read_record():
-    """{key: line}; a later line of a key wins (a run redone on purpose)."""
-    path = RECORD
+def read_record(path=None):
+    """{key: line} of the record (or of another file the study wrote); a later line of a key wins (a run redone on
+    purpose)."""
+    path = path or RECORD
     if not path.is_file():
         return {}
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -626,20 +630,61 @@ def phase_verify(proxies, record, args):
         print(f"nothing to verify: no finished run of {', '.join(proxies)} in {RECORD}", file=sys.stderr)
         return 2
     run_side_by_side([(argv, folder, Path(f"{out_dir}.log")) for _, folder, argv, out_dir in todo if folder], args.jobs)
-    rows, ok = [], True
+    pairs = []
     for line, folder, _, out_dir in todo:
         got = None if folder is None else final_val_loss(out_dir, line["steps"])
-        same = got is not None and abs(got - line["final_val_loss"]) <= args.tolerance
-        ok &= same
-        delta = "n/a" if got is None else f"{got - line['final_val_loss']:+.2e}"
         if folder is not None and got is None:
             print(f"{line['key']}: the rerun logged no final val loss; see {out_dir}.log")
+        pairs.append((line, got))
+    return print_differences(pairs, "rerun", args.tolerance)
+
+
+def print_differences(pairs, other, tolerance):
+    """pairs: [(record line, the other final val loss or None)]. Prints them side by side; returns 0 when every
+    one is within `tolerance` of the record, 1 otherwise."""
+    rows = []
+    for line, got in pairs:
+        same = got is not None and abs(got - line["final_val_loss"]) <= tolerance
+        delta = "n/a" if got is None else f"{got - line['final_val_loss']:+.2e}"
         rows.append(f"| {line['key']} | {line['commit'][:12]} | {line['final_val_loss']:.6f} | "
                     f"{'n/a' if got is None else f'{got:.6f}'} | {delta} | {'yes' if same else 'NO'} |")
-    print("\n".join(["| run | commit | recorded | rerun | difference | within tolerance |", "|---|---|---|---|---|---|",
-                     *rows]))
-    print(f"{sum(r.endswith('yes |') for r in rows)} of {len(rows)} rerun(s) within {args.tolerance:g} of the record")
-    return 0 if ok else 1
+    print("\n".join([f"| run | commit | recorded | {other} | difference | within tolerance |",
+                     "|---|---|---|---|---|---|", *rows]))
+    within = sum(r.endswith("yes |") for r in rows)
+    print(f"{within} of {len(rows)} {other}(s) within {tolerance:g} of the record")
+    return 0 if within == len(rows) else 1
+
+
+def phase_against(proxies, record, args):
+    """Compare the record with another one the study wrote (--against: the same study on another machine or
+    checkout), run by run, without rerunning anything: each shared finished run's two final val losses, the
+    median and largest difference, the largest difference in SophiaG's blocks win rate, and each contender's best
+    sweep setting in both. Returns 0 when every shared run is within --tolerance, 1 otherwise, 2 when none is
+    shared."""
+    other = read_record(args.against)
+    wanted = {(proxy, c.name) for proxy, (contenders, _) in proxies.items() for c in contenders}
+    pairs = sorted(((line, other[key]) for key, line in record.items()
+                    if (line["proxy"], line["contender"]) in wanted and key in other
+                    and line["status"] == other[key]["status"] == "finished"), key=lambda pair: pair[0]["key"])
+    if not pairs:
+        print(f"no finished run of {', '.join(proxies)} is in both {RECORD} and {args.against}", file=sys.stderr)
+        return 2
+    status = print_differences([(line, twin["final_val_loss"]) for line, twin in pairs], "other", args.tolerance)
+    gaps = sorted((abs(twin["final_val_loss"] - line["final_val_loss"]), line["key"]) for line, twin in pairs)
+    print(f"{len(pairs)} run(s) in both; {sum(gap == 0 for gap, _ in gaps)} bit-equal; |difference| median "
+          f"{float(np.median([gap for gap, _ in gaps])):.2e}, largest {gaps[-1][0]:.2e} ({gaps[-1][1]})")
+    wins = [(abs(twin["win_rate"]["blocks"]["mean"] - line["win_rate"]["blocks"]["mean"]), line["key"])
+            for line, twin in pairs if (line.get("win_rate") or {}).get("blocks") and
+            (twin.get("win_rate") or {}).get("blocks")]
+    if wins:
+        print(f"win rate in the blocks (mean over a run): largest difference {max(wins)[0]:.4f} ({max(wins)[1]})")
+    for proxy, (contenders, _) in proxies.items():
+        for c in contenders:
+            best = [best_settings(proxy, c, r, args.out, args.seeds[0]) for r in (record, other)]
+            if None not in best:
+                print(f"{proxy}/{c.name}: best sweep setting {best[0][0]} in the record, {best[1][0]} in the other: "
+                      f"{'the same' if best[0][0] == best[1][0] else 'DIFFERENT'}")
+    return status
 
 
 # -----------------------------------------------------------------------------
@@ -831,6 +876,9 @@ def main(argv=None):
                         help="verify: record lines to rerun per contender, the cheapest first (default 1; 0: all)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="verify: the largest difference from a recorded final val loss that passes (default 1e-4)")
+    parser.add_argument("--against", type=Path,
+                        help="verify: compare with this record (the study's runs.jsonl from another machine or "
+                             "checkout) instead of rerunning")
     parser.add_argument("--contenders", help="comma-separated subset, e.g. adamw,sophiag (default: every one the loop has)")
     args = parser.parse_args(argv)
     try:
@@ -854,8 +902,10 @@ def main(argv=None):
         for note in notes:
             print(f"note: {note}")
     record = read_record()
+    if args.against and not args.against.is_file():
+        parser.error(f"--against {args.against}: no such file (give a runs.jsonl the study wrote)")
     if args.phase == "verify":
-        return phase_verify(proxies, record, args)
+        return phase_against(proxies, record, args) if args.against else phase_verify(proxies, record, args)
     phases = ["sweep", "budgets", "time", "report"] if args.phase == "all" else [args.phase]
     for phase in phases:
         for proxy, (contenders, _) in proxies.items():

@@ -400,3 +400,43 @@ def test_verify_reruns_recorded_commands_and_flags_a_different_loss(record_in, t
     assert "1 of 3 rerun(s) within 0.0001 of the record" in out
     # the rerun wrote to its own folder, not the recorded out_dir
     assert study_cpu.final_val_loss(record_in / "out" / "verify" / "runs" / "bpe/adamw/same", 4) == loss
+
+
+def test_against_compares_two_records_run_by_run(record_in, monkeypatch, capsys):
+    """--against reruns nothing: it pairs the finished runs both records hold (a run only one has is left out),
+    prints each difference, their median and largest, and whether each contender's best sweep setting is the same;
+    it fails (exit 1) when a difference exceeds --tolerance, and says so when the records share no run (exit 2)."""
+    adamw = study_cpu.Contender("adamw", "shakespeare_char_adamw", {"optim.lr": [1e-3, 2e-3, 4e-3, 8e-3]})
+    monkeypatch.setattr(study_cpu, "contenders_of", lambda proxy: ([adamw], []))
+    monkeypatch.setattr(study_cpu, "preset_steps", lambda contender: 100)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("--against started a run"))
+
+    def write(path, losses, seed=1337):
+        lines = [{"key": study_cpu.Job("char", adamw, {"optim.lr": lr}, 100, seed, record_in / "out").key,
+                  "proxy": "char", "contender": "adamw", "status": "finished", "steps": 100, "seed": seed,
+                  "final_val_loss": loss, "commit": "0" * 40,
+                  "win_rate": {"blocks": {"mean": loss / 10}}} for lr, loss in losses.items()]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    write(study_cpu.RECORD, {1e-3: 2.0, 2e-3: 1.9, 4e-3: 1.95, 8e-3: 2.2})
+    other = record_in / "other" / "runs.jsonl"
+    write(other, {1e-3: 2.0, 2e-3: 1.91, 4e-3: 1.89, 8e-3: 2.23})
+    with open(other, "a") as f:  # a run the record does not have
+        f.write(json.dumps({**json.loads(other.read_text().splitlines()[0]), "key": "char/adamw/only_here"}) + "\n")
+    against = ["--phase", "verify", "--proxy", "char", "--against", str(other), "--out", str(record_in / "out")]
+    assert study_cpu.main(against) == 1
+    out = capsys.readouterr().out
+    rows = {row.split(" | ")[0].strip("| "): row for row in out.splitlines() if row.startswith("| char/")}
+    assert sorted(rows) == sorted(f"char/adamw/lr{lr:g}_steps100_seed1337" for lr in (1e-3, 2e-3, 4e-3, 8e-3))
+    assert rows["char/adamw/lr0.001_steps100_seed1337"].endswith("| 2.000000 | +0.00e+00 | yes |")
+    assert rows["char/adamw/lr0.008_steps100_seed1337"].endswith("| 2.230000 | +3.00e-02 | NO |")
+    assert "4 run(s) in both; 1 bit-equal; |difference| median 2.00e-02, largest 6.00e-02 " \
+           "(char/adamw/lr0.004_steps100_seed1337)" in out
+    assert "blocks (mean over a run): largest difference 0.0060 (char/adamw/lr0.004_steps100_seed1337)" in out
+    assert "best sweep setting {'optim.lr': 0.002} in the record, {'optim.lr': 0.004} in the other: DIFFERENT" in out
+    assert study_cpu.main([*against, "--tolerance", "0.1"]) == 0
+    write(other, {1e-3: 2.0, 2e-3: 1.9, 4e-3: 1.95}, seed=2)
+    assert study_cpu.main(against) == 2 and "no finished run of char is in both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study_cpu.main([*against[:-3], str(record_in / "missing.jsonl")])
