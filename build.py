@@ -60,7 +60,8 @@ def build_optimizer(cfg, model):
     if optim.name == "muon":  # Muon on the decayed group (the blocks' matrices), AdamW on the other
         return muon.MuonAdamW(*muon.param_groups(model, optim.weight_decay), lr=optim.lr,
                               adam_lr=optim.lr if optim.adam_lr is None else optim.adam_lr, momentum=optim.momentum,
-                              nesterov=optim.nesterov, ns_steps=optim.ns_steps, adjust_lr_fn=str(optim.adjust_lr_fn),
+                              nesterov=optim.nesterov, ns_steps=optim.ns_steps,
+                              ns_dtype=getattr(torch, str(optim.ns_dtype)), adjust_lr_fn=str(optim.adjust_lr_fn),
                               betas=betas, eps=optim.eps)
     if optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, fused=True)

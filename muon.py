@@ -1,13 +1,22 @@
 """
-optim=muon: torch.optim.Muon for the transformer blocks' weight matrices (attention and MLP), torch.optim.AdamW
-for the rest (token and position embeddings, LayerNorms, biases), the split of modded-nanogpt and llm-baselines.
+optim=muon: Muon for the transformer blocks' weight matrices (attention and MLP), torch.optim.AdamW for the rest
+(token and position embeddings, LayerNorms, biases), the split of modded-nanogpt and llm-baselines.
+
+Muon's step is torch.optim.Muon's, written out here (tests/test_muon.py holds it equal to torch's, bit for bit) so
+that its Newton-Schulz iteration can also run in float32: torch's runs in bfloat16, which on a CPU without bf16
+instructions (AVX2 only) is about 30x slower than float32 and made Muon's step 10x slower than AdamW's.
 
 MuonAdamW is the two as one torch.optim.Optimizer: its param_groups are Muon's group then AdamW's group (the very
-dicts the two inner optimizers step), so the loop's one schedule sets both learning rates, and its state_dict is
-the standard one (both parts' state by parameter index), which checkpoints save and resume like any other.
+dict the inner AdamW steps), so the loop's one schedule sets both learning rates, and its state_dict is the
+standard one (both parts' state by parameter index; Muon's is torch's "momentum_buffer"), which checkpoints save
+and resume like any other.
 """
 
+import math
+
 import torch
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of Keller Jordan's Muon and torch's: the steepest slope at 0
 
 
 def param_groups(model, weight_decay):
@@ -20,24 +29,47 @@ def param_groups(model, weight_decay):
     return decayed, rest
 
 
+def orthogonalize(update, ns_steps, dtype, eps=1e-7):
+    """Newton-Schulz on update (rows, cols) = U S V^T -> about U V^T, in dtype: U S' V^T with S' between about 0.7
+    and 1.2 (the quintic trades exact convergence for speed)."""
+    a, b, c = NS_COEFFICIENTS
+    x = update.to(dtype)
+    if update.size(0) > update.size(1):
+        x = x.T  # (short, long): the Gram matrix is the smaller one
+    x = x / x.norm().clamp(min=eps)  # Frobenius >= spectral norm: every singular value now at most 1
+    for _ in range(ns_steps):
+        gram = x @ x.T  # (short, short)
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # (a + b G + c G^2) x
+    return x.T if update.size(0) > update.size(1) else x
+
+
+def lr_ratio(adjust_lr_fn, shape):
+    """Muon's lr per matrix (rows, cols): match_rms_adamw gives its update AdamW's RMS (0.2 sqrt(max)), so it can
+    share AdamW's lr (Moonlight); original scales by sqrt(rows / cols) when that exceeds 1 (Keller Jordan)."""
+    rows, cols = shape[:2]
+    return 0.2 * math.sqrt(max(rows, cols)) if adjust_lr_fn == "match_rms_adamw" else math.sqrt(max(1, rows / cols))
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon on muon_group's matrices at lr, AdamW (fused) on adamw_group at adam_lr. Each group keeps its own
     weight_decay. The loop sets group["lr"] = schedule(step) * group["lr_scale"], the schedule peaking at lr, so
-    lr_scale is 1 for Muon and adam_lr / lr for AdamW: one warmup and cosine scale both parts."""
+    lr_scale is 1 for Muon and adam_lr / lr for AdamW: one warmup and cosine scale both parts. ns_dtype is the
+    Newton-Schulz iteration's dtype (a run's setting, not saved with the state: a resume may change it)."""
 
-    def __init__(self, muon_group, adamw_group, *, lr, adam_lr, momentum, nesterov, ns_steps, adjust_lr_fn,
-                 betas, eps):
-        self.muon = torch.optim.Muon([{**muon_group, "lr_scale": 1.0}], lr=lr, momentum=momentum,
-                                     nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+    def __init__(self, muon_group, adamw_group, *, lr, adam_lr, momentum, nesterov, ns_steps, ns_dtype,
+                 adjust_lr_fn, betas, eps):
+        muon = {**muon_group, "lr": lr, "lr_scale": 1.0, "momentum": momentum, "nesterov": nesterov,
+                "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn}
         self.adamw = torch.optim.AdamW([{**adamw_group, "lr_scale": adam_lr / lr}], lr=adam_lr, betas=betas,
                                        eps=eps, fused=True)
-        super().__init__(self.muon.param_groups + self.adamw.param_groups, defaults={})  # the same group dicts
+        super().__init__([muon, *self.adamw.param_groups], defaults={})  # the same AdamW group dict
+        self.ns_dtype = ns_dtype
         self._share_groups_and_state()
 
     def _share_groups_and_state(self):
-        """The inner optimizers step our group dicts and fill our state (one dict, keyed by parameter)."""
-        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:1], self.param_groups[1:]
-        self.muon.state = self.adamw.state = self.state
+        """The inner AdamW steps our group dict and fills our state (one dict, keyed by parameter)."""
+        self.adamw.param_groups = self.param_groups[1:]
+        self.adamw.state = self.state
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)  # replaces self.param_groups and self.state with new objects
@@ -45,5 +77,17 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        self.muon.step()
+        group = self.param_groups[0]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            momentum = state["momentum_buffer"]
+            momentum.lerp_(p.grad, 1 - group["momentum"])
+            update = p.grad.lerp(momentum, group["momentum"]) if group["nesterov"] else momentum
+            update = orthogonalize(update, group["ns_steps"], self.ns_dtype)
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(update, alpha=-(group["lr"] * lr_ratio(group["adjust_lr_fn"], p.shape)))
         self.adamw.step()

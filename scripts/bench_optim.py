@@ -90,10 +90,11 @@ def bench_optimizers():
         "SophiaH fused": lambda: sophia.SophiaH(groups(), lr=6e-4, rho=0.05),
         "Lion foreach": lambda: sophia.Lion(groups(), lr=1e-4, betas=(0.95, 0.98)),
         # optim=muon's split (muon.param_groups): Muon on model.py's decayed group, the blocks' matrices, fused
-        # AdamW on the other, the embeddings and the vectors
-        "Muon (blocks) + AdamW fused (rest)": lambda: muon.MuonAdamW(
+        # AdamW on the other, the embeddings and the vectors; Newton-Schulz in bf16 (torch's) and in fp32
+        **{f"Muon (blocks, Newton-Schulz {name}) + AdamW fused (rest)": lambda dtype=dtype: muon.MuonAdamW(
             *groups(), lr=6e-4, adam_lr=6e-4, momentum=0.95, nesterov=True, ns_steps=5,
-            adjust_lr_fn="match_rms_adamw", betas=(0.9, 0.95), eps=1e-8),
+            ns_dtype=dtype, adjust_lr_fn="match_rms_adamw", betas=(0.9, 0.95), eps=1e-8)
+           for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))},
     }
 
     def step_kwargs(opt):

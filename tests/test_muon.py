@@ -1,7 +1,8 @@
-"""optim=muon: torch.optim.Muon on the blocks' matrices, AdamW on the rest, through train.py's loop.
+"""optim=muon: Muon (muon.py) on the blocks' matrices, AdamW on the rest, through train.py's loop.
 
-References: torch's own Muon and AdamW applied by hand to the same groups, an uninterrupted second run
-(tests/test_train.py's resume test runs muon too), one process against two gloo ranks."""
+References: torch.optim.Muon (bit for bit in bfloat16), the SVD (the float32 Newton-Schulz), torch's own Muon and
+AdamW applied by hand to the same groups, an uninterrupted second run (tests/test_train.py's resume test runs muon
+too), one process against two gloo ranks."""
 import io
 import sys
 
@@ -28,6 +29,54 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.bias"} <= \
         {names[id(p)] for p in adamw_group["params"]}
     assert (muon_group["weight_decay"], adamw_group["weight_decay"]) == (0.1, 0.0)  # model.py's grouping
+
+
+def muon_alone(matrices, ns_dtype, **settings):
+    """A MuonAdamW whose AdamW part holds one unused parameter: its Muon part steps `matrices` alone."""
+    import muon
+    return muon.MuonAdamW({"params": matrices, "weight_decay": 0.1}, {"params": [torch.zeros(1)], "weight_decay": 0.0},
+                          adam_lr=1e-3, ns_steps=5, ns_dtype=ns_dtype, betas=(0.9, 0.95), eps=1e-8, **settings)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust_lr_fn", ["match_rms_adamw", "original"])
+def test_bfloat16_step_equals_torch_muon_bit_for_bit(nesterov, adjust_lr_fn):
+    """Three steps on a tall, a wide and a square matrix (each orthogonalized on its short side), momentum and
+    weight decay included: the same bits as torch.optim.Muon."""
+    torch.manual_seed(0)
+    shapes = [(96, 32), (32, 128), (32, 32)]
+    ours, theirs = [[torch.randn(shape) for shape in shapes] for _ in range(2)]
+    for a, b in zip(ours, theirs):
+        b.data.copy_(a)
+    settings = {"lr": 2e-2, "momentum": 0.95, "nesterov": nesterov, "adjust_lr_fn": adjust_lr_fn}
+    optimizers = [muon_alone(ours, torch.bfloat16, **settings),
+                  torch.optim.Muon(theirs, weight_decay=0.1, ns_steps=5, **settings)]
+    for _ in range(3):
+        grads = [torch.randn(shape) for shape in shapes]
+        for params, optimizer in zip((ours, theirs), optimizers):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_float32_newton_schulz_orthogonalizes_like_the_svd():
+    """In float32 the update is U S' V^T of the input's SVD U S V^T, S' diagonal within the quintic's band (about
+    0.7 to 1.2); bfloat16 gives the same matrix to within its rounding (a few %)."""
+    import muon
+    torch.manual_seed(0)
+    for shape in [(96, 32), (32, 128)]:
+        update = torch.randn(shape) @ torch.diag(torch.logspace(-2, 0, shape[1]))  # condition number 100
+        u, _, vh = torch.linalg.svd(update.double(), full_matrices=False)
+        orthogonal = muon.orthogonalize(update, 5, torch.float32)
+        assert orthogonal.dtype == torch.float32 and orthogonal.shape == update.shape
+        middle = u.T @ orthogonal.double() @ vh.T  # S': diagonal if the singular vectors are the input's
+        off_diagonal = middle - torch.diag(torch.diagonal(middle))
+        assert off_diagonal.norm() < 1e-4 * middle.norm()
+        assert torch.diagonal(middle).min() > 0.6 and torch.diagonal(middle).max() < 1.25
+        in_bf16 = muon.orthogonalize(update, 5, torch.bfloat16).float()
+        assert (in_bf16 - orthogonal).norm() < 0.05 * orthogonal.norm()
 
 
 @pytest.mark.parametrize("adjust_lr_fn", ["match_rms_adamw", "original"])
@@ -86,7 +135,7 @@ def test_state_dict_round_trip_continues_exactly():
     from build import build_optimizer
     cfg = OmegaConf.create({"optim": {"name": "muon", "lr": 1e-2, "adam_lr": 2e-3, "betas": [0.9, 0.95],
                                       "weight_decay": 0.1, "eps": 1e-8, "momentum": 0.95, "nesterov": True,
-                                      "ns_steps": 5, "adjust_lr_fn": "match_rms_adamw"}})
+                                      "ns_steps": 5, "ns_dtype": "bfloat16", "adjust_lr_fn": "match_rms_adamw"}})
     torch.manual_seed(0)
     models = [GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
@@ -100,6 +149,7 @@ def test_state_dict_round_trip_continues_exactly():
         optimizer.zero_grad(set_to_none=True)
 
     first = build_optimizer(cfg, models[0])
+    assert first.ns_dtype is torch.bfloat16  # the config's, as a torch dtype
     step(models[0], first, 1e-2)
     second = build_optimizer(cfg, models[1])
     saved = io.BytesIO()  # through bytes, as a checkpoint: a state_dict's tensors are the live state itself
@@ -109,7 +159,7 @@ def test_state_dict_round_trip_continues_exactly():
     assert [g["lr_scale"] for g in second.param_groups] == [1.0, pytest.approx(0.2)]
     for model, optimizer in zip(models, (first, second)):
         step(model, optimizer, 5e-3)
-        assert [g["lr"] for g in optimizer.muon.param_groups + optimizer.adamw.param_groups] == \
+        assert [g["lr"] for g in optimizer.param_groups[:1] + optimizer.adamw.param_groups] == \
             [5e-3, pytest.approx(1e-3)]
     for a, b in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -139,6 +189,7 @@ def test_two_ranks_equal_one_process(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["parallel=fsdp"], "optim=muon runs under parallel=ddp only"),
     (["optim.adjust_lr_fn=rms"], "optim.adjust_lr_fn=rms: expected match_rms_adamw|original"),  # by Hydra
+    (["optim.ns_dtype=float16"], "optim.ns_dtype=float16: expected bfloat16|float32"),  # by Hydra
     (["optim.ns_steps=0"], "optim.ns_steps=0: use 1 to 99"),
     (["optim.ns_steps=100"], "optim.ns_steps=100: use 1 to 99"),
     (["optim.adam_lr=0"], "optim.adam_lr=0.0: use a positive lr, or null"),
