@@ -126,7 +126,7 @@ class MuonConfig(OptimConfig):
     ns_steps: int = knob("Newton-Schulz iterations that orthogonalize Muon's update")
     adjust_lr_fn: MuonLr = knob("Muon's lr per matrix: match_rms_adamw (update RMS as AdamW's: shares its lr)")
     ns_dtype: NewtonSchulzDtype = knob("dtype of the Newton-Schulz iteration: bfloat16 (torch's Muon), or float32 on "
-                                       "a CPU without bf16 instructions (AVX2 only), where bf16 is ~30x slower")
+                                       "a CPU without bf16 instructions (AVX2 only), where bf16 is the slow path")
     eps: float = knob("added to sqrt(v) in AdamW's denominator")
 
 
