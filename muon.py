@@ -33,14 +33,13 @@ def orthogonalize(update, ns_steps, dtype, eps=1e-7):
     """Newton-Schulz on update (rows, cols) = U S V^T -> about U V^T, in dtype: U S' V^T with S' between about 0.7
     and 1.2 (the quintic trades exact convergence for speed)."""
     a, b, c = NS_COEFFICIENTS
-    x = update.to(dtype)
-    if update.size(0) > update.size(1):
-        x = x.T  # (short, long): the Gram matrix is the smaller one
+    tall = update.size(0) > update.size(1)
+    x = update.to(dtype).T if tall else update.to(dtype)  # (short, long): the Gram matrix is the smaller one
     x = x / x.norm().clamp(min=eps)  # Frobenius >= spectral norm: every singular value now at most 1
     for _ in range(ns_steps):
         gram = x @ x.T  # (short, short)
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # (a + b G + c G^2) x
-    return x.T if update.size(0) > update.size(1) else x
+    return x.T if tall else x
 
 
 def lr_ratio(adjust_lr_fn, shape):
@@ -84,9 +83,9 @@ class MuonAdamW(torch.optim.Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p.grad)
-            momentum = state["momentum_buffer"]
-            momentum.lerp_(p.grad, 1 - group["momentum"])
-            update = p.grad.lerp(momentum, group["momentum"]) if group["nesterov"] else momentum
+            buffer = state["momentum_buffer"]  # EMA of the gradient
+            buffer.lerp_(p.grad, 1 - group["momentum"])
+            update = p.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
             update = orthogonalize(update, group["ns_steps"], self.ns_dtype)
             p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(update, alpha=-(group["lr"] * lr_ratio(group["adjust_lr_fn"], p.shape)))

@@ -887,6 +887,8 @@ def main(argv=None):
         parser.error(f"--seeds {args.seeds}: give comma-separated integers, e.g. --seeds 1337,2,3")
     if not args.seeds or args.jobs < 1:
         parser.error("give at least one seed and --jobs 1 or more")
+    if args.against and (args.phase != "verify" or not args.against.is_file()):
+        parser.error(f"--against {args.against}: give a runs.jsonl the study wrote, with --phase verify")
     args.out = args.out.absolute()
 
     proxies = {p: contenders_of(p) for p in (["char", "bpe"] if args.proxy == "all" else [args.proxy])}
@@ -902,8 +904,6 @@ def main(argv=None):
         for note in notes:
             print(f"note: {note}")
     record = read_record()
-    if args.against and not args.against.is_file():
-        parser.error(f"--against {args.against}: no such file (give a runs.jsonl the study wrote)")
     if args.phase == "verify":
         return phase_against(proxies, record, args) if args.against else phase_verify(proxies, record, args)
     phases = ["sweep", "budgets", "time", "report"] if args.phase == "all" else [args.phase]

@@ -438,5 +438,7 @@ def test_against_compares_two_records_run_by_run(record_in, monkeypatch, capsys)
     assert study_cpu.main([*against, "--tolerance", "0.1"]) == 0
     write(other, {1e-3: 2.0, 2e-3: 1.9, 4e-3: 1.95}, seed=2)
     assert study_cpu.main(against) == 2 and "no finished run of char is in both" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        study_cpu.main([*against[:-3], str(record_in / "missing.jsonl")])
+    for wrong in ([*against[:-3], str(record_in / "missing.jsonl")], ["--phase", "report", *against[2:]]):
+        with pytest.raises(SystemExit):  # a missing file, or --against with another phase: one line, nothing runs
+            study_cpu.main(wrong)
+        assert "--against" in capsys.readouterr().err
