@@ -673,9 +673,11 @@ def phase_against(proxies, record, args):
     gaps = sorted((abs(twin["final_val_loss"] - line["final_val_loss"]), line["key"]) for line, twin in pairs)
     print(f"{len(pairs)} run(s) in both; {sum(gap == 0 for gap, _ in gaps)} bit-equal; |difference| median "
           f"{float(np.median([gap for gap, _ in gaps])):.2e}, largest {gaps[-1][0]:.2e} ({gaps[-1][1]})")
-    wins = [(abs(twin["win_rate"]["blocks"]["mean"] - line["win_rate"]["blocks"]["mean"]), line["key"])
-            for line, twin in pairs if (line.get("win_rate") or {}).get("blocks") and
-            (twin.get("win_rate") or {}).get("blocks")]
+    def blocks_mean(line):
+        return ((line.get("win_rate") or {}).get("blocks") or {}).get("mean")
+
+    wins = [(abs(blocks_mean(twin) - blocks_mean(line)), line["key"]) for line, twin in pairs
+            if None not in (blocks_mean(line), blocks_mean(twin))]
     if wins:
         print(f"win rate in the blocks (mean over a run): largest difference {max(wins)[0]:.4f} ({max(wins)[1]})")
     for proxy, (contenders, _) in proxies.items():

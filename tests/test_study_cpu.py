@@ -436,6 +436,11 @@ def test_against_compares_two_records_run_by_run(record_in, monkeypatch, capsys)
     assert "blocks (mean over a run): largest difference 0.0060 (char/adamw/lr0.004_steps100_seed1337)" in out
     assert "best sweep setting {'optim.lr': 0.002} in the record, {'optim.lr': 0.004} in the other: DIFFERENT" in out
     assert study_cpu.main([*against, "--tolerance", "0.1"]) == 0
+    write(other, {1e-3: 2.0, 2e-3: 1.9, 4e-3: 1.95, 8e-3: 2.2})  # the record's own losses
+    capsys.readouterr()
+    assert study_cpu.main(against) == 0
+    out = capsys.readouterr().out
+    assert "4 run(s) in both; 4 bit-equal" in out and "in the other: the same" in out
     write(other, {1e-3: 2.0, 2e-3: 1.9, 4e-3: 1.95}, seed=2)
     assert study_cpu.main(against) == 2 and "no finished run of char is in both" in capsys.readouterr().err
     for wrong in ([*against[:-3], str(record_in / "missing.jsonl")], ["--phase", "report", *against[2:]]):
