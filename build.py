@@ -53,7 +53,8 @@ def out_dir_of(cfg):
 
 
 def build_optimizer(cfg, model):
-    """Every optimizer gets the same parameter groups (weight decay on nn.Linear weights only, model.py)."""
+    """Every optimizer gets the same parameter groups (weight decay on nn.Linear weights only, model.py), on the
+    device of the model's parameters."""
     optim = cfg.optim
     groups = model.configure_optimizer_groups(optim.weight_decay)
     betas = tuple(optim.betas)
@@ -61,7 +62,8 @@ def build_optimizer(cfg, model):
         return muon.MuonAdamW(*muon.param_groups(model, optim.weight_decay), lr=optim.lr,
                               adam_lr=optim.lr if optim.adam_lr is None else optim.adam_lr, momentum=optim.momentum,
                               nesterov=optim.nesterov, ns_steps=optim.ns_steps,
-                              ns_dtype=getattr(torch, str(optim.ns_dtype)), adjust_lr_fn=str(optim.adjust_lr_fn),
+                              ns_dtype=muon.newton_schulz_dtype(str(optim.ns_dtype), next(model.parameters()).device),
+                              adjust_lr_fn=str(optim.adjust_lr_fn),
                               betas=betas, eps=optim.eps)
     if optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, fused=True)
@@ -202,7 +204,10 @@ def start_run_dir(run):
     run.metrics = MetricsLog(run.out_dir / "metrics.jsonl", run.progress.step if run.resumed else None, run.wandb_run)
     if run.resumed:
         print(f"resumed from {run.ckpt_path} at step {run.progress.step}")
-    print(f"run {cfg.run_name}: {run.raw_model.num_params() / 1e6:.2f}M parameters, optimizer {cfg.optim.name}, "
+    optimizer = cfg.optim.name
+    if isinstance(run.optimizer, muon.MuonAdamW):  # auto's choice, which the config does not show
+        optimizer += f" (Newton-Schulz in {str(run.optimizer.ns_dtype).removeprefix('torch.')})"
+    print(f"run {cfg.run_name}: {run.raw_model.num_params() / 1e6:.2f}M parameters, optimizer {optimizer}, "
           f"{env.world_size} rank(s) x {run.plan.grad_accum} micro-batch(es) of {cfg.micro_batch_size} = "
           f"{tokens_per_step(cfg):,} tokens/step, device {env.device} {env.dtype}")
     print(f"run directory: {run.out_dir}")

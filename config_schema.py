@@ -63,6 +63,7 @@ class MuonLr(StrEnum):
 
 
 class NewtonSchulzDtype(StrEnum):
+    auto = "auto"
     bfloat16 = "bfloat16"
     float32 = "float32"
 
@@ -125,8 +126,9 @@ class MuonConfig(OptimConfig):
     nesterov: bool = knob("Muon orthogonalizes the Nesterov look-ahead (gradient + momentum), not the momentum")
     ns_steps: int = knob("Newton-Schulz iterations that orthogonalize Muon's update")
     adjust_lr_fn: MuonLr = knob("Muon's lr per matrix: match_rms_adamw (update RMS as AdamW's: shares its lr)")
-    ns_dtype: NewtonSchulzDtype = knob("dtype of the Newton-Schulz iteration: bfloat16 (torch's Muon), or float32 on "
-                                       "a CPU without bf16 instructions (AVX2 only), where bf16 is the slow path")
+    ns_dtype: NewtonSchulzDtype = knob("dtype of the Newton-Schulz iteration: bfloat16 (torch's Muon), float32, or "
+                                       "auto: bfloat16 on CUDA and on CPUs with bf16 matmul instructions (AVX-512 "
+                                       "BF16, AMX), float32 on other CPUs, where bf16 is the slow path")
     eps: float = knob("added to sqrt(v) in AdamW's denominator")
 
 

@@ -4,7 +4,8 @@ optim=muon: Muon for the transformer blocks' weight matrices (attention and MLP)
 
 Muon's step is torch.optim.Muon's, written out here (tests/test_muon.py holds it equal to torch's, bit for bit) so
 that its Newton-Schulz iteration can also run in float32: torch's runs in bfloat16, which a CPU without bf16
-instructions (AVX2 only) runs so slowly that a char-proxy Muon step took 0.9 s against AdamW's 80 ms on one.
+instructions (AVX2 only) runs so slowly that a char-proxy Muon step took 0.92 s there against 0.11 s in float32
+(AdamW's: 0.08 s). ns_dtype=auto picks the fast one for the device.
 
 MuonAdamW is the two as one torch.optim.Optimizer: its param_groups are Muon's group then AdamW's group (the very
 dict the inner AdamW steps), so the loop's one schedule sets both learning rates, and its state_dict is the
@@ -27,6 +28,18 @@ def param_groups(model, weight_decay):
     matrices = {id(m.weight) for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear)}
     assert {id(p) for p in decayed["params"]} == matrices, "Muon's part must be the blocks' nn.Linear weights"
     return decayed, rest
+
+
+def newton_schulz_dtype(name, device):
+    """optim.ns_dtype as a torch dtype. auto: bfloat16 (torch's) where matmuls have bf16 instructions (CUDA, and
+    x86 CPUs with AVX-512 BF16 or AMX), float32 elsewhere, where bf16 is emulated (on an AVX2-only CPU about 24x
+    slower than float32 for the char proxy's matrices: scripts/bench_optim.py --model baby)."""
+    if name != "auto":
+        return getattr(torch, name)
+    device = torch.device(device)
+    bf16_instructions = device.type == "cuda" or (
+        device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+    return torch.bfloat16 if bf16_instructions else torch.float32
 
 
 def orthogonalize(update, ns_steps, dtype, eps=1e-7):

@@ -2,8 +2,10 @@
 Optimizer step cost on GPT-2 124M-shaped parameters, in one process, against torch's fused AdamW.
 
     nice -n 10 python scripts/bench_optim.py [--device cpu] [--dtype float32] [--steps 10] [--warmup 3]
+    python scripts/bench_optim.py --model baby --only muon --skip-gnb   # the char proxy's shape, Muon's rows
 
-The parameters are model.py's GPT at the gpt2_small shape in model.py's own groups (configure_optimizer_groups:
+The parameters are model.py's GPT at the gpt2_small shape (--model: another configs/model preset, e.g. baby, the
+char proxy's 4x4x128) in model.py's own groups (configure_optimizer_groups:
 weight decay on nn.Linear weights only; the tied embedding/head once), through scripts/benchmark.py's
 gpt2_groups; --bias adds GPT-2's biases. Gradients are random and fixed. Every optimizer runs its warm-up steps
 (compilation included), then the optimizers take turns, one timed step each per round, so that a
@@ -38,6 +40,11 @@ parser.add_argument("--device", default="cpu")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
 parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer")
 parser.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer (compiles)")
+parser.add_argument("--model", default="gpt2_small", help="configs/model preset whose shapes the parameters take "
+                    "(default gpt2_small; baby: the char proxy's)")
+parser.add_argument("--only", default="",
+                    help="comma-separated: time only the optimizers whose name contains one of these "
+                         "(case-insensitive; AdamW fused, the reference, always runs), e.g. 'muon'")
 parser.add_argument("--bias", action="store_true", help="add GPT-2's biases")
 parser.add_argument("--gnb-shape", default="8,128,50304", help="B,T,V of the logits for the GNB table")
 parser.add_argument("--gnb-steps", type=int, default=5)
@@ -71,10 +78,21 @@ def timed(fn):
     return clock() - t0
 
 
+def model_shape(name):
+    """The GPTConfig fields of configs/model/<name>.yaml that set parameter shapes."""
+    from omegaconf import OmegaConf
+    path = REPO_DIR / "configs" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        sys.exit(f"--model {name}: no configs/model/{name}.yaml; one of: {names}")
+    preset = OmegaConf.load(path)
+    return {k: int(preset[k]) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
+
+
 def bench_optimizers():
-    # GPT-2 124M (configs/model/gpt2_small.yaml's shape) in model.py's weight-decay and no-decay groups
-    model_groups = gpt2_groups(dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
-                                    bias=args.bias), device, dtype)
+    # the --model preset's shapes (GPT-2 124M by default) in model.py's weight-decay and no-decay groups
+    shape = model_shape(args.model)
+    model_groups = gpt2_groups(dict(**shape, bias=args.bias), device, dtype)
     tensors = [p for g in model_groups for p in g["params"]]
     n_params = sum(p.numel() for p in tensors)
 
@@ -97,12 +115,17 @@ def bench_optimizers():
            for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))},
     }
 
+    wanted = [w.strip().lower() for w in args.only.split(",") if w.strip()]
+    candidates = {name: make for name, make in candidates.items()
+                  if name == "AdamW fused" or not wanted or any(w in name.lower() for w in wanted)}
+
     def step_kwargs(opt):
         if isinstance(opt, sophia.SophiaH):
             return {"bs": 1}
         return {"bs": hess_bs} if isinstance(opt, sophia.SophiaG) else {}
 
-    print(f"# Optimizer step on GPT-2 124M shapes: {n_params / 1e6:.1f}M params in {len(tensors)} "
+    print(f"# Optimizer step on {args.model}'s shapes ({shape['n_layer']}x{shape['n_head']}x{shape['n_embd']}, "
+          f"vocab {shape['vocab_size']}): {n_params / 1e6:.1f}M params in {len(tensors)} "
           f"tensors, {args.dtype} on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.clock} clock)")
     optimizers = {}
@@ -122,7 +145,7 @@ def bench_optimizers():
         for name, opt in optimizers.items():
             times[name].append(timed(lambda: opt.step(**step_kwargs(opt))))
     hessian_times = {name: [timed(optimizers[name].update_hessian) for _ in range(max(3, args.steps // 2))]
-                     for name in ("SophiaG fused", "SophiaG reference (official loop)")}
+                     for name in ("SophiaG fused", "SophiaG reference (official loop)") if name in optimizers}
 
     def state_bytes(opt):  # the per-parameter buffers (the 0-d step counters left out)
         return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()

@@ -44,6 +44,7 @@ import functools
 import json
 import math
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -254,6 +255,20 @@ def git_commit():
     return head + ("-dirty" if dirty else "")
 
 
+@functools.lru_cache(maxsize=None)
+def machine():
+    """What a record line notes of the machine that made it: the CPU's model name, torch's kernel level (AVX2,
+    AVX512: runs on CPUs of different levels round apart), bf16 instructions (optim.ns_dtype=auto's choice for
+    Muon) and torch's version."""
+    import torch
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+             if line.startswith("model name")]
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return (f"{names[0] if names else platform.processor() or 'unknown CPU'}, {torch.backends.cpu.get_cpu_capability()}, "
+            f"{'bf16' if bf16 else 'no bf16'}, torch {torch.__version__}")
+
+
 def summary(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -278,7 +293,7 @@ def record_line(job, status, events, seconds, commit):
             "hessian_grad_norm": summary([e.get("optim/hessian_grad_norm") for e in train]),
             "hessian_clip_rate": summary([e.get("optim/hessian_clip_rate") for e in train]),
             "eval_tokens": eval_steps_of(job.contender.preset, tuple(job.contender.extra))[1],
-            "seconds": seconds, "command": job.command(), "commit": commit,
+            "seconds": seconds, "command": job.command(), "commit": commit, "machine": machine(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -527,7 +542,7 @@ def phase_time(proxy, contenders, record, args):
         line = {"proxy": proxy, "contender": c.name, "settings": best[0], "steps": TIME_STEPS,
                 "seconds_per_step": seconds_per_step(events, int(cfg.total_batch_size) * int(cfg.model.block_size)),
                 "load_before": load_before, "load_after": os.getloadavg()[0],
-                "command": job.command(), "commit": git_commit(),
+                "command": job.command(), "commit": git_commit(), "machine": machine(),
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         TIME_RECORD.parent.mkdir(parents=True, exist_ok=True)
         with open(TIME_RECORD, "a") as f:
@@ -669,6 +684,9 @@ def phase_against(proxies, record, args):
     if not pairs:
         print(f"no finished run of {', '.join(proxies)} is in both {RECORD} and {args.against}", file=sys.stderr)
         return 2
+    for name, lines in (("record", [line for line, _ in pairs]), ("other", [twin for _, twin in pairs])):
+        machines = sorted({line.get("machine", "not noted (made before the record noted it)") for line in lines})
+        print(f"{name}'s machine(s): {'; '.join(machines)}")
     status = print_differences([(line, twin["final_val_loss"]) for line, twin in pairs], "other", args.tolerance)
     gaps = sorted((abs(twin["final_val_loss"] - line["final_val_loss"]), line["key"]) for line, twin in pairs)
     print(f"{len(pairs)} run(s) in both; {sum(gap == 0 for gap, _ in gaps)} bit-equal; |difference| median "

@@ -107,6 +107,16 @@ def flatten(tree, prefix=""):
     return flat
 
 
+def cpu_flags():
+    """The flags of /proc/cpuinfo's first processor (Linux): the kernel's own list of the CPU's instructions, a
+    reference independent of torch's detection."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    line = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
+    return set(line.split(":", 1)[1].split())
+
+
 def compose_config(preset=None, overrides=()):
     """The config train.py runs with for `python train.py [config=preset] overrides...`, as a plain dict."""
     from omegaconf import OmegaConf

@@ -74,7 +74,7 @@ def test_muon_presets_reuse_the_adamw_hyperparameters(size):
         (adamw["optim"]["lr"], None, 0.1, adamw["optim"]["betas"], adamw["optim"]["eps"])
     assert compose_config(f"gpt2_{size}_muon")["min_lr"] == adamw["min_lr"]
     assert (muon["adjust_lr_fn"], muon["momentum"], muon["nesterov"], muon["ns_steps"], muon["ns_dtype"]) == \
-        ("match_rms_adamw", 0.95, True, 5, "bfloat16")
+        ("match_rms_adamw", 0.95, True, 5, "auto")
 
 
 @pytest.mark.parametrize("size", SIZES)

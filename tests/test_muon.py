@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import read_metrics, run_train
+from conftest import cpu_flags, read_metrics, run_train
 from model import GPT, GPTConfig
 
 
@@ -84,8 +84,10 @@ def test_two_steps_equal_torch_muon_and_adamw_by_hand(tmp_path, adjust_lr_fn, sh
     """The loop's first two steps (the second at a lower lr of the cosine, with momentum and Adam's moments),
     rebuilt by hand from the same pieces with torch.optim.Muon and torch.optim.AdamW, each part at its own lr."""
     lr, adam_lr, min_lr = 2e-2, 3e-3, 2e-3
-    run_train(["optim=muon", "max_steps=2", "grad_clip=0.5", f"optim.lr={lr}", f"optim.adam_lr={adam_lr}",
-               f"min_lr={min_lr}", "warmup_steps=0", f"optim.adjust_lr_fn={adjust_lr_fn}"], tmp_path)
+    result = run_train(["optim=muon", "max_steps=2", "grad_clip=0.5", f"optim.lr={lr}", f"optim.adam_lr={adam_lr}",
+                        f"min_lr={min_lr}", "warmup_steps=0", f"optim.adjust_lr_fn={adjust_lr_fn}",
+                        "optim.ns_dtype=bfloat16"], tmp_path)  # torch's Muon runs Newton-Schulz in bf16
+    assert "optimizer muon (Newton-Schulz in bfloat16)" in result.stdout
     trained = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
     records = read_metrics(tmp_path)
     for key in ("step", "tokens", "train/loss", "lr", "grad_norm", "time/elapsed_s", "throughput/tokens_per_s",
@@ -126,6 +128,18 @@ def test_two_steps_equal_torch_muon_and_adamw_by_hand(tmp_path, adjust_lr_fn, sh
             assert (update - reference_update).norm() < 0.02 * reference_update.norm(), name
         else:
             torch.testing.assert_close(trained[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_auto_newton_schulz_dtype_is_bf16_where_the_cpu_has_bf16_instructions():
+    """auto: bf16 on CUDA and on a CPU whose flags (the kernel's, read independently of torch) include AVX-512 BF16
+    or AMX BF16; float32 on any other CPU. A named dtype is taken as it is."""
+    import muon
+    flags = cpu_flags()
+    expected = torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & flags else torch.float32
+    assert muon.newton_schulz_dtype("auto", "cpu") is expected
+    assert muon.newton_schulz_dtype("auto", torch.device("cuda", 0)) is torch.bfloat16  # a device, not a GPU
+    assert muon.newton_schulz_dtype("float32", "cuda") is torch.float32
+    assert muon.newton_schulz_dtype("bfloat16", "cpu") is torch.bfloat16
 
 
 def test_state_dict_round_trip_continues_exactly():
@@ -189,7 +203,7 @@ def test_two_ranks_equal_one_process(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["parallel=fsdp"], "optim=muon runs under parallel=ddp only"),
     (["optim.adjust_lr_fn=rms"], "optim.adjust_lr_fn=rms: expected match_rms_adamw|original"),  # by Hydra
-    (["optim.ns_dtype=float16"], "optim.ns_dtype=float16: expected bfloat16|float32"),  # by Hydra
+    (["optim.ns_dtype=float16"], "optim.ns_dtype=float16: expected auto|bfloat16|float32"),  # by Hydra
     (["optim.ns_steps=0"], "optim.ns_steps=0: use 1 to 99"),
     (["optim.ns_steps=100"], "optim.ns_steps=100: use 1 to 99"),
     (["optim.adam_lr=0"], "optim.adam_lr=0.0: use a positive lr, or null"),

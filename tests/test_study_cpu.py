@@ -10,9 +10,10 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 
 from scripts import study_cpu
-from tests.conftest import compose_config
+from tests.conftest import compose_config, cpu_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -188,6 +189,10 @@ def test_record_round_trip_and_report_from_the_record_alone(record_in, synthetic
     assert len(launched) == 6 + (12 - 1) + (9 - 1) and len(set(launched)) == len(launched)
     lines = [json.loads(line) for line in study_cpu.RECORD.read_text().splitlines()]
     assert len(lines) == len(launched)
+    # each line notes its machine: torch's kernel level and version, and bf16 as the kernel's CPU flags say
+    bf16 = "bf16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "no bf16"
+    assert {line["machine"] for line in lines} == {study_cpu.machine()}
+    assert lines[0]["machine"].endswith(f", {torch.backends.cpu.get_cpu_capability()}, {bf16}, torch {torch.__version__}")
 
     launched.clear()  # a second pass: everything is in the record, nothing runs
     assert study_cpu.main(["--phase", "sweep", *args]) == 0 and study_cpu.main(["--phase", "budgets", *args]) == 0
@@ -411,17 +416,17 @@ def test_against_compares_two_records_run_by_run(record_in, monkeypatch, capsys)
     monkeypatch.setattr(study_cpu, "preset_steps", lambda contender: 100)
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("--against started a run"))
 
-    def write(path, losses, seed=1337):
+    def write(path, losses, seed=1337, machine=None):
         lines = [{"key": study_cpu.Job("char", adamw, {"optim.lr": lr}, 100, seed, record_in / "out").key,
                   "proxy": "char", "contender": "adamw", "status": "finished", "steps": 100, "seed": seed,
-                  "final_val_loss": loss, "commit": "0" * 40,
+                  "final_val_loss": loss, "commit": "0" * 40, **({"machine": machine} if machine else {}),
                   "win_rate": {"blocks": {"mean": loss / 10}}} for lr, loss in losses.items()]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     write(study_cpu.RECORD, {1e-3: 2.0, 2e-3: 1.9, 4e-3: 1.95, 8e-3: 2.2})
     other = record_in / "other" / "runs.jsonl"
-    write(other, {1e-3: 2.0, 2e-3: 1.91, 4e-3: 1.89, 8e-3: 2.23})
+    write(other, {1e-3: 2.0, 2e-3: 1.91, 4e-3: 1.89, 8e-3: 2.23}, machine="CPU B, AVX2, no bf16")
     with open(other, "a") as f:  # a run the record does not have
         f.write(json.dumps({**json.loads(other.read_text().splitlines()[0]), "key": "char/adamw/only_here"}) + "\n")
     against = ["--phase", "verify", "--proxy", "char", "--against", str(other), "--out", str(record_in / "out")]
@@ -431,6 +436,8 @@ def test_against_compares_two_records_run_by_run(record_in, monkeypatch, capsys)
     assert sorted(rows) == sorted(f"char/adamw/lr{lr:g}_steps100_seed1337" for lr in (1e-3, 2e-3, 4e-3, 8e-3))
     assert rows["char/adamw/lr0.001_steps100_seed1337"].endswith("| 2.000000 | +0.00e+00 | yes |")
     assert rows["char/adamw/lr0.008_steps100_seed1337"].endswith("| 2.230000 | +3.00e-02 | NO |")
+    assert "record's machine(s): not noted (made before the record noted it)" in out
+    assert "other's machine(s): CPU B, AVX2, no bf16" in out
     assert "4 run(s) in both; 1 bit-equal; |difference| median 2.00e-02, largest 6.00e-02 " \
            "(char/adamw/lr0.004_steps100_seed1337)" in out
     assert "blocks (mean over a run): largest difference 0.0060 (char/adamw/lr0.004_steps100_seed1337)" in out
