@@ -651,7 +651,16 @@ def phase_verify(proxies, record, args):
         if folder is not None and got is None:
             print(f"{line['key']}: the rerun logged no final val loss; see {out_dir}.log")
         pairs.append((line, got))
+    print_machines(("record", [line for line, _ in pairs]))
+    print(f"rerun's machine: {machine()}")  # a CPU of another kind rounds apart: "Checking the record" (README)
     return print_differences(pairs, "rerun", args.tolerance)
+
+
+def print_machines(*named_lines):
+    """Each (name, record lines): the machines those lines were made on, as the record notes them."""
+    for name, lines in named_lines:
+        machines = sorted({line.get("machine", "not noted (made before the record noted it)") for line in lines})
+        print(f"{name}'s machine(s): {'; '.join(machines)}")
 
 
 def print_differences(pairs, other, tolerance):
@@ -684,9 +693,7 @@ def phase_against(proxies, record, args):
     if not pairs:
         print(f"no finished run of {', '.join(proxies)} is in both {RECORD} and {args.against}", file=sys.stderr)
         return 2
-    for name, lines in (("record", [line for line, _ in pairs]), ("other", [twin for _, twin in pairs])):
-        machines = sorted({line.get("machine", "not noted (made before the record noted it)") for line in lines})
-        print(f"{name}'s machine(s): {'; '.join(machines)}")
+    print_machines(("record", [line for line, _ in pairs]), ("other", [twin for _, twin in pairs]))
     status = print_differences([(line, twin["final_val_loss"]) for line, twin in pairs], "other", args.tolerance)
     gaps = sorted((abs(twin["final_val_loss"] - line["final_val_loss"]), line["key"]) for line, twin in pairs)
     print(f"{len(pairs)} run(s) in both; {sum(gap == 0 for gap, _ in gaps)} bit-equal; |difference| median "

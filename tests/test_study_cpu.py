@@ -403,6 +403,8 @@ def test_verify_reruns_recorded_commands_and_flags_a_different_loss(record_in, t
     assert "cannot verify bpe/adamw/dirty: commit" in out and "uncommitted code" in out
     assert rows["bpe/adamw/dirty"].endswith("| n/a | NO |")
     assert "1 of 3 rerun(s) within 0.0001 of the record" in out
+    assert "record's machine(s): not noted (made before the record noted it)" in out
+    assert f"rerun's machine: {study_cpu.machine()}" in out
     # the rerun wrote to its own folder, not the recorded out_dir
     assert study_cpu.final_val_loss(record_in / "out" / "verify" / "runs" / "bpe/adamw/same", 4) == loss
 
