@@ -30,6 +30,11 @@ def param_groups(model, weight_decay):
     return decayed, rest
 
 
+def cpu_has_bf16():
+    """Whether this CPU has bf16 matmul instructions (x86 AVX-512 BF16 or AMX), as torch detects them."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def newton_schulz_dtype(name, device):
     """optim.ns_dtype as a torch dtype. auto: bfloat16 (torch's) where matmuls have bf16 instructions (CUDA, and
     x86 CPUs with AVX-512 BF16 or AMX), float32 elsewhere, where bf16 is emulated (on an AVX2-only CPU about 24x
@@ -37,8 +42,7 @@ def newton_schulz_dtype(name, device):
     if name != "auto":
         return getattr(torch, name)
     device = torch.device(device)
-    bf16_instructions = device.type == "cuda" or (
-        device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+    bf16_instructions = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
     return torch.bfloat16 if bf16_instructions else torch.float32
 
 

@@ -20,6 +20,7 @@ F.cross_entropy forward+backward on data labels, and against the official recipe
 """
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -33,15 +34,15 @@ sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not th
 
 import muon
 import sophia
-from scripts.benchmark import gpt2_groups
+from scripts.benchmark import MODEL_PRESETS, gpt2_groups, model_config
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cpu")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
 parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer")
 parser.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer (compiles)")
-parser.add_argument("--model", default="gpt2_small", help="configs/model preset whose shapes the parameters take "
-                    "(default gpt2_small; baby: the char proxy's)")
+parser.add_argument("--model", default="gpt2_small", choices=MODEL_PRESETS,
+                    help="the configs/model preset whose shapes the parameters take (baby: the char proxy's)")
 parser.add_argument("--only", default="",
                     help="comma-separated: time only the optimizers whose name contains one of these "
                          "(case-insensitive; AdamW fused, the reference, always runs), e.g. 'muon'")
@@ -78,21 +79,10 @@ def timed(fn):
     return clock() - t0
 
 
-def model_shape(name):
-    """The GPTConfig fields of configs/model/<name>.yaml that set parameter shapes."""
-    from omegaconf import OmegaConf
-    path = REPO_DIR / "configs" / "model" / f"{name}.yaml"
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        sys.exit(f"--model {name}: no configs/model/{name}.yaml; one of: {names}")
-    preset = OmegaConf.load(path)
-    return {k: int(preset[k]) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
-
-
 def bench_optimizers():
     # the --model preset's shapes (GPT-2 124M by default) in model.py's weight-decay and no-decay groups
-    shape = model_shape(args.model)
-    model_groups = gpt2_groups(dict(**shape, bias=args.bias), device, dtype)
+    shape = dataclasses.asdict(model_config(args.model))
+    model_groups = gpt2_groups({**shape, "bias": args.bias}, device, dtype)
     tensors = [p for g in model_groups for p in g["params"]]
     n_params = sum(p.numel() for p in tensors)
 

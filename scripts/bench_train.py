@@ -26,20 +26,8 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
 import mfu
-from config_schema import compose_config
-from model import GPT, GPTConfig
-
-MODEL_PRESETS = sorted(path.stem for path in (REPO_DIR / "configs" / "model").glob("*.yaml"))
-
-
-def model_config(name, seq):
-    """GPTConfig of `python train.py model=<name>`, block_size at least seq."""
-    from omegaconf import OmegaConf
-    preset = OmegaConf.to_container(compose_config(None, [f"model={name}"]).model, resolve=True)
-    cfg = {k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__}  # drops e.g. `name`
-    cfg["block_size"] = max(cfg.get("block_size", 1024), seq)
-    cfg["dropout"] = 0.0
-    return GPTConfig(**cfg)
+from model import GPT
+from scripts.benchmark import MODEL_PRESETS, model_config
 
 
 def main():
@@ -71,8 +59,9 @@ def main():
     ours = GPT(config).to(device)
     flops_per_token = ours.flops_per_token(seq_len=args.seq)  # attention term at the length trained on
     peak = mfu.peak_flops(device, dtype, cpu_peak=args.cpu_peak)
-    x = torch.randint(0, 50257, (args.batch, args.seq), device=device)
-    y = torch.randint(0, 50257, (args.batch, args.seq), device=device)
+    vocab = min(config.vocab_size, 50257)  # GPT-2's real token ids (its vocab_size is padded), or a smaller vocab's
+    x = torch.randint(0, vocab, (args.batch, args.seq), device=device)
+    y = torch.randint(0, vocab, (args.batch, args.seq), device=device)
 
     def adamw(m):
         groups = m.configure_optimizer_groups(0.1) if isinstance(m, GPT) else [

@@ -1,6 +1,6 @@
 """
-What the benchmark scripts share: n training steps through train.py's own loop, and GPT-2-shaped parameter
-groups with random gradients for timing optimizers.
+What the benchmark scripts share: n training steps through train.py's own loop, a configs/model preset as a
+GPTConfig, and GPT-2-shaped parameter groups with random gradients for timing optimizers.
 
 train.py runs as users run it, in a subprocess (no script imports train.py, whose train_step and refresh_hessian
 stay in the loop's file), and its speed and memory are read back from the metrics.jsonl it writes: the run's own
@@ -18,8 +18,11 @@ import torch
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
+from config_schema import compose_config
 from metrics import read_metrics
 from model import GPT, GPTConfig
+
+MODEL_PRESETS = sorted(path.stem for path in (REPO_DIR / "configs" / "model").glob("*.yaml"))
 
 
 def train_steps(overrides, steps, out_dir, window=10, timeout=1800):
@@ -46,6 +49,16 @@ def windows(records, skip=1):
 def step_seconds(record):
     """Seconds per training step in one window: tokens per step over the window's tokens/s."""
     return record["tokens"] / record["step"] / record["throughput/tokens_per_s"]
+
+
+def model_config(name, seq=0):
+    """GPTConfig of `python train.py model=<name>`, block_size at least seq."""
+    from omegaconf import OmegaConf
+    preset = OmegaConf.to_container(compose_config(None, [f"model={name}"]).model, resolve=True)
+    cfg = {k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__}  # drops e.g. `name`
+    cfg["block_size"] = max(cfg.get("block_size", 1024), seq)
+    cfg["dropout"] = 0.0
+    return GPTConfig(**cfg)
 
 
 def gpt2_groups(config, device, dtype=torch.float32, seed=0):

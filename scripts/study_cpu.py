@@ -261,12 +261,13 @@ def machine():
     AVX512: runs on CPUs of different levels round apart), bf16 instructions (optim.ns_dtype=auto's choice for
     Muon) and torch's version."""
     import torch
+
+    from muon import cpu_has_bf16
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
              if line.startswith("model name")]
-    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return (f"{names[0] if names else platform.processor() or 'unknown CPU'}, {torch.backends.cpu.get_cpu_capability()}, "
-            f"{'bf16' if bf16 else 'no bf16'}, torch {torch.__version__}")
+            f"{'bf16' if cpu_has_bf16() else 'no bf16'}, torch {torch.__version__}")
 
 
 def summary(values):
