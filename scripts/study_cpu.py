@@ -90,24 +90,46 @@ class Contender:
     extra: list = field(default_factory=list)  # overrides every run of it gets (optim=lion, grad_clip=...)
 
 
-# The starting grids. char: the exploratory runs of issue 16 (2,000 steps, one seed) had AdamW best at 2e-3 of
-# {1e-3, 2e-3}, Lion 3e-4, SophiaG 3e-4 with rho 0.5 (rho 0.05: 8-15% of coordinates unclipped, 0.5: 35-40%, 5: 99%).
-# rho spans fully clipped (0.01) to nearly unclipped (5). Muon's grid is its preset's lr x {1/2, 1, 2}.
-GRIDS = {
-    "char": {"adamw": {"optim.lr": [1e-3, 2e-3, 4e-3]},
-             "adamw_official": {"optim.lr": [1e-3, 2e-3, 4e-3]},
-             "lion": {"optim.lr": [1e-4, 3e-4, 1e-3]},
-             "sophiag": {"optim.lr": [3e-4, 1e-3], "optim.rho": [0.01, 0.1, 0.5, 2.0, 5.0]},
-             "muon": {"optim.lr": [0.5, 1.0, 2.0]}},
-    # bpe: an earlier 200-step sweep had AdamW best at 2e-3 of {5e-4, 1e-3, 2e-3}. Its SophiaG runs (issue 16) left
-    # the blocks 1.8% unclipped at rho 0.3 and 5-18% at rho 3, so rho spans fully clipped (0.03) to 30.
-    "bpe": {"adamw": {"optim.lr": [1e-3, 2e-3, 4e-3]},
-            "adamw_official": {"optim.lr": [1e-3, 2e-3, 4e-3]},
-            "lion": {"optim.lr": [1e-4, 3e-4, 1e-3]},
-            "sophiag": {"optim.lr": [3e-4, 1e-3], "optim.rho": [0.03, 0.3, 3.0, 10.0, 30.0]},
-            "muon": {"optim.lr": [0.5, 1.0, 2.0]}},
+@dataclass
+class Proxy:
+    """One proxy of the study: a preset family, the overrides that place it on a scale axis, its contenders' starting
+    grids, and the budgets each contender runs at (multiples of the preset's max_steps)."""
+    stem: str                       # configs/config/<stem>_<optimizer>.yaml
+    grids: dict                     # {contender: {"optim.lr": [...], ...}}
+    overrides: list = field(default_factory=list)   # every run of the proxy gets these first
+    budgets: tuple = BUDGET_FACTORS                 # every contender
+    reference_budgets: tuple = REFERENCE_EXTRA_FACTORS  # AdamW's in addition: the curve the others are read off
+
+
+# The starting grids. char: the exploratory runs of the proxy's first study (2,000 steps, one seed) had AdamW best at
+# 2e-3 of {1e-3, 2e-3}, Lion 3e-4, SophiaG 3e-4 with rho 0.5 (rho 0.05: 8-15% of coordinates unclipped, 0.5: 35-40%,
+# 5: 99%). rho spans fully clipped (0.01) to nearly unclipped (5). Muon's grid is its preset's lr x {1/2, 1, 2}.
+# bpe: an earlier 200-step sweep had AdamW best at 2e-3 of {5e-4, 1e-3, 2e-3}; SophiaG left the blocks 1.8% unclipped
+# at rho 0.3 and 5-18% at rho 3, so rho spans fully clipped (0.03) to 30.
+# The scale axes (char_t<tokens per step>, char_w<width>) start from the char proxy's best settings, one x2 step to
+# each side, and rho at char's in-regime best: the sweep's extension brackets whatever moved. They run the four
+# optimizers (the official-style AdamW control stays on char), every contender at 1x and AdamW also at 1/2x and 2x.
+AXIS_GRIDS = {"adamw": {"optim.lr": [2e-3, 4e-3, 8e-3]},
+              "lion": {"optim.lr": [1.5e-4, 3e-4, 6e-4]},
+              "sophiag": {"optim.lr": [1.5e-4, 3e-4, 6e-4], "optim.rho": [0.5]},
+              "muon": {"optim.lr": [2e-3, 4e-3, 8e-3]}}
+PROXIES = {
+    "char": Proxy("shakespeare_char", {"adamw": {"optim.lr": [1e-3, 2e-3, 4e-3]},
+                                       "adamw_official": {"optim.lr": [1e-3, 2e-3, 4e-3]},
+                                       "lion": {"optim.lr": [1e-4, 3e-4, 1e-3]},
+                                       "sophiag": {"optim.lr": [3e-4, 1e-3], "optim.rho": [0.01, 0.1, 0.5, 2.0, 5.0]},
+                                       "muon": {"optim.lr": [1e-3, 2e-3, 4e-3]}}),
+    "bpe": Proxy("shakespeare", {"adamw": {"optim.lr": [1e-3, 2e-3, 4e-3]},
+                                 "adamw_official": {"optim.lr": [1e-3, 2e-3, 4e-3]},
+                                 "lion": {"optim.lr": [1e-4, 3e-4, 1e-3]},
+                                 "sophiag": {"optim.lr": [3e-4, 1e-3], "optim.rho": [0.03, 0.3, 3.0, 10.0, 30.0]},
+                                 "muon": {"optim.lr": [5e-4, 1e-3, 2e-3]}}),
+    # tokens per step x4 and x8 (the sequences per step; one micro-batch, so the evaluation is one pass over the
+    # validation split), and the model twice as wide (about 3.9x the parameters)
+    "char_t3072": Proxy("shakespeare_char", AXIS_GRIDS, ["total_batch_size=48", "micro_batch_size=48"], (1, 0.5), (2,)),
+    "char_t6144": Proxy("shakespeare_char", AXIS_GRIDS, ["total_batch_size=96", "micro_batch_size=96"], (1, 0.5), (2,)),
+    "char_w256": Proxy("shakespeare_char", AXIS_GRIDS, ["model.n_embd=256"], (1, 0.5), (2,)),
 }
-PRESET_STEM = {"char": "shakespeare_char", "bpe": "shakespeare"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,26 +177,26 @@ def preset_exists(name):
 
 def contenders_of(proxy):
     """The proxy's contenders that the loop has today, and a note for each one it lacks."""
-    stem, grids = PRESET_STEM[proxy], GRIDS[proxy]
+    spec = PROXIES[proxy]
+    stem, grids, common = spec.stem, spec.grids, list(spec.overrides)
     if not preset_exists(f"{stem}_adamw"):
         return [], [f"{proxy}: no preset {stem}_adamw (configs/config/): the whole proxy is skipped"]
     found, notes = [], []
     base = f"{stem}_adamw"
-    eps = float(preset_config(base).optim.eps)
-    official = [f"grad_clip={OFFICIAL_ADAMW['grad_clip']!r}", f"optim.eps={eps / 6!r}"]
-    found.append(Contender("adamw", base, grids["adamw"]))
-    found.append(Contender("adamw_official", base, grids["adamw_official"], official))
+    found.append(Contender("adamw", base, grids["adamw"], common))
+    if "adamw_official" in grids:
+        eps = float(preset_config(base).optim.eps)
+        official = [f"grad_clip={OFFICIAL_ADAMW['grad_clip']!r}", f"optim.eps={eps / 6!r}"]
+        found.append(Contender("adamw_official", base, grids["adamw_official"], common + official))
     for name in ("lion", "sophiag", "muon"):
+        if name not in grids:
+            continue
         if preset_exists(f"{stem}_{name}"):
-            found.append(Contender(name, f"{stem}_{name}", grids[name]))
+            found.append(Contender(name, f"{stem}_{name}", grids[name], common))
         elif (REPO / "configs" / "optim" / f"{name}.yaml").is_file():  # the loop has it: the AdamW preset with it
-            found.append(Contender(name, base, grids[name], [f"optim={name}"]))
+            found.append(Contender(name, base, grids[name], common + [f"optim={name}"]))
         else:
             notes.append(f"{proxy}: no optim={name} in this checkout (configs/optim/{name}.yaml): {name} is skipped")
-    for c in found:
-        if c.name == "muon":  # its lr scale is its own: the grid is relative to its preset's lr
-            lr = float(preset_config(c.preset, tuple(c.extra)).optim.lr)
-            c.grid = {"optim.lr": [round_sig(lr * f) for f in c.grid["optim.lr"]]}
     return found, notes
 
 
@@ -474,8 +496,8 @@ def budget_jobs(proxy, contender, record, args):
         return []
     if contender.name == "adamw_official" and not beats_adamw(proxy, contender, record, args):
         return []  # AdamW as the official run clipped it: budgets only if it beats plain AdamW in the sweep
-    base = preset_steps(contender)
-    factors = BUDGET_FACTORS + (REFERENCE_EXTRA_FACTORS if contender.name == "adamw" else ())
+    base, spec = preset_steps(contender), PROXIES[proxy]
+    factors = spec.budgets + (spec.reference_budgets if contender.name == "adamw" else ())
     return [Job(proxy, contender, best[0], int(round(base * f)), seed, args.out)
             for f in factors for seed in args.seeds]
 
@@ -894,7 +916,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", default="all", choices=["sweep", "budgets", "time", "report", "all",
                                                                  "verify"])
-    parser.add_argument("--proxy", default="all", choices=["char", "bpe", "all"])
+    parser.add_argument("--proxy", default="all", choices=[*PROXIES, "all"],
+                        help="one proxy, or all (default): every proxy in PROXIES")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, each OMP_NUM_THREADS=1 (default 2)")
     parser.add_argument("--seeds", default="1337,2,3", help="comma-separated; the first is the sweep's (default 1337,2,3)")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "study", help="run directories (default out/study)")
@@ -919,7 +942,7 @@ def main(argv=None):
         parser.error(f"--against {args.against}: give a runs.jsonl the study wrote, with --phase verify")
     args.out = args.out.absolute()
 
-    proxies = {p: contenders_of(p) for p in (["char", "bpe"] if args.proxy == "all" else [args.proxy])}
+    proxies = {p: contenders_of(p) for p in (PROXIES if args.proxy == "all" else [args.proxy])}
     if args.contenders:
         wanted = args.contenders.split(",")
         known = {c.name for contenders, _ in proxies.values() for c in contenders}

@@ -33,7 +33,7 @@ VAL_TOKENS = {"shakespeare": 84_511, "shakespeare_char": 253_771}
 
 @pytest.mark.parametrize("proxy", ["bpe", "char"])
 def test_dry_run_commands_compose_the_configs_they_name(proxy, record_in, monkeypatch, capsys):
-    if not study_cpu.preset_exists(f"{study_cpu.PRESET_STEM[proxy]}_adamw"):
+    if not study_cpu.preset_exists(f"{study_cpu.PROXIES[proxy].stem}_adamw"):
         pytest.skip(f"no {proxy} presets in this checkout")
     monkeypatch.setattr(study_cpu, "val_tokens",
                         lambda preset, extra=(): VAL_TOKENS[str(study_cpu.preset_config(preset, extra).data.name)])
