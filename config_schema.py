@@ -197,7 +197,7 @@ def register():
 
 
 register()
-# a preset's `min_lr: ${mul:${optim.lr},0.1}` keeps the cosine's floor at lr/10 when a sweep changes optim.lr;
+# train.yaml's `min_lr: ${mul:${optim.lr},0.1}` keeps the cosine's floor at lr/10 when a sweep changes optim.lr;
 # rounded to 12 digits so that config.yaml reads 3e-05, not 2.9999999999999997e-05
 OmegaConf.register_new_resolver("mul", lambda a, b: float(f"{a * b:.12g}"), replace=True)
 
@@ -278,7 +278,8 @@ def check_values(cfg, world_size):
          f"n_embd / n_head dimensions; pick n_head dividing n_embd")
     need(0 <= model.dropout < 1, f"model.dropout={model.dropout}: use a value in [0, 1)")
     need(optim.lr > 0, f"optim.lr={optim.lr}: the learning rate must be positive")
-    need(0 <= cfg.min_lr <= optim.lr, f"min_lr={cfg.min_lr} must lie in [0, optim.lr={optim.lr}]")
+    need(0 <= cfg.min_lr <= optim.lr, f"min_lr={cfg.min_lr} must lie in [0, optim.lr={optim.lr}]: set min_lr too, "
+                                      f"e.g. min_lr={optim.lr / 10:.3g} (a tenth of optim.lr)")
     need(str(cfg.compile).lower() in ("auto", "true", "false"),
          f"compile={cfg.compile}: use auto (compiled on CUDA), true or false")
     for key in ("eval_interval", "eval_steps", "log_interval", "ckpt_interval", "micro_batch_size",

@@ -9,6 +9,7 @@ from collections import defaultdict
 import pytest
 from omegaconf import OmegaConf
 
+import config_schema
 from conftest import REPO_DIR, compose_config, flatten
 
 CONFIGS = REPO_DIR / "configs"
@@ -187,6 +188,45 @@ def test_char_presets_differ_only_in_the_optimizer_and_end_at_a_tenth_of_lr():
 
 
 # -----------------------------------------------------------------------------------------------------
+# min_lr: a ratio of optim.lr where the run's recipe gives one, the official constant where it gives a number.
+
+def test_the_readme_fine_tuning_command_passes_the_checks():
+    """A small fine-tuning lr on a BPE preset: its min_lr follows optim.lr down, as the character presets' does,
+    instead of staying above it (which check_values refuses)."""
+    cfg = config_schema.compose_config("shakespeare_adamw", ["init_from=gpt2", "model.block_size=256",
+                                                            "optim.lr=3e-5", "max_steps=200"])
+    config_schema.check_values(cfg, world_size=1)
+    assert cfg.min_lr == pytest.approx(3e-6, rel=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["shakespeare_sophiag", "shakespeare_adamw", "shakespeare_muon"])
+def test_bpe_presets_end_at_a_tenth_of_lr(preset):
+    assert compose_config(preset)["min_lr"] == 1e-4  # exactly the value these presets had before the ratio
+    for lr in (3e-5, 2e-3):
+        assert compose_config(preset, [f"optim.lr={lr}"])["min_lr"] == pytest.approx(lr / 10, rel=1e-12)
+    assert compose_config(preset, ["optim.lr=2e-3", "min_lr=5e-5"])["min_lr"] == 5e-5  # an explicit one wins
+
+
+# the presets whose recipe states min_lr as a ratio of lr: the value at their own lr, and the ratio
+RATIO_PRESETS = {"gpt2_small_lion": (5e-6, 0.05), "gpt2_medium_lion": (5e-6, 0.05), "gpt2_large_lion": (4e-6, 0.05),
+                 "gpt2_xl_adamw": (1e-5, 0.05), "gpt2_xl_sophiag": (5e-6, 0.02)}
+
+
+@pytest.mark.parametrize("preset", RATIO_PRESETS)
+def test_ratio_presets_keep_their_min_lr_and_follow_a_changed_lr(preset):
+    min_lr, ratio = RATIO_PRESETS[preset]
+    assert compose_config(preset)["min_lr"] == min_lr  # exactly, as config.yaml writes it
+    assert compose_config(preset, ["optim.lr=1e-5"])["min_lr"] == pytest.approx(ratio * 1e-5, rel=1e-12)
+
+
+@pytest.mark.parametrize("size, opt", list(OFFICIAL))
+def test_official_min_lr_is_a_constant_as_in_the_official_configs(size, opt):
+    """The official configs give min_lr as a number, not a ratio: another lr leaves it where it was."""
+    lr, min_lr, *_ = OFFICIAL[(size, opt)]
+    assert compose_config(f"gpt2_{size}_{opt}", [f"optim.lr={2 * lr}"])["min_lr"] == min_lr
+
+
+# -----------------------------------------------------------------------------------------------------
 # Fair by construction: a preset names a size and an optimizer, and sets the optimizer block alone.
 
 def preset_files():
@@ -225,7 +265,8 @@ def test_train_yaml_holds_the_embedded_runs_values():
     block: a size changes what differs from the embedded run, so size/shakespeare.yaml sets no training knob."""
     train_yaml = OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml"))
     knobs = flatten({k: v for k, v in train_yaml.items() if k not in ("defaults", "hydra")})
-    embedded = flatten(compose_config())
+    # as written (min_lr's interpolation too): train.yaml's own value, not only the number it gives at lr 1e-3
+    embedded = flatten(OmegaConf.to_container(config_schema.compose_config()))
     assert {k: embedded[k] for k in knobs if k != "wandb.group"} == {k: v for k, v in knobs.items() if k != "wandb.group"}
     shakespeare = OmegaConf.load(CONFIGS / "size" / "shakespeare.yaml")
     assert set(shakespeare) - {"defaults"} == {"wandb"}  # its W&B group name alone
