@@ -332,7 +332,12 @@ def parse_command_line(argv):
 def check_command_line(argv=None):
     """Print --help and exit, or check the configuration of every run the command line asks for: a mistake
     exits with one line `error: ...` and code 2; else return, and Hydra goes on as usual."""
-    args = parse_command_line(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    dashed = dashed_override(argv)
+    if dashed:
+        print(f"error: {dashed}", file=sys.stderr)
+        sys.exit(2)
+    args = parse_command_line(argv)
     if args is None:
         return  # Hydra's own flags (--hydra-help, --cfg, --config-dir, ...): Hydra's business, checked by Hydra
     overrides = [o for o in args.overrides if not re.match(r"[+~]*hydra[./=]", o)]  # Hydra's own settings
@@ -347,6 +352,24 @@ def check_command_line(argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def dashed_override(argv):
+    """The message for an override typed as a flag (--max_steps=100, --seed 3, --resume), else None. Hydra's own
+    flags (--cfg, --config-name, ...) name no knob or config group, and hold no '_' or '.', as knobs' keys do."""
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    for i, arg in enumerate(argv):
+        key, equals, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("-") or not ("_" in key or "." in key or key in all_knobs() or key in groups):
+            continue
+        following = argv[i + 1] if i + 1 < len(argv) else ""
+        if not equals and following and not following.startswith("-") and "=" not in following:
+            arg, value = f"{arg} {following}", following  # --seed 3
+        elif not equals:
+            value = "true" if key in all_knobs() and all_knobs()[key].type is bool else "VALUE"  # --resume
+        return (f"{arg}: overrides are key=value, without dashes: python train.py {key}={value} "
+                f"(python train.py --help lists every key)")
+    return None
 
 
 def sweep_points(overrides):
@@ -390,8 +413,8 @@ def describe(e, given):
     """One line for a composition error: the key, the value, and what the schema expects."""
     if isinstance(e, MissingConfigException) and e.missing_cfg_file:
         group, _, name = e.missing_cfg_file.rpartition("/")
-        close = difflib.get_close_matches(name, [o for o in e.options or [] if not o.startswith("base_")], n=1)
-        hint = f"did you mean {group}={close[0]}?" if close else "python train.py --help lists them"
+        close = likely_meant(name, [o for o in e.options or [] if not o.startswith("base_")])
+        hint = f"did you mean {either(f'{group}={o}' for o in close)}?" if close else "python train.py --help lists them"
         return f"{group}={name}: no such option in configs/{group}/; {hint}"
     inner = e if isinstance(e, OmegaConfBaseException) else (e.__cause__ or e.__context__)
     key = getattr(inner, "full_key", None) if isinstance(inner, OmegaConfBaseException) else None
@@ -416,9 +439,22 @@ def expectation(key):
     return f"{type_name(knob.type)} ({key}: {knob.help})"
 
 
+def likely_meant(typed, options):
+    """What a mistyped name most likely meant: the options it begins (optim=sophia: sophiag or sophiah, listed
+    both, as neither is more likely), if a few; else the one closest in spelling."""
+    begun = sorted(o for o in options if o.startswith(typed))
+    return begun if 0 < len(begun) <= 6 else difflib.get_close_matches(typed, options, n=1)
+
+
+def either(names):
+    """'a', 'a or b', 'a, b or c'."""
+    *others, last = names
+    return f"{', '.join(others)} or {last}" if others else last
+
+
 def unknown(key, where):
-    close = difflib.get_close_matches(key, all_knobs(), n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
+    close = likely_meant(key, list(all_knobs()))
+    hint = f" (did you mean {either(close)}?)" if close else ""
     return f"{where}: unknown key {key}{hint}; python train.py --help lists every knob"
 
 

@@ -40,6 +40,10 @@ def train_py(*args, cwd=REPO_DIR):
     (["config=shakespeare_sophia"], ["config=shakespeare_sophia", "did you mean config=shakespeare_sophiag?"]),
     (["model=gpt2_smal"], ["model=gpt2_smal", "did you mean model=gpt2_small?"]),
     (["config=no_such_preset"], ["config=no_such_preset", "python train.py --help lists them"]),
+    # a name that begins several options: all of them, not the closest in spelling alone (sophiah)
+    (["optim=sophia"], ["optim=sophia", "did you mean optim=sophiag or optim=sophiah?"]),
+    # an override typed as a flag: a pointer to key=value, not Hydra's usage block
+    (["--max_steps=100"], ["--max_steps=100", "without dashes: python train.py max_steps=100"]),
     # a value outside a knob's choices: refused by Hydra as it composes (typed choices), with the choices
     (["dtype=float16"], ["dtype=float16", "expected auto|float32|bfloat16"]),
     (["parallel=zero3"], ["parallel=zero3", "expected ddp|fsdp"]),
@@ -49,6 +53,7 @@ def train_py(*args, cwd=REPO_DIR):
     # a value no type can refuse
     (["warmup_steps=5"], ["warmup_steps=5 > max_steps=2"]),
     (["total_batch_size=5"], ["total_batch_size=5 is not a multiple of micro_batch_size=8"]),
+    (["optim.lr=1e-5", "min_lr=1e-4"], ["min_lr=0.0001 must lie in [0, optim.lr=1e-05]", "e.g. min_lr=1e-06"]),
     # a sweep: every point is checked before the first one starts, so one bad point stops none midway
     (["-m", "optim.lr=1e-3,abc"], ["optim.lr=abc", "expected float"]),
     (["-m", "warmup_steps=1,5"], ["warmup_steps=5 > max_steps=2"]),
@@ -76,6 +81,28 @@ def test_the_message_names_a_yaml_files_bad_value(tmp_path, monkeypatch, capsys)
     assert stop.value.code == 2 and len(message.splitlines()) == 1
     assert "max_steps in configs/size/shakespeare_char.yaml" in message and "two thousand" in message
     assert "expected int" in message
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--seed", "3"], "--seed 3: overrides are key=value, without dashes: python train.py seed=3 "),
+    (["optim=adamw", "--optim.lr=1e-3"], "--optim.lr=1e-3: overrides are key=value, without dashes: "
+                                         "python train.py optim.lr=1e-3 "),
+    (["--config=gpt2_small_adamw"], "python train.py config=gpt2_small_adamw "),
+    (["-m", "--resume"], "--resume: overrides are key=value, without dashes: python train.py resume=true "),
+    (["--max_steps"], "python train.py max_steps=VALUE "),
+])
+def test_an_override_typed_as_a_flag_points_at_key_value(capsys, argv, expected):
+    with pytest.raises(SystemExit) as stop:
+        config_schema.check_command_line(argv)
+    message = capsys.readouterr().err
+    assert stop.value.code == 2 and message.count("\n") == 1 and expected in message, message
+
+
+def test_hydras_own_flags_stay_hydras(capsys):
+    """--cfg job prints the composed config (Hydra's flag, left to Hydra by the command line's check)."""
+    config_schema.check_command_line(["--cfg", "job", "--resolve", "max_steps=3"])
+    result = train_py("--cfg", "job", "max_steps=3")
+    assert result.returncode == 0 and "max_steps: 3" in result.stdout, result.stderr
 
 
 def test_good_command_lines_pass_the_check():
