@@ -26,14 +26,25 @@ from data.stream import data_dir_of
 from model import GPT, GPTConfig
 
 DEFAULTS = {
-    "out_dir": str(REPO_DIR / "out" / "shakespeare_sophiag"),  # the run folder, holding ckpt.pt
-    "start": "\n",  # the prompt, or FILE:path to read it from a file
+    "out_dir": str(REPO_DIR / "out" / "shakespeare_sophiag"),
+    "start": "\n",
     "num_samples": 3,
     "max_new_tokens": 200,
-    "temperature": 0.8,  # < 1 sharper, > 1 more random; 0 = always the most likely token
-    "top_k": 200,  # sample among the k most likely tokens only; null = all
+    "temperature": 0.8,
+    "top_k": 200,
     "seed": 1337,
-    "device": "auto",  # auto (cuda when available) | cpu | cuda | cuda:N
+    "device": "auto",
+}
+# each key's line in --help
+HELP = {
+    "out_dir": "the run folder, holding ckpt.pt",
+    "start": "the prompt, or FILE:path to read it from a file",
+    "num_samples": "texts to sample",
+    "max_new_tokens": "tokens sampled after the prompt, per text",
+    "temperature": "< 1 sharper, > 1 more random; 0 = always the most likely token",
+    "top_k": "sample among the k most likely tokens only; null = all",
+    "seed": "the same seed gives the same text on the same device",
+    "device": "auto (cuda when available) | cpu | cuda | cuda:N",
 }
 TEXT_KEYS = ("out_dir", "start", "device")
 
@@ -137,6 +148,14 @@ def read_prompt(start):
 # -----------------------------------------------------------------------------------------------------
 # Command line
 
+def usage():
+    """--help: the module's docstring, then every key with its default."""
+    rows = [(key, repr(value) if key == "start" else str(value), HELP[key]) for key, value in DEFAULTS.items()]
+    width = max(len(f"{key}={value}") for key, value, _ in rows)
+    return "\n".join([__doc__.strip(), "", "Keys (default):"] +
+                     [f"  {f'{key}={value}'.ljust(width)}  {text}" for key, value, text in rows])
+
+
 def parse_args(argv):
     """key=value overrides on top of DEFAULTS: numbers through OmegaConf's parsing, the text keys verbatim."""
     for arg in argv:
@@ -162,8 +181,12 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(usage())
+        return
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(argv)
         device = pick_device(args["device"])
         start = read_prompt(args["start"])
         model, ckpt = load_run(args["out_dir"], device)

@@ -134,6 +134,21 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, capsys, make_args, 
         assert part in err
 
 
+def test_help_prints_every_key_with_its_default(capsys):
+    """--help (as typed, in a process of its own) and -h: the usage, every key parse_args accepts with the value it
+    takes when not given; no run is needed."""
+    result = subprocess.run([sys.executable, str(REPO_DIR / "scripts" / "sample.py"), "--help"], cwd=REPO_DIR,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith("Sample text from a trained run's checkpoint")
+    defaults = sample.parse_args([])
+    for key, value in defaults.items():
+        shown = repr(value) if key == "start" else str(value)  # the prompt's newline, visible
+        assert f"  {key}={shown} " in result.stdout, key
+    out, err = run_sample(capsys, "-h")
+    assert out.strip() == result.stdout.strip() and err == ""
+
+
 # ---------------------------------------------------------------------------------------------- export_hf.py
 
 @pytest.fixture(scope="module")
