@@ -202,6 +202,8 @@ def start_run_dir(run):
         run.wandb_run, run.progress.wandb_run_id = start_wandb(cfg, cfg.run_name, run.out_dir,
                                                                run.progress.wandb_run_id)
     run.metrics = MetricsLog(run.out_dir / "metrics.jsonl", run.progress.step if run.resumed else None, run.wandb_run)
+    if run.progress.step >= cfg.max_steps:
+        return  # nothing to train: train.py says so in one line
     if run.resumed:
         print(f"resumed from {run.ckpt_path} at step {run.progress.step}")
     optimizer = cfg.optim.name

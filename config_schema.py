@@ -176,7 +176,8 @@ class TrainConfig:
     eval_steps: int = knob("validation micro-batches per evaluation, spread over the ranks")
     log_interval: int = knob("steps between metrics lines")
     ckpt_interval: int = knob("steps between checkpoints (and at the end, and on preemption)")
-    cpu_peak_flops: float | None = knob("MFU peak on CPU in FLOP/s; null -> measured once by timing fp32 matmuls")
+    cpu_peak_flops: float | None = knob("MFU peak on CPU in FLOP/s; null -> a timed fp32 matmul's (mfu is then "
+                                        "relative to it, and left off the progress line)")
     model: ModelConfig = MISSING
     optim: OptimConfig = MISSING
     data: DataConfig = MISSING

@@ -3,6 +3,7 @@ What a run reports: metrics.jsonl (one JSON object per event), the same keys to 
 and the time left, and the progress line printed at every log step.
 """
 
+import collections
 import json
 import math
 import os
@@ -74,31 +75,46 @@ def start_wandb(cfg, run_name, out_dir, run_id):
 
 
 class Clock:
-    """Wall-clock time of the run, the time the training steps alone took since the last log line (evaluation
-    left out), and a smoothed time per step for the estimate of the time left."""
+    """Wall-clock time of the run; the time the training steps alone took since the last log line (evaluation
+    left out), for the throughput; and the time left, at the pace of the recent steps, start-up left out."""
+
+    RECENT_STEPS = 100  # the pace is that of at least the last this many steps: several Hessian refreshes
 
     def __init__(self, elapsed_before, step):
         # monotonic: a clock adjustment (NTP, a daylight-saving change) never makes a step take negative time
         self.start = time.monotonic()
         self.elapsed_before = elapsed_before
         self.last_log, self.step_at_last_log, self.eval_seconds = self.start, step, 0.0
-        self.seconds_per_step = None  # exponential moving average over log windows
+        self.startup_steps, self.startup_seconds = 0, 0.0  # in the current log window
+        self.windows = collections.deque()  # (steps, seconds) of the recent log windows, start-up left out
 
     def elapsed(self):
         return self.elapsed_before + time.monotonic() - self.start
+
+    def leave_out(self, seconds):
+        """A step that took `seconds` for one-time work (torch.compile, SophiaG's fused kernels, the first Hessian
+        refresh, warming the allocator): the throughput counts it, the time left does not extrapolate it."""
+        self.startup_steps += 1
+        self.startup_seconds += seconds
 
     def since_log(self, step):
         """(steps, seconds spent training) since the last log line, and start a new window."""
         now = time.monotonic()
         steps, seconds = step - self.step_at_last_log, now - self.last_log - self.eval_seconds
+        if steps > self.startup_steps:
+            self.windows.append((steps - self.startup_steps, seconds - self.startup_seconds))
+            while sum(s for s, _ in self.windows) - self.windows[0][0] >= self.RECENT_STEPS:
+                self.windows.popleft()
         self.last_log, self.step_at_last_log, self.eval_seconds = now, step, 0.0
-        per_step = seconds / steps
-        self.seconds_per_step = per_step if self.seconds_per_step is None else \
-            0.7 * self.seconds_per_step + 0.3 * per_step
+        self.startup_steps, self.startup_seconds = 0, 0.0
         return steps, seconds
 
     def time_left(self, steps_left):
-        return steps_left * (self.seconds_per_step or 0.0)
+        """Seconds for steps_left more steps at the recent pace; None before a window without start-up alone."""
+        if not self.windows:
+            return None
+        steps, seconds = (sum(column) for column in zip(*self.windows))
+        return steps_left * seconds / steps
 
 
 def duration(seconds):
@@ -130,10 +146,16 @@ def log_train(run, clock, lr, grad_norm):
         record["skipped_steps"] = run.skipped_steps
     if env.is_master:
         run.metrics.log(record)
-        mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+        # on CPU without cpu_peak_flops the peak is a matmul timed at start-up, not the hardware's: metrics.jsonl
+        # keeps mfu against it (a measure of the step's efficiency), the line leaves it out rather than present
+        # it as the CPU's utilisation
+        matmul_peak = env.device.type == "cpu" and cfg.cpu_peak_flops is None
+        mfu_text = "" if matmul_peak else f"mfu {100 * mfu:.1f}%, " if mfu is not None else "mfu n/a, "
+        left = clock.time_left(cfg.max_steps - step)
+        left_text = f", {duration(left)} left" if left is not None else ""
         print(f"step {step}/{cfg.max_steps}: loss {record['train/loss']:.4f}, lr {lr:.2e}, "
-              f"grad norm {record['grad_norm']:.3f}, {tokens_per_s:,.0f} tokens/s, mfu {mfu_text}, "
-              f"{duration(clock.elapsed())} elapsed, {duration(clock.time_left(cfg.max_steps - step))} left")
+              f"grad norm {record['grad_norm']:.3f}, {tokens_per_s:,.0f} tokens/s, {mfu_text}"
+              f"{duration(clock.elapsed())} elapsed{left_text}")
     since.reset()
 
 

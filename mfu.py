@@ -2,8 +2,12 @@
 Model FLOPs utilisation (MFU): achieved model FLOP/s over the peak FLOP/s of the device a run uses.
 
 The FLOPs per token come from GPT.flops_per_token (model.py, PaLM appendix B: 6N + 12·L·H·Q·T). The peak
-comes from a table of GPU datasheets, or on CPU from a given figure or a timed fp32 matmul: never a
-hard-coded A100 constant.
+comes from a table of GPU datasheets, or on CPU from a given figure (cpu_peak_flops) or a timed fp32 matmul:
+never a hard-coded A100 constant.
+
+metrics.jsonl's `mfu` is achieved over that peak. Against a timed matmul it says how close a training step
+comes to a large matmul on the same CPU, under the same load: a measure of the step's efficiency, not of the
+hardware's utilisation, so the progress line leaves it out (give cpu_peak_flops for the datasheet's figure).
 """
 
 import time

@@ -17,6 +17,7 @@ data, model, optimizer) -> the loop (train, here) -> checkpoints (checkpoint.py)
 
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import hydra
 import numpy as np
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import config_schema  # registers the configuration's schema with Hydra, before @hydra.main composes
@@ -199,20 +201,34 @@ def stop_for_signal(run, clock, signum):
     """Checkpoint and say where; on SLURM's preemption notice, requeue the job. Returns the exit status."""
     saved = save_run(run, clock.elapsed())
     if run.env.is_master:
-        if saved:
-            print(f"stop signal received: checkpoint at step {run.progress.step} in {run.ckpt_path}")
-        else:
-            print(f"stop signal received: no checkpoint at step {run.progress.step} (the last update was skipped); "
-                  f"the last good one in {run.ckpt_path} is kept: the same command resumes from it")
         job_id = os.environ.get("SLURM_JOB_ID")
         # SLURM's preemption notice (USR1) puts the job back in the queue, to resume from here;
         # SIGTERM (scancel, or the end of the time limit) only checkpoints: a cancel stays a cancel
-        if job_id and signum == signal.SIGUSR1 and saved:
+        requeue = job_id and signum == signal.SIGUSR1 and saved
+        resume = "" if requeue else f"; to resume: {resume_command()}"
+        if saved:
+            print(f"stop signal received: checkpoint at step {run.progress.step} in {run.ckpt_path}{resume}")
+        else:
+            print(f"stop signal received: no checkpoint at step {run.progress.step} (the last update was skipped); "
+                  f"the last good one in {run.ckpt_path} is kept{resume}")
+        if requeue:
             subprocess.run(["scontrol", "requeue", job_id], check=False)
             print(f"requeued SLURM job {job_id}")
     # the shell's convention for a process stopped by a signal (Ctrl-C: 130), so `train.py && next` stops here;
     # a requeued job ends normally
     return 0 if signum == signal.SIGUSR1 else 128 + signum
+
+
+def resume_command():
+    """The command that continues this run: train.py with the same overrides, as a run continues from out_dir's
+    checkpoint by itself (resume=true, the default)."""
+    if not HydraConfig.initialized():  # train() called from Python, not from the command line
+        return "the same command"
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+    command = shlex.join([os.path.relpath(__file__), *overrides])
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's: its options are not ours to know
+        return f"the same torchrun command (torchrun ... {command})"
+    return f"python {command}"
 
 
 def print_sample(run):
@@ -258,14 +274,20 @@ def train(cfg):
     compiling, loop_start = compile_enabled(cfg, env.device) and progress.step < cfg.max_steps, time.monotonic()
     if compiling and env.is_master:
         print("compiling the model (torch.compile): the first step includes it...", flush=True)
+    # this process's first step and its first Hessian refresh compile (torch.compile, Sophia's fused kernels) and
+    # warm up: the estimate of the time left leaves them out
+    startup_steps = {progress.step, progress.step + (k - 1 - progress.step % k) if plan.sophia else progress.step}
     while progress.step < cfg.max_steps:
         lr = get_lr(progress.step, cfg, plan.lr_decay_steps)
+        step_start = time.monotonic()
         grad_norm = train_step(run, lr)
         if compiling and env.is_master:
             print(f"compiled: the first step took {time.monotonic() - loop_start:.1f} s", flush=True)
         compiling = False
         if plan.sophia and progress.step % k == k - 1:
             refresh_hessian(run)
+        if progress.step in startup_steps:
+            clock.leave_out(time.monotonic() - step_start)
         progress.step += 1
         last = progress.step == cfg.max_steps
         if progress.step % cfg.log_interval == 0 or last:

@@ -84,7 +84,7 @@ def test_the_end_of_run_sample_comes_from_the_final_weights(tmp_path, shakespear
 
 
 def test_time_left_leaves_evaluations_out(monkeypatch):
-    """The time left is the steps left times a smoothed step time measured without the evaluations (a fake
+    """The time left is the steps left times the recent steps' time, measured without the evaluations (a fake
     monotonic clock: steps of 1 s, an evaluation of 30 s in the second window)."""
     import metrics
     now = [100.0]
@@ -97,7 +97,7 @@ def test_time_left_leaves_evaluations_out(monkeypatch):
     clock.eval_seconds += 30.0
     now[0] += 20.0  # 10 steps of 2 s
     assert clock.since_log(20) == (10, pytest.approx(20.0))
-    assert clock.time_left(80) == pytest.approx(80 * (0.7 * 1.0 + 0.3 * 2.0))  # the moving average
+    assert clock.time_left(80) == pytest.approx(80 * (10 * 1.0 + 10 * 2.0) / 20)  # the pace of the recent steps
     assert clock.elapsed() == pytest.approx(50.0 + 60.0)  # the wall clock counts everything
 
 

@@ -91,6 +91,99 @@ def test_the_clock_ignores_a_wall_clock_jump_backwards(monkeypatch):
     assert clock.elapsed() == 15.0
 
 
+def test_time_left_leaves_start_up_out_and_follows_the_recent_pace(monkeypatch):
+    """A synthetic timeline of a run on a loaded machine (500 steps, a log line every 10): an evaluation at step 0
+    (30 s), a first step that compiles (60 s), then 1 s per step, then 2 s per step from step 100 on. The time left
+    is the steps left at the pace of the recent steps: start-up and evaluations out of it, and a change of pace
+    followed within Clock.RECENT_STEPS steps (a moving average keeps a share of every window it has seen)."""
+    now = [1000.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
+    clock = metrics.Clock(elapsed_before=0.0, step=0)
+
+    def steps(first, last, seconds_each):
+        now[0] += (last - first) * seconds_each
+
+    now[0] += 30.0  # the evaluation at step 0, which log_eval adds to eval_seconds
+    clock.eval_seconds += 30.0
+    now[0] += 60.0  # step 0 compiles...
+    clock.leave_out(60.0)  # as train.py reports this process's first step
+    steps(1, 10, 1.0)  # ...then 1 s per step
+    assert clock.since_log(10) == (10, pytest.approx(69.0))  # the throughput counts the first step
+    assert clock.time_left(490) == pytest.approx(490.0)  # not 490 x 6.9 s: the first step is not the pace
+    for step in range(20, 101, 10):
+        steps(step - 10, step, 1.0)
+        clock.since_log(step)
+    assert clock.time_left(400) == pytest.approx(400.0)
+    for step in range(110, 201, 10):
+        steps(step - 10, step, 2.0)
+        if step == 150:
+            now[0] += 30.0  # an evaluation mid-run
+            clock.eval_seconds += 30.0
+        clock.since_log(step)
+        covered = min(step - 100, clock.RECENT_STEPS)  # recent steps at the new pace
+        pace = (2.0 * covered + 1.0 * (clock.RECENT_STEPS - covered)) / clock.RECENT_STEPS
+        assert clock.time_left(500 - step) == pytest.approx((500 - step) * pace), step
+    assert clock.time_left(300) == pytest.approx(600.0)  # the old pace forgotten entirely
+
+
+def test_time_left_waits_for_a_step_that_is_not_start_up(monkeypatch):
+    """log_interval=1: the first line's one step is start-up, so there is no pace yet to extrapolate."""
+    now = [0.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
+    clock = metrics.Clock(elapsed_before=0.0, step=0)
+    now[0] += 50.0
+    clock.leave_out(50.0)
+    assert clock.since_log(1) == (1, 50.0) and clock.time_left(99) is None
+    now[0] += 2.0
+    clock.since_log(2)
+    assert clock.time_left(98) == pytest.approx(196.0)
+
+
+@pytest.mark.parametrize("optim, hess_interval, first_step, start_up", [
+    ("adamw", 0, 0, [0]),
+    ("sophiag", 3, 0, [0, 2]),  # the first step, and the first Hessian refresh (after step 2)
+    ("sophiag", 1, 0, [0]),  # the first step refreshes the Hessian too
+    ("sophiag", 3, 4, [4, 5]),  # a resumed process: its own first step and refresh
+])
+def test_the_loop_leaves_out_its_first_step_and_first_hessian_refresh(tmp_path, monkeypatch, shakespeare_bins,
+                                                                       optim, hess_interval, first_step, start_up):
+    """What train.py hands Clock.leave_out: the steps of this process that compile and warm up, no other."""
+    from conftest import train_in_process
+    left_out = []
+
+    class Recording(metrics.Clock):
+        def leave_out(self, seconds):
+            left_out.append(progress_steps[-1])
+            super().leave_out(seconds)
+
+    progress_steps = []
+    real_train_step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda run, lr: (progress_steps.append(run.progress.step),
+                                                              real_train_step(run, lr))[1])
+    monkeypatch.setattr(train, "Clock", Recording)
+    args = [f"optim={optim}", "max_steps=8", "warmup_steps=0"] + ([f"optim.hess_interval={hess_interval}"]
+                                                                  if optim == "sophiag" else [])
+    if first_step:
+        assert train_in_process(args + [f"max_steps={first_step}", f"ckpt_interval={first_step}",
+                                        "lr_decay_steps=8"], tmp_path)[0] == 0
+        args.append("lr_decay_steps=8")
+        left_out.clear()
+    assert train_in_process(args, tmp_path)[0] == 0
+    assert left_out == start_up
+
+
+def test_the_rerun_of_a_finished_run_says_so_in_one_line(tmp_path, shakespeare_bins):
+    """Not "resumed ... at step 2" (nothing resumes) before "already finished": the one line, naming the ways on."""
+    from conftest import read_metrics, train_in_process
+    assert train_in_process(["optim=adamw", "max_steps=2"], tmp_path)[0] == 0
+    before = read_metrics(tmp_path)
+    status, printed = train_in_process(["optim=adamw", "max_steps=2"], tmp_path)
+    assert status == 0 and read_metrics(tmp_path) == before
+    lines = printed.strip().splitlines()
+    assert len(lines) == 1 and "resumed" not in printed, printed
+    assert lines[0].startswith(f"{tmp_path} already finished: step 2 of max_steps=2, nothing to do")
+
+
 @pytest.fixture
 def one_rank_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

@@ -1,5 +1,7 @@
 """mfu.py: the peak FLOP/s table, the CPU peak measured with a clock we control, and MFU's formula."""
 
+import re
+
 import pytest
 import torch
 
@@ -63,3 +65,23 @@ def test_cpu_peak_given_or_measured_once_per_thread_count(monkeypatch):
 
 def test_mfu_is_achieved_over_peak():
     assert mfu.estimate_mfu(1000.0, 6e6, 1e12) == pytest.approx(1000.0 * 6e6 / 1e12)
+
+
+@pytest.mark.parametrize("given_peak", [None, 1e11])
+def test_a_cpu_run_shows_mfu_only_against_a_given_peak(tmp_path, monkeypatch, shakespeare_bins, given_peak):
+    """Against a matmul timed at start-up the ratio is not the CPU's utilisation: metrics.jsonl keeps it (achieved
+    over that matmul's FLOP/s), the progress line leaves it out; against cpu_peak_flops the line shows it."""
+    from conftest import read_metrics, train_in_process
+    monkeypatch.setattr(mfu, "measure_cpu_matmul_flops", lambda: 2e10)  # the timed matmul, without timing it
+    monkeypatch.setattr(mfu, "_cpu_peak_cache", {})
+    status, printed = train_in_process(["optim=adamw", "max_steps=3", f"cpu_peak_flops={given_peak or 'null'}"],
+                                       tmp_path)
+    assert status == 0
+    lines = [line for line in printed.splitlines() if line.startswith("step ") and "tokens/s" in line]
+    assert len(lines) == 3 and all(("mfu " in line) == (given_peak is not None) for line in lines), lines
+    if given_peak:
+        assert all(re.search(r", mfu \d+\.\d%, ", line) for line in lines), lines
+    peak = given_peak or 2e10
+    flops_per_token = 6 * (50304 * 32 + 2 * (12 * 32 * 32 + 2 * 32) + 32) + 12 * 2 * 32 * 32  # TINY: PaLM's count
+    for r in (r for r in read_metrics(tmp_path) if "train/loss" in r):
+        assert r["mfu"] == pytest.approx(r["throughput/tokens_per_s"] * flops_per_token / peak, rel=1e-9)

@@ -5,6 +5,7 @@ References: an uninterrupted second run (resume), one process with gradient accu
 written out by hand: a step with torch's own AdamW, the official SophiaG loop (steps and Hessian refreshes)."""
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -92,6 +93,9 @@ def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, signum, st
     if signum == signal.SIGINT:
         assert "Ctrl-C: checkpointing at the end of this step" in output
     printed = int(re.search(r"stop signal received: checkpoint at step (\d+) in ", output).group(1))
+    # the command that resumes: train.py with the same overrides, as typed (it resumes from out_dir by itself)
+    command = shlex.join(["python", "train.py", *train_command(SIGNAL_ARGS, out)[2:]])
+    assert f"{out / 'ckpt.pt'}; to resume: {command}\n" in output, output
     saved = torch.load(out / "ckpt.pt", weights_only=False)
     assert saved["step"] == printed and 4 <= printed < RESUMED_TO
     assert saved["data_state"]["train_seqs"] == printed * 4  # total_batch_size=4 sequences per step
