@@ -4,8 +4,8 @@ optim=muon: Muon for the transformer blocks' weight matrices (attention and MLP)
 
 Muon's step is torch.optim.Muon's, written out here (tests/test_muon.py holds it equal to torch's, bit for bit) so
 that its Newton-Schulz iteration can also run in float32: torch's runs in bfloat16, which a CPU without bf16
-instructions (AVX2 only) runs so slowly that a char-proxy Muon step took 0.92 s there against 0.11 s in float32
-(AdamW's: 0.08 s). ns_dtype=auto picks the fast one for the device.
+instructions (AVX2 only) emulates, many times slower than float32 (scripts/bench_optim.py --model baby compares
+them). ns_dtype=auto picks the fast one for the device.
 
 MuonAdamW is the two as one torch.optim.Optimizer: its param_groups are Muon's group then AdamW's group (the very
 dict the inner AdamW steps), so the loop's one schedule sets both learning rates, and its state_dict is the
@@ -37,8 +37,8 @@ def cpu_has_bf16():
 
 def newton_schulz_dtype(name, device):
     """optim.ns_dtype as a torch dtype. auto: bfloat16 (torch's) where matmuls have bf16 instructions (CUDA, and
-    x86 CPUs with AVX-512 BF16 or AMX), float32 elsewhere, where bf16 is emulated (on an AVX2-only CPU about 24x
-    slower than float32 for the char proxy's matrices: scripts/bench_optim.py --model baby)."""
+    x86 CPUs with AVX-512 BF16 or AMX), float32 elsewhere, where bf16 is emulated (many times slower than float32
+    on an AVX2-only CPU: scripts/bench_optim.py --model baby compares them)."""
     if name != "auto":
         return getattr(torch, name)
     device = torch.device(device)

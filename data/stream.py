@@ -59,7 +59,7 @@ def data_dir_of(cfg):
     return Path(cfg.data.dir).absolute() if cfg.data.dir else REPO_DIR / "data" / cfg.data.name
 
 
-# the corpora that ship with the repo: train.py prepares them on first use (a few seconds each)
+# the corpora that ship with the repo: small enough for train.py to prepare them on first use
 EMBEDDED = ("shakespeare", "shakespeare_char")
 
 
@@ -74,7 +74,7 @@ def load_data(cfg, is_master, distributed):
     if embedded and is_master and not (data_dir / "meta.json").exists():
         print(f"preparing the {cfg.data.name} corpus in {data_dir} (once, a few seconds)")
         prepare = importlib.import_module(f"data.{cfg.data.name}.prepare").prepare
-        with redirect_stderr(io.StringIO()):  # its progress bars: noise for a few seconds' work
+        with redirect_stderr(io.StringIO()):  # its progress bars: noise for so small a job
             prepare(out_dir=data_dir)
     if embedded and distributed:
         dist.barrier()

@@ -1,7 +1,7 @@
 """
-Do the tests fail when the code is wrong? Apply each breakage of issue 18 to a copy of the repository (the working
+Do the tests fail when the code is wrong? Apply each breakage below to a copy of the repository (the working
 tree as it is, uncommitted changes included) and run the tests that must catch it: a breakage is caught when they
-fail (pytest's exit status 1). CPU heavy: a few minutes.
+fail (pytest's exit status 1). CPU heavy: it runs the tests of every breakage.
 
     python scripts/check_breakages.py                  # every breakage
     python scripts/check_breakages.py --only bs        # the ones whose name contains "bs"

@@ -1,6 +1,6 @@
 """The modules train.py is built from, one behaviour each, in-process: the data barrier, the stop signal's
 message and requeue, the monotonic clock, the one-collective Hessian averages, the run-name cap and the
-path rule. Each of these was a bug once."""
+path rule, the time left, the rerun of a finished run. Each is easy to get wrong unseen."""
 
 import os
 import signal

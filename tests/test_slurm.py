@@ -203,7 +203,7 @@ def test_hydra_sweep_runs_one_slurm_job_per_point(cluster, tmp_path):
     # path included, past the 255 bytes a file name may have)
     result = subprocess.run(sweep, cwd=REPO_DIR, env=cluster, capture_output=True, text=True, timeout=300)
     # submitit pickles train.py's main (a __main__ function, so by value) with cloudpickle, which cannot
-    # pickle torch.backends.* attribute modules referenced from it (cloudpipe/cloudpickle#405)
+    # pickle torch.backends.* attribute modules referenced from it (a limitation of cloudpickle's)
     assert "cannot pickle" not in result.stderr, \
         "train.py must not touch torch.backends.* in __main__ (cloudpickle): " + result.stderr[-2000:]
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

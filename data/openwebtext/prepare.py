@@ -10,7 +10,7 @@ a batch of documents at a time, under temporary names renamed when complete, and
 Where the text comes from. `load_dataset("openwebtext")` no longer works: datasets >= 4 refuses dataset scripts,
 and the main branch of Skylion007/openwebtext shipped one (openwebtext.py) with tar archives. The default below
 reads the data-only parquet upload of the full corpus that the dataset's owner made on the hub (93 shards, about
-270 MB each, pull request #18 of Skylion007/openwebtext), pinned to its commit so that the rows, and therefore
+270 MB each, on a pull-request ref of Skylion007/openwebtext), pinned to its commit so that the rows, and therefore
 the split, never change underneath us. It goes through datasets' own "parquet" loader, so no script is involved.
 Other sources: `--dataset Skylion007/openwebtext` once its main branch is data-only; a local directory of .parquet
 or .jsonl files with a `text` column; NOT the automatic refs/convert/parquet export, which for a corpus this

