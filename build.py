@@ -213,3 +213,6 @@ def start_run_dir(run):
           f"{env.world_size} rank(s) x {run.plan.grad_accum} micro-batch(es) of {cfg.micro_batch_size} = "
           f"{tokens_per_step(cfg):,} tokens/step, device {env.device} {env.dtype}")
     print(f"run directory: {run.out_dir}")
+    if cfg.warmup_steps >= cfg.max_steps:  # a shortened preset (max_steps=100 of a 100-step warmup): say so
+        print(f"note: warmup_steps={cfg.warmup_steps} >= max_steps={cfg.max_steps}: the whole run is warmup, the "
+              f"learning rate reaches optim.lr at its end and never decays; set warmup_steps lower for a run this short")

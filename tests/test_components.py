@@ -184,6 +184,16 @@ def test_the_rerun_of_a_finished_run_says_so_in_one_line(tmp_path, shakespeare_b
     assert lines[0].startswith(f"{tmp_path} already finished: step 2 of max_steps=2, nothing to do")
 
 
+@pytest.mark.parametrize("max_steps", [2, 3])
+def test_a_run_that_is_all_warmup_says_so(tmp_path, shakespeare_bins, max_steps):
+    """warmup_steps=2 (TINY's): a 2-step run never leaves the warmup, and its header says so; a 3-step one does."""
+    from conftest import train_in_process
+    status, printed = train_in_process(["optim=adamw", f"max_steps={max_steps}"], tmp_path)
+    assert status == 0
+    note = f"note: warmup_steps=2 >= max_steps={max_steps}: the whole run is warmup"
+    assert (note in printed) == (max_steps == 2), printed
+
+
 @pytest.fixture
 def one_rank_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
