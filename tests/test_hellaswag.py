@@ -256,3 +256,28 @@ def test_bad_hellaswag_input_is_one_line_before_training(tmp_path, make_file, ar
     assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
     assert message in stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_prepare_copies_a_local_file_and_says_how_to_bring_it_without_network(tmp_path, hellaswag_file):
+    """data/hellaswag/prepare.py: a local copy is checked and written; a URL it cannot reach is one line saying how
+    to bring the file, and leaves nothing behind; a file in another schema is refused."""
+    import subprocess
+
+    from conftest import REPO_DIR
+    script = [sys.executable, str(REPO_DIR / "data" / "hellaswag" / "prepare.py")]
+    out = tmp_path / "hellaswag_val.jsonl"
+    done = subprocess.run([*script, "--source", str(hellaswag_file), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0 and f"{len(DOCS)} examples" in done.stdout and "another file?" in done.stdout
+    assert out.read_bytes() == hellaswag_file.read_bytes()
+
+    failed = subprocess.run([*script, "--source", "https://127.0.0.1/hellaswag_val.jsonl", "--out",
+                             str(tmp_path / "x.jsonl")], capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1 and failed.stderr.count("\n") == 1, failed.stderr
+    assert "download that URL on a machine that has it and copy it to" in failed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hellaswag_val.jsonl"]
+
+    (tmp_path / "other.jsonl").write_text('{"text": "a document"}\n')
+    refused = subprocess.run([*script, "--source", str(tmp_path / "other.jsonl"), "--out", str(tmp_path / "y.jsonl")],
+                             capture_output=True, text=True)
+    assert refused.returncode == 1 and "not HellaSwag's schema" in refused.stderr
+    assert not (tmp_path / "y.jsonl").exists() and not (tmp_path / "y.jsonl.tmp").exists()
