@@ -95,8 +95,8 @@ def load_examples(path, limit=None, encode=gpt2_encode):
                 raise ValueError(f"{path} line {number} lacks {', '.join(missing)}: not HellaSwag's schema; give "
                                  f"rowanz/hellaswag's hellaswag_val.jsonl (python data/hellaswag/prepare.py)")
             endings = doc["endings"]
-            if not isinstance(endings, list) or not endings or not str(doc["label"]).isdigit() \
-                    or int(doc["label"]) >= len(endings):
+            if not isinstance(endings, list) or not endings or not all(isinstance(e, str) for e in endings) \
+                    or not str(doc["label"]).isdigit() or int(doc["label"]) >= len(endings):
                 raise ValueError(f"{path} line {number}: `endings` must be a list of strings and `label` the index of "
                                  f"the correct one (got label {doc['label']!r} for {len(endings)} endings)")
             context, choices = query_and_choices(doc)

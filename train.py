@@ -6,6 +6,7 @@ Train a GPT-2 with Sophia, AdamW or Lion, on one process or under torchrun, conf
     torchrun --standalone --nproc_per_node=8 train.py config=gpt2_small_sophiag
     torchrun --standalone --nproc_per_node=8 train.py config=gpt2_xl_sophiag   # 1.5B, sharded (parallel=fsdp)
     python train.py config=gpt2_small_adamw optim.lr=3e-4 max_steps=2000 wandb.enabled=true
+    python train.py config=gpt2_small_sophiag data=fineweb_edu eval.hellaswag=data/hellaswag/hellaswag_val.jsonl
 
 Every optimizer goes through this one loop, with one data order and one model, so that their curves can
 be compared. Randomness is a function of (seed, step, rank): the data order, the dropout masks and the

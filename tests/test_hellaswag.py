@@ -250,7 +250,12 @@ def test_bad_hellaswag_input_is_one_line_before_training(tmp_path, make_file, ar
     if make_file is not None:
         make_file(path)
         args = [f"eval.hellaswag={path}", *args]
-    extra = ["data.dir=null"] if "data=shakespeare_char" in args else []
+    extra = []
+    if "data=shakespeare_char" in args:  # a character-level data folder (its meta.json says so), made here
+        from data.common import write_token_data
+        chars = write_token_data(tmp_path / "chars", {s: np.arange(2000) % 64 for s in ("train", "val")},
+                                 tokenizer="char", itos=["\n"] + [chr(32 + i) for i in range(63)], vocab_size=64)
+        extra = [f"data.dir={chars}"]
     status, stderr = refusal_in_process(["max_steps=2", *args, *extra], tmp_path / "run")
     assert status == 2, stderr
     assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
