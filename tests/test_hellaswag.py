@@ -23,6 +23,9 @@ from distributed import Env
 from model import GPT, GPTConfig
 from scripts import export_hf
 
+# with -n 2, on one worker: the run and its export (module fixtures) are then made once
+pytestmark = pytest.mark.xdist_group("hellaswag")
+
 # Examples written for these tests in rowanz/hellaswag's schema (hellaswag_val.jsonl's keys), with what the
 # preprocessing must handle: WikiHow's [header]/[title]/[step] brackets, an empty ctx_b, a ctx_b whose capitals
 # capitalize() lowercases, double spaces, and contexts longer than the tests' model.block_size=32 (left truncation).
