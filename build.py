@@ -13,6 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+import hellaswag
 import muon
 import sophia
 from checkpoint import checkpoint_path, open_run_dir, restore
@@ -39,7 +40,7 @@ def run_name_of(cfg):
         hydra_cfg = HydraConfig.get()
         preset = hydra_cfg.runtime.choices.get("config") or preset
         skipped = ("config=", "out_dir=", "run_name=", "resume=", "device=", "wandb.", "compile=",
-                   "log_interval=", "ckpt_interval=")
+                   "log_interval=", "ckpt_interval=", "eval.")
         overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(skipped)]
     name = re.sub(r"[^A-Za-z0-9_.=,-]+", "-", "_".join([preset] + overrides))
     if len(name) > MAX_RUN_NAME:  # a folder name has at most 255 bytes: keep a readable head, a hash keeps it unique
@@ -118,6 +119,7 @@ class Run:
     metrics: MetricsLog | None = None  # rank 0 only
     wandb_run: object = None
     lock: object = None        # rank 0: the open lock file of the run directory
+    hellaswag: list | None = None  # eval.hellaswag's examples, tokenized (hellaswag.Example), scored at each evaluation
     skipped_steps: int = 0
     consecutive_skips: int = 0  # updates skipped in a row (non-finite gradient): the run stops at max_skipped_updates
 
@@ -166,6 +168,7 @@ def build_run(cfg, env, plan):
     out_dir = out_dir_of(cfg)
     lock, ckpt = open_run_dir(out_dir, cfg, env)  # a bad checkpoint is refused before the expensive work
     streams = load_streams(cfg, env, plan)
+    hellaswag_examples = hellaswag.examples_for_run(cfg)  # a bad file is refused here, before the model is built
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
@@ -185,6 +188,7 @@ def build_run(cfg, env, plan):
     run = Run(cfg=cfg, env=env, plan=plan, out_dir=out_dir, streams=streams, raw_model=raw_model, model=model,
               params=[p for p in raw_model.parameters() if p.requires_grad], optimizer=optimizer,
               estimator=build_estimator(cfg), progress=progress, resumed=ckpt is not None, lock=lock,
+              hellaswag=hellaswag_examples,
               peak_flops=peak_flops(env.device, env.dtype, cfg.cpu_peak_flops), since_log=SinceLog(env.device),
               hessian_skipped=torch.zeros((), device=env.device, dtype=torch.long))
     if env.is_master:
@@ -216,3 +220,6 @@ def start_run_dir(run):
     if cfg.warmup_steps >= cfg.max_steps:  # a shortened preset (max_steps=100 of a 100-step warmup): say so
         print(f"note: warmup_steps={cfg.warmup_steps} >= max_steps={cfg.max_steps}: the whole run is warmup, the "
               f"learning rate reaches optim.lr at its end and never decays; set warmup_steps lower for a run this short")
+    if run.hellaswag is not None:
+        print(f"HellaSwag: {len(run.hellaswag):,} examples of {cfg.eval.hellaswag} scored at every evaluation "
+              f"(lm-eval's hellaswag: eval/hellaswag_acc, eval/hellaswag_acc_norm)")

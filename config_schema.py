@@ -153,6 +153,13 @@ class WandbConfig:
 
 
 @dataclass
+class EvalConfig:
+    hellaswag: str | None = knob("HellaSwag .jsonl (data/hellaswag/prepare.py) scored at every evaluation as lm-eval's "
+                                 "hellaswag task (eval/hellaswag_acc, _acc_norm); null: off; relative to the cwd")
+    hellaswag_limit: int | None = knob("score only the first N HellaSwag examples (a cheaper signal); null: all")
+
+
+@dataclass
 class TrainConfig:
     out_dir: str | None = knob("run directory; null -> out/<run_name>; may use ${run_name}")
     run_name: str | None = knob("null -> the preset name plus the command-line overrides")
@@ -181,6 +188,7 @@ class TrainConfig:
     model: ModelConfig = MISSING
     optim: OptimConfig = MISSING
     data: DataConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -286,6 +294,12 @@ def check_values(cfg, world_size):
     for key in ("eval_interval", "eval_steps", "log_interval", "ckpt_interval", "micro_batch_size",
                 "total_batch_size"):
         need(cfg[key] >= 1, f"{key}={cfg[key]}: set it to 1 or more")
+    if cfg.eval.hellaswag is not None:
+        need(Path(cfg.eval.hellaswag).is_file(),
+             f"eval.hellaswag={cfg.eval.hellaswag} is not a file: fetch it with python data/hellaswag/prepare.py "
+             f"(-> data/hellaswag/hellaswag_val.jsonl), give the path of hellaswag_val.jsonl, or eval.hellaswag=null")
+    need(cfg.eval.hellaswag_limit is None or cfg.eval.hellaswag_limit >= 1,
+         f"eval.hellaswag_limit={cfg.eval.hellaswag_limit}: set it to 1 or more, or null for every example")
     for beta in optim.get("betas", []):
         need(0 <= beta < 1, f"optim.betas={list(optim.betas)}: each beta must lie in [0, 1)")
 
@@ -521,6 +535,7 @@ def help_text(overrides=()):
         now = " (now)" if name == cfg.optim.name else ""
         table.append((f"optim={name}{now}", section(optims[name], knobs(schema, "optim."))))
     table += [(f"data (data={choices.data})", section(cfg.data, knobs(DataConfig, "data."))),
+              ("eval", section(cfg.eval, knobs(EvalConfig, "eval."))),
               ("wandb", section(cfg.wandb, knobs(WandbConfig, "wandb.")))]
     return "\n".join(lines + format_table(table))
 

@@ -6,6 +6,7 @@ Train a GPT-2 with Sophia, AdamW or Lion, on one process or under torchrun, conf
     torchrun --standalone --nproc_per_node=8 train.py config=gpt2_small_sophiag
     torchrun --standalone --nproc_per_node=8 train.py config=gpt2_xl_sophiag   # 1.5B, sharded (parallel=fsdp)
     python train.py config=gpt2_small_adamw optim.lr=3e-4 max_steps=2000 wandb.enabled=true
+    python train.py config=gpt2_small_sophiag data=fineweb_edu eval.hellaswag=data/hellaswag/hellaswag_val.jsonl
 
 Every optimizer goes through this one loop, with one data order and one model, so that their curves can
 be compared. Randomness is a function of (seed, step, rank): the data order, the dropout masks and the
@@ -33,10 +34,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import config_schema  # registers the configuration's schema with Hydra, before @hydra.main composes
+import hellaswag
 from build import build_run, compile_enabled, run_name_of
 from checkpoint import CONVERTER, RunError, save_run
 from config_schema import ConfigError, check_values
-from data.common import tokenizer_for
+from data.common import GPT2_VOCAB_SIZE, tokenizer_for
 from data.stream import data_dir_of
 from distributed import StopSignals, clip_gradients, gradient_sync, setup_processes, world_size_from_env
 from metrics import Clock, log_train, tokens_per_step
@@ -186,12 +188,18 @@ def evaluate(run):
 def log_eval(run, clock):
     t0 = time.monotonic()
     val_loss = evaluate(run)
+    scores = {}
+    if run.hellaswag is not None:  # a forward holds at most a training micro-batch's tokens
+        scores = hellaswag.evaluate(run.raw_model, run.hellaswag, run.env, run.cfg.model.block_size,
+                                    min(GPT2_VOCAB_SIZE, run.cfg.model.vocab_size),
+                                    run.cfg.micro_batch_size * run.cfg.model.block_size)
     clock.eval_seconds += time.monotonic() - t0
     step = run.progress.step
     if run.env.is_master:
-        run.metrics.log({"step": step, "tokens": step * tokens_per_step(run.cfg), "val/loss": val_loss,
+        run.metrics.log({"step": step, "tokens": step * tokens_per_step(run.cfg), "val/loss": val_loss, **scores,
                          "time/elapsed_s": clock.elapsed()})
-        print(f"step {step}: val loss {val_loss:.4f}")
+        more = "".join(f", {key.removeprefix('eval/')} {value:.4f}" for key, value in scores.items())
+        print(f"step {step}: val loss {val_loss:.4f}{more}")
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -300,6 +300,55 @@ def write_splits(data_dir, splits, num_proc=1):
     return counts
 
 
+# nanoGPT's OpenWebText split, which FineWeb-Edu reuses: datasets' train_test_split(test_size, seed, shuffle=True)
+SPLIT_VAL_FRACTION = 0.0005
+SPLIT_SEED = 2357
+
+
+def split_and_write(name, out_dir, dataset, num_proc, val_fraction, seed, default_dataset, download_hint,
+                    expected_documents=None):
+    """What the web corpora (OpenWebText, FineWeb-Edu) share: load the documents, split them at random into train and
+    val (datasets' train_test_split, shuffled with `seed`: a fixed split for a fixed source), tokenize and write the
+    bins. Returns (documents, counts, meta): the caller may add to meta, then writes it (write_meta, the last file);
+    None when out_dir already holds this preparation. download_hint: printed when the default source cannot be read
+    (most likely no hub access), saying how to bring the files over; expected_documents: the default source's size,
+    warned about (before the long tokenization) when the copy read differs."""
+    out_dir = Path(out_dir)
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    path = Path(dataset).expanduser()
+    settings = {"dataset": str(path.resolve()) if path.exists() else str(dataset),
+                "val_fraction": val_fraction, "seed": seed}
+    if is_prepared(out_dir, settings):
+        print(f"{out_dir} is already prepared; delete its meta.json to redo it")
+        return None
+    try:
+        documents = load_documents(dataset, num_proc)
+    except Exception:
+        if dataset == default_dataset:
+            print(download_hint, file=sys.stderr)
+        raise
+    print(f"{dataset}: {len(documents):,} documents")
+    if dataset == default_dataset and expected_documents and len(documents) != expected_documents:
+        print(f"warning: {name} has {expected_documents:,} documents; this copy has {len(documents):,}")
+    num_val = math.ceil(val_fraction * len(documents))  # as train_test_split sizes it; checked before it runs
+    if num_val < 1 or num_val >= len(documents):
+        raise ValueError(f"{len(documents)} documents with --val-fraction {val_fraction} leave an empty split; "
+                         "give more documents or another --val-fraction")
+    splits = documents.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+    counts = write_splits(out_dir, {"train": splits["train"], "val": splits["test"]}, num_proc)
+    command = prepare_command_for(out_dir, name)
+    command += "" if dataset == default_dataset else f" --dataset {dataset}"
+    command += "" if val_fraction == SPLIT_VAL_FRACTION else f" --val-fraction {val_fraction}"
+    command += "" if seed == SPLIT_SEED else f" --seed {seed}"
+    return documents, counts, base_meta(name, settings, str(dataset), counts, command)
+
+
+def print_split_counts(out_dir, counts, seconds):
+    print(f"{out_dir}: train {counts['train']['tokens']:,} tokens ({counts['train']['documents']:,} documents), "
+          f"val {counts['val']['tokens']:,} ({counts['val']['documents']:,}), {seconds:.0f} s")
+
+
 def gpt2_meta():
     """meta.json's tokenizer fields for GPT-2 BPE data."""
     return {"tokenizer": "gpt2", "tokenizer_files": load_gpt2_encoding()[1], "vocab_size": GPT2_VOCAB_SIZE,

@@ -6,6 +6,7 @@ run needs to reach a target loss, with the speed-up against a baseline.
     python scripts/compare.py multirun_out/ --best --baseline adamw      # tuned vs tuned from a sweep
     python scripts/compare.py --wandb ENTITY/PROJECT --group my_experiment --out compare.png
     python scripts/compare.py out/study/char --budgets --baseline adamw --seconds-per-step s.json --out budgets.png
+    python scripts/compare.py out/run_a out/run_b --metric eval/hellaswag_acc_norm --x tokens --out hellaswag.png
 
 Runs whose configs are identical except for `seed`, `out_dir`, `run_name`, `resume`, `wandb.*` and the
 logging knobs are seeds of one group; a group's curve is the mean over its seeds. The target loss defaults to the
@@ -799,6 +800,78 @@ def main_budgets(runs, args):
 
 
 # -----------------------------------------------------------------------------
+# --metric NAME: any logged key (eval/hellaswag_acc_norm, train/loss, optim/win_rate, ...) against steps, tokens or time
+
+METRIC_AXES = {"steps": "step", "tokens": "tokens", "time": "time/elapsed_s"}  # --x -> the logged key
+
+
+def metric_series(events, metric, x_key):
+    """(x, values), each (P,), of the events that logged `metric` (not null), in step order; a step logged twice (a
+    resumed run) keeps its later event. x is NaN where the event lacks x_key."""
+    by_step = {int(e["step"]): e for e in events if e.get(metric) is not None and e.get("step") is not None}
+    steps = sorted(by_step)
+    x = np.array([np.nan if by_step[s].get(x_key) is None else float(by_step[s][x_key]) for s in steps])
+    return x, np.array([float(by_step[s][metric]) for s in steps])
+
+
+def main_metric(args):
+    """--metric: a line per run of the metric against --x, and a table of its first, last, min and max."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [load_run_dir(d) for d in find_run_dirs(args.runs)]
+    groups = group_runs(runs)
+    label_groups(groups)  # labels as in the loss comparison: the optimizer and what tells the runs apart
+    x_key, series, seen = METRIC_AXES[args.x], [], set()
+    for g in groups:
+        for run in g.runs:
+            events = read_metrics(os.path.join(run.path, "metrics.jsonl"))
+            seen.update(k for e in events for k in e)
+            name = g.label + (f" seed={run.config.get('seed')}" if len(g.runs) > 1 else "")
+            series.append((name, run.name, *metric_series(events, args.metric, x_key)))
+    if not any(len(values) for *_, values in series):
+        close = difflib.get_close_matches(args.metric, sorted(seen), n=1)
+        raise CompareError(f"no run logged {args.metric!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                           + f"; logged keys: {', '.join(sorted(seen))}")
+    divisor, unit = (1, "")
+    if args.x == "time":
+        divisor, unit = time_unit(max((np.nanmax(x) for *_, x, _ in series if np.isfinite(x).any()), default=0.0))
+    x_label = {"steps": "optimizer steps", "tokens": "training tokens", "time": f"wall-clock ({unit})"}[args.x]
+
+    rows = [f"| run | points | first | last | min (at {x_label}) | max (at {x_label}) |", "|---|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, path, x, values in series:
+        if not len(values):
+            rows.append(f"| {name} | 0 | n/a | n/a | n/a | n/a |")
+            print(f"warning: {path} logged no {args.metric}", file=sys.stderr)
+            continue
+        lo, hi = int(np.nanargmin(values)), int(np.nanargmax(values))
+        rows.append(f"| {name} | {len(values)} | {values[0]:.4g} | {values[-1]:.4g} | {values[lo]:.4g} "
+                    f"({x[lo] / divisor:g}) | {values[hi]:.4g} ({x[hi] / divisor:g}) |")
+        ok = np.isfinite(x) & np.isfinite(values)
+        ax.plot(x[ok] / divisor, values[ok], marker="o" if ok.sum() < 30 else None, ms=3, label=name)
+    print("\n".join(rows))
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(args.metric)
+    ax.set_title(f"{args.metric} against {x_label}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    plt.close(fig)
+    print(f"\nwrote {args.out}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(clean({"metric": args.metric, "x": args.x, "runs": [
+                {"label": name, "run": path, "x": x.tolist(), "values": values.tolist()}
+                for name, path, x, values in series]}), f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -815,8 +888,19 @@ def main(argv=None):
                              "data multiplier against the baseline's final-loss-vs-steps curve")
     parser.add_argument("--seconds-per-step", metavar="JSON",
                         help="with --budgets: {label: measured seconds per step}, for the time multiplier")
+    parser.add_argument("--metric", metavar="NAME",
+                        help="plot and tabulate any logged key instead of val/loss, e.g. eval/hellaswag_acc_norm")
+    parser.add_argument("--x", choices=sorted(METRIC_AXES), default="steps", help="with --metric: the x axis")
     args = parser.parse_args(argv)
     try:
+        if args.metric:
+            if args.wandb or args.budgets or args.best or args.target_loss is not None or args.seconds_per_step:
+                raise CompareError("--metric reads run directories, with --x, --out and --json only")
+            if not args.runs:
+                raise CompareError("nothing to compare: pass run directories")
+            if not args.out.lower().endswith(".png"):
+                raise CompareError(f"--out {args.out}: give a .png file name")
+            return main_metric(args)
         if not args.runs and not args.wandb:
             raise CompareError("nothing to compare: pass run directories, or --wandb ENTITY/PROJECT --group G")
         if args.wandb and not args.group:

@@ -534,3 +534,43 @@ def test_steps_for_loss_interpolates_in_log_steps():
     assert compare.steps_for_loss(3.0, steps, np.array([4.0, 5.0]), (0.0, 1.0)) == (None, True)
     mean, ci = compare.mean_ci95([1.0, 2.0, 3.0, float("nan")])  # a diverged seed is left out
     assert mean == 2.0 and ci == pytest.approx([2 - 4.303 / np.sqrt(3), 2 + 4.303 / np.sqrt(3)])
+
+
+def add_metric(run_dir, metric, value_fn, steps=EVAL_STEPS):
+    """Append eval events logging `metric` = value_fn(step) (as train.py logs eval/hellaswag_* beside val/loss)."""
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        for step in steps:
+            f.write(json.dumps({"step": int(step), "tokens": int(step) * TOKENS_PER_STEP, "val/loss": 4.0,
+                                metric: value_fn(int(step)), "time/elapsed_s": int(step) * 0.5}) + "\n")
+
+
+def test_metric_plots_and_tabulates_any_logged_key(tmp_path, capsys):
+    """--metric NAME --x steps|tokens|time: each run's first, last, min and max of the key (and where they are), the
+    points in the JSON equal to what was logged; a key nobody logged, or --metric with --budgets, is refused."""
+    metric = "eval/hellaswag_acc_norm"
+    adamw = make_run(tmp_path / "adamw", "adamw", 0, lambda s: 5.0)
+    sophia = make_run(tmp_path / "sophia", "sophiag", 0, lambda s: 5.0)
+    add_metric(adamw, metric, lambda s: 0.25 + s / 10_000)                    # rises: min at 100, max at 1000
+    add_metric(sophia, metric, lambda s: 0.3 + 0.1 * np.sin(s / 150))      # peaks inside the run
+    # the time axis in minutes: the runs last 500 s (compare.time_unit)
+    for x, scale, shown in (("steps", 1, 1), ("tokens", TOKENS_PER_STEP, 1), ("time", 0.5, 1 / 60)):
+        out, numbers = tmp_path / f"{x}.png", tmp_path / f"{x}.json"
+        assert compare.main([adamw, sophia, "--metric", metric, "--x", x, "--out", str(out),
+                             "--json", str(numbers)]) == 0
+        table = capsys.readouterr().out
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        runs = json.loads(numbers.read_text())["runs"]
+        assert [r["label"] for r in runs] == ["adamw", "sophiag"]
+        for r, fn in zip(runs, (lambda s: 0.25 + s / 10_000, lambda s: 0.3 + 0.1 * np.sin(s / 150))):
+            np.testing.assert_allclose(r["x"], EVAL_STEPS * scale)
+            np.testing.assert_allclose(r["values"], [fn(s) for s in EVAL_STEPS])
+        assert f"| adamw | 10 | 0.26 | 0.35 | 0.26 ({100 * scale * shown:g}) | 0.35 ({1000 * scale * shown:g}) |" in table
+        peak = EVAL_STEPS[np.argmax(np.sin(EVAL_STEPS / 150))]  # 200: sin(4/3) is the largest of the eval points
+        assert f"{0.3 + 0.1 * np.sin(peak / 150):.4g} ({peak * scale * shown:g}) |" in table.splitlines()[3]
+
+    assert compare.main([adamw, "--metric", "eval/hellaswag_acc_nrom", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "no run logged 'eval/hellaswag_acc_nrom' (did you mean eval/hellaswag_acc_norm?)" in err
+    assert compare.main([adamw, "--metric", metric, "--budgets", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--metric reads run directories" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

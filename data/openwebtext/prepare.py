@@ -24,7 +24,6 @@ datasets cache (the text as arrow, ~40 GB, and the tokenized ids, ~18 GB), besid
 """
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -32,59 +31,32 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable for `data.common`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data.common import base_meta, is_prepared, load_documents, prepare_command_for, write_meta, write_splits
+from data.common import SPLIT_SEED, SPLIT_VAL_FRACTION, print_split_counts, split_and_write, write_meta
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent
 DEFAULT_REVISION = "963532436460638ab26b7633e23776e6c7e37d59"  # Skylion007/openwebtext: the full parquet upload
 DEFAULT_DATASET = f"hf://datasets/Skylion007/openwebtext@{DEFAULT_REVISION}/data/train-*-of-00093.parquet"
+DOWNLOAD_HINT = (f"Could not read {DEFAULT_DATASET}. Without hub access here, download it on a machine that has it:\n"
+                 f"  hf download Skylion007/openwebtext --repo-type dataset --revision {DEFAULT_REVISION} "
+                 f"--include 'data/*' --local-dir DIR\nthen copy DIR over and pass --dataset DIR/data")
 OPENWEBTEXT_DOCUMENTS = 8_013_769  # the corpus as released
 NANOGPT_TOKENS = {"train": 9_035_582_198, "val": 4_434_897}  # nanoGPT's counts for this split
-VAL_FRACTION = 0.0005  # nanoGPT's split
-SEED = 2357
+VAL_FRACTION, SEED = SPLIT_VAL_FRACTION, SPLIT_SEED  # nanoGPT's split
 
 
 def prepare(out_dir=None, dataset=DEFAULT_DATASET, num_proc=max(1, (os.cpu_count() or 2) // 2),
             val_fraction=VAL_FRACTION, seed=SEED):
     """Tokenize OpenWebText into out_dir (default: this folder); skip when already prepared. Returns out_dir."""
     out_dir = Path(out_dir) if out_dir is not None else DEFAULT_OUT_DIR
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    path = Path(dataset).expanduser()
-    settings = {"dataset": str(path.resolve()) if path.exists() else str(dataset),
-                "val_fraction": val_fraction, "seed": seed}
-    if is_prepared(out_dir, settings):
-        print(f"{out_dir} is already prepared; delete its meta.json to redo it")
-        return out_dir
-
     t0 = time.time()
-    try:
-        documents = load_documents(dataset, num_proc)
-    except Exception:
-        if dataset == DEFAULT_DATASET:  # most likely no hub access from this machine
-            print(f"Could not read {dataset}. Without hub access here, download it on a machine that has it:\n"
-                  f"  hf download Skylion007/openwebtext --repo-type dataset --revision {DEFAULT_REVISION} "
-                  f"--include 'data/*' --local-dir DIR\nthen copy DIR over and pass --dataset DIR/data", file=sys.stderr)
-        raise
-    print(f"{dataset}: {len(documents):,} documents")
-    if dataset == DEFAULT_DATASET and len(documents) != OPENWEBTEXT_DOCUMENTS:
-        print(f"warning: OpenWebText has {OPENWEBTEXT_DOCUMENTS:,} documents; this copy has {len(documents):,}")
-    num_val = math.ceil(val_fraction * len(documents))  # as train_test_split sizes it; checked before it runs
-    if num_val < 1 or num_val >= len(documents):
-        raise ValueError(f"{len(documents)} documents with --val-fraction {val_fraction} leave an empty split; "
-                         "give more documents or another --val-fraction")
-    splits = documents.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
-    splits = {"train": splits["train"], "val": splits["test"]}
-
-    counts = write_splits(out_dir, splits, num_proc)
-    command = prepare_command_for(out_dir, "openwebtext")
-    command += "" if dataset == DEFAULT_DATASET else f" --dataset {dataset}"
-    command += "" if val_fraction == VAL_FRACTION else f" --val-fraction {val_fraction}"
-    command += "" if seed == SEED else f" --seed {seed}"
-    meta = base_meta("openwebtext", settings, str(dataset), counts, command)
+    done = split_and_write("openwebtext", out_dir, dataset, num_proc, val_fraction, seed, DEFAULT_DATASET,
+                           DOWNLOAD_HINT, OPENWEBTEXT_DOCUMENTS)
+    if done is None:
+        return out_dir
+    documents, counts, meta = done
     write_meta(out_dir, meta)
-    print(f"{out_dir}: train {counts['train']['tokens']:,} tokens ({counts['train']['documents']:,} documents), "
-          f"val {counts['val']['tokens']:,} ({counts['val']['documents']:,}), {time.time() - t0:.0f} s")
-    if settings["val_fraction"] == VAL_FRACTION and seed == SEED and len(documents) == OPENWEBTEXT_DOCUMENTS:
+    print_split_counts(out_dir, counts, time.time() - t0)
+    if val_fraction == VAL_FRACTION and seed == SEED and len(documents) == OPENWEBTEXT_DOCUMENTS:
         same = all(counts[split]["tokens"] == NANOGPT_TOKENS[split] for split in counts)
         print(f"nanoGPT's split has train {NANOGPT_TOKENS['train']:,} / val {NANOGPT_TOKENS['val']:,} tokens: "
               + ("identical" if same else "different (another row order or tokenizer version)"))
