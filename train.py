@@ -32,10 +32,10 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import config_schema  # registers the configuration's schema with Hydra, before @hydra.main composes
+import cli
 from build import build_run, compile_enabled, run_name_of
 from checkpoint import CONVERTER, RunError, save_run
-from config_schema import ConfigError, check_values
+from config_schema import ConfigError, check_values  # its import registers the schema, before @hydra.main composes
 from data.common import tokenizer_for
 from data.stream import data_dir_of
 from distributed import StopSignals, clip_gradients, gradient_sync, setup_processes, world_size_from_env
@@ -332,5 +332,5 @@ def main(cfg: DictConfig):
 if __name__ == "__main__":
     # --help; a wrong type, an unknown key or a bad value in any run asked for (each point of a -m sweep,
     # before the first starts): one line, exit 2
-    config_schema.check_command_line()
+    cli.check_command_line()
     main()

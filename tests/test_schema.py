@@ -1,5 +1,5 @@
-"""config_schema.py: typed knobs. A wrong type or an unknown key is one line and exit code 2 before any work;
-`python train.py --help` lists every knob; every preset composes with values of the schema's types."""
+"""config_schema.py: typed knobs; cli.py: the command line. A wrong type or an unknown key is one line and exit
+code 2 before any work; `python train.py --help` lists every knob; every preset composes with values of the schema's types."""
 import re
 import shutil
 import subprocess
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+import cli
 import config_schema
 from conftest import flatten
 
@@ -74,9 +75,9 @@ def test_the_message_names_a_yaml_files_bad_value(tmp_path, monkeypatch, capsys)
     shutil.copytree(REPO_DIR / "configs", tmp_path / "configs")
     size = tmp_path / "configs" / "size" / "shakespeare_char.yaml"
     size.write_text(size.read_text().replace("max_steps: 2000", "max_steps: two thousand"))
-    monkeypatch.setattr(config_schema, "CONFIG_DIR", tmp_path / "configs")
+    monkeypatch.setattr(cli, "CONFIG_DIR", tmp_path / "configs")
     with pytest.raises(SystemExit) as stop:
-        config_schema.check_command_line(["config=shakespeare_char_adamw"])
+        cli.check_command_line(["config=shakespeare_char_adamw"])
     message = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and len(message.splitlines()) == 1
     assert "max_steps in configs/size/shakespeare_char.yaml" in message and "two thousand" in message
@@ -93,22 +94,22 @@ def test_the_message_names_a_yaml_files_bad_value(tmp_path, monkeypatch, capsys)
 ])
 def test_an_override_typed_as_a_flag_points_at_key_value(capsys, argv, expected):
     with pytest.raises(SystemExit) as stop:
-        config_schema.check_command_line(argv)
+        cli.check_command_line(argv)
     message = capsys.readouterr().err
     assert stop.value.code == 2 and message.count("\n") == 1 and expected in message, message
 
 
 def test_hydras_own_flags_stay_hydras(capsys):
     """--cfg job prints the composed config (Hydra's flag, left to Hydra by the command line's check)."""
-    config_schema.check_command_line(["--cfg", "job", "--resolve", "max_steps=3"])
+    cli.check_command_line(["--cfg", "job", "--resolve", "max_steps=3"])
     result = train_py("--cfg", "job", "max_steps=3")
     assert result.returncode == 0 and "max_steps: 3" in result.stdout, result.stderr
 
 
 def test_good_command_lines_pass_the_check():
-    config_schema.check_command_line(["optim=adamw"])  # the default (Sophia) preset under AdamW: its rho unused
-    config_schema.check_command_line(["config=gpt2_small_sophiah", "optim.hess_batch_size=240", "wandb.tags=[a,b]"])
-    config_schema.check_command_line(["-m", "optim=adamw,sophiag", "optim.lr=1e-3,2e-3", "hydra/launcher=slurm",
+    cli.check_command_line(["optim=adamw"])  # the default (Sophia) preset under AdamW: its rho unused
+    cli.check_command_line(["config=gpt2_small_sophiah", "optim.hess_batch_size=240", "wandb.tags=[a,b]"])
+    cli.check_command_line(["-m", "optim=adamw,sophiag", "optim.lr=1e-3,2e-3", "hydra/launcher=slurm",
                                       "out_dir=out/sweep/${run_name}"])
 
 
@@ -197,8 +198,9 @@ def test_the_checks_of_train_py_are_check_values(monkeypatch):
 
 
 def test_no_private_hydra_import():
-    source = (REPO_DIR / "config_schema.py").read_text()
-    assert "hydra._internal" not in source and "inspect" not in source
+    for module in ("config_schema.py", "cli.py"):
+        source = (REPO_DIR / module).read_text()
+        assert "hydra._internal" not in source and "inspect" not in source, module
 
 
 # -----------------------------------------------------------------------------------------------------
