@@ -238,9 +238,40 @@ class ConfigError(ValueError):
     one line users see, and names the fix. Exit status 2."""
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a step's global batch, and the Hessian batch, split into micro-batches on each rank."""
+    grad_accum: int         # training micro-batches per rank per step
+    lr_decay_steps: int     # the cosine ends here (optim.lr -> min_lr)
+    sophia: bool            # SophiaG/SophiaH: refresh the Hessian every optim.hess_interval steps
+    hess_batch: int = 0     # sequences in one global Hessian batch
+    hess_accum: int = 0     # Hessian micro-batches per rank
+    hess_micro: int = 0     # sequences per Hessian micro-batch
+    step_bs: int = 0        # Sophia's step(bs=...): see plan_batches
+
+
+def plan_batches(cfg, world_size):
+    """Split the global batch, and the Hessian batch, over the ranks and micro-steps; check_values refuses a
+    configuration whose batches do not split exactly."""
+    optim = cfg.optim
+    lr_decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.max_steps
+    # The global batch is fixed in sequences; each rank runs grad_accum micro-batches of micro_batch_size.
+    grad_accum = cfg.total_batch_size // (cfg.micro_batch_size * world_size)
+    if optim.name not in ("sophiag", "sophiah"):
+        return BatchPlan(grad_accum, lr_decay_steps, sophia=False)
+    # the Hessian batch runs in micro-batches of micro_batch_size, or in one smaller one per rank
+    hess_batch = optim.hess_batch_size or cfg.total_batch_size
+    hess_micro = min(cfg.micro_batch_size, hess_batch // world_size)
+    # GNB's estimate is B·grad² of the mean loss over B predictions: SophiaG takes B as `bs` (official).
+    # Hutchinson's u*(Hu) is already the Hessian of the mean loss, so SophiaH's rho is gamma itself (bs=1).
+    step_bs = hess_batch * cfg.model.block_size if optim.name == "sophiag" else 1
+    return BatchPlan(grad_accum, lr_decay_steps, sophia=True, hess_batch=hess_batch,
+                     hess_accum=hess_batch // world_size // max(hess_micro, 1), hess_micro=hess_micro, step_bs=step_bs)
+
+
 def check_values(cfg, world_size):
     """Raise ConfigError for a value that would fail later: run for every run of a command line before the
-    first one starts (check_command_line), and again by train.py's plan_batches under the launched job."""
+    first one starts (cli.check_command_line), and again by train.py under the launched job."""
     def need(ok, message):
         if not ok:
             raise ConfigError(message)
@@ -249,7 +280,11 @@ def check_values(cfg, world_size):
     need(optim.name in OPTIMIZERS,
          f"optim.name={optim.name} is unknown: choose optim={' | '.join(OPTIMIZERS)}")
     need(cfg.max_steps >= 1, f"max_steps={cfg.max_steps}: set max_steps to 1 or more")
-    lr_decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.max_steps
+    for key in ("eval_interval", "eval_steps", "log_interval", "ckpt_interval", "micro_batch_size",
+                "total_batch_size"):
+        need(cfg[key] >= 1, f"{key}={cfg[key]}: set it to 1 or more")
+    plan = plan_batches(cfg, world_size)  # the numbers train.py runs with: what follows checks them
+    lr_decay_steps = plan.lr_decay_steps
     need(cfg.warmup_steps >= 0 and lr_decay_steps >= 1,
          f"warmup_steps={cfg.warmup_steps}, lr_decay_steps={lr_decay_steps}: use warmup_steps >= 0, lr_decay_steps >= 1")
     need(cfg.warmup_steps <= cfg.max_steps,
@@ -271,9 +306,6 @@ def check_values(cfg, world_size):
                                       f"e.g. min_lr={optim.lr / 10:.3g} (a tenth of optim.lr)")
     need(str(cfg.compile).lower() in ("auto", "true", "false"),
          f"compile={cfg.compile}: use auto (compiled on CUDA), true or false")
-    for key in ("eval_interval", "eval_steps", "log_interval", "ckpt_interval", "micro_batch_size",
-                "total_batch_size"):
-        need(cfg[key] >= 1, f"{key}={cfg[key]}: set it to 1 or more")
     for beta in optim.get("betas", []):
         need(0 <= beta < 1, f"optim.betas={list(optim.betas)}: each beta must lie in [0, 1)")
 
@@ -284,22 +316,17 @@ def check_values(cfg, world_size):
         need(1 <= optim.ns_steps < 100, f"optim.ns_steps={optim.ns_steps}: use 1 to 99 (Muon's usual: 5)")
         need(optim.adam_lr is None or optim.adam_lr > 0, f"optim.adam_lr={optim.adam_lr}: use a positive lr, or null")
 
-    # The global batch is fixed in sequences; each rank runs grad_accum micro-batches of micro_batch_size.
     per_step = cfg.micro_batch_size * world_size
-    need(cfg.total_batch_size % per_step == 0,
+    need(plan.grad_accum * per_step == cfg.total_batch_size,
          f"total_batch_size={cfg.total_batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size} "
          f"x world_size={world_size} = {per_step}: pick a micro_batch_size that divides "
          f"{cfg.total_batch_size / world_size:g} (total_batch_size / world_size), or change total_batch_size")
-    if optim.name not in ("sophiag", "sophiah"):
+    if not plan.sophia:
         return
     need(optim.rho > 0, f"optim.rho={optim.rho}: rho must be positive (the paper uses 0.03-0.08)")
     need(optim.hess_interval >= 1, f"optim.hess_interval={optim.hess_interval}: set it to 1 or more")
-    # the Hessian batch runs in micro-batches of micro_batch_size, or in one smaller one per rank (plan_batches)
-    hess_batch = optim.hess_batch_size or cfg.total_batch_size
-    hess_per_rank = hess_batch // world_size
-    hess_micro = min(cfg.micro_batch_size, hess_per_rank)
-    need(hess_batch % world_size == 0 and hess_micro >= 1 and hess_per_rank % hess_micro == 0,
-         f"optim.hess_batch_size={hess_batch} does not split over world_size={world_size} in micro-batches of "
+    need(plan.hess_micro >= 1 and plan.hess_accum * plan.hess_micro * world_size == plan.hess_batch,
+         f"optim.hess_batch_size={plan.hess_batch} does not split over world_size={world_size} in micro-batches of "
          f"micro_batch_size={cfg.micro_batch_size}: use a multiple of {per_step}, or a multiple of "
          f"{world_size} below {per_step} (the paper's half batch: {cfg.total_batch_size // 2})")
 

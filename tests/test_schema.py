@@ -188,13 +188,39 @@ def test_choices_compare_and_save_as_their_strings(tmp_path):
     assert (tmp_path / "config.yaml").read_text().count("parallel: fsdp\n") == 1
 
 
-def test_the_checks_of_train_py_are_check_values(monkeypatch):
-    """plan_batches refuses what check_command_line refuses, through the one function."""
+def test_the_checks_of_train_py_are_check_values(monkeypatch, tmp_path):
+    """train() refuses what check_command_line refuses, through the one function, before anything else."""
     import train
+
+    def refuse(cfg, world_size):
+        calls.append(world_size)
+        raise config_schema.ConfigError("refused")
     calls = []
-    monkeypatch.setattr(train, "check_values", lambda cfg, world_size: calls.append(world_size))
-    train.plan_batches(config_schema.compose_config(), 1)
-    assert calls == [1]
+    monkeypatch.setattr(train, "check_values", refuse)
+    with pytest.raises(config_schema.ConfigError, match="refused"):
+        train.train(config_schema.compose_config(None, [f"out_dir={tmp_path / 'run'}"]))
+    assert calls == [1] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("world_size, micro, hess_batch", [(1, 8, None), (1, 8, 12), (2, 4, 48), (4, 8, 12),
+                                                                  (3, 5, 9), (2, 8, 3), (2, 8, 9)])
+def test_check_values_refuses_exactly_the_hessian_batches_that_do_not_split(world_size, micro, hess_batch):
+    """A Hessian batch is accepted iff the plan's micro-batches add up to it on every rank, counted here
+    independently: the batch splits evenly over the ranks, and each rank's share into micro_batch_size chunks or
+    one smaller chunk."""
+    cfg = config_schema.compose_config("shakespeare_sophiag", [
+        f"micro_batch_size={micro}", f"total_batch_size={micro * world_size * 2}",
+        f"optim.hess_batch_size={'null' if hess_batch is None else hess_batch}"])
+    batch = hess_batch or micro * world_size * 2
+    per_rank, rest = divmod(batch, world_size)
+    splits = rest == 0 and per_rank >= 1 and (per_rank < micro or per_rank % micro == 0)
+    if splits:
+        config_schema.check_values(cfg, world_size)
+        plan = config_schema.plan_batches(cfg, world_size)
+        assert plan.hess_batch == batch and plan.hess_accum * plan.hess_micro * world_size == batch
+    else:
+        with pytest.raises(config_schema.ConfigError, match=f"optim.hess_batch_size={batch} does not split"):
+            config_schema.check_values(cfg, world_size)
 
 
 def test_no_private_hydra_import():
