@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import textwrap
+import traceback
 from dataclasses import fields
 
 from hydra import compose, initialize_config_dir
@@ -39,8 +40,8 @@ from config_schema import (
 )
 
 # -----------------------------------------------------------------------------------------------------
-# Command-line checks: compose as Hydra will, before Hydra, so that a mistake is one line and exit code 2
-# (Hydra prints several lines and exits 1), and before torchrun's ranks or a sweep's jobs start.
+# Command-line checks: a mistake is one line and exit code 2 (Hydra prints several lines and exits 1), before
+# torchrun's ranks or a sweep's jobs start.
 
 def parse_command_line(argv):
     """(--help, --multirun, overrides), or None for a command line with any other of Hydra's flags."""
@@ -53,28 +54,57 @@ def parse_command_line(argv):
 
 
 def check_command_line(argv=None):
-    """Print --help and exit, or check the configuration of every run the command line asks for: a mistake
-    exits with one line `error: ...` and code 2; else return, and Hydra goes on as usual."""
+    """Print --help and exit, or check every point of a `-m` sweep before the first one starts: a mistake exits
+    with one line `error: ...` and code 2; else return, and Hydra goes on as usual. A single run is left to
+    Hydra, which composes it once: run_main turns its composition errors into one line, and train.py checks
+    the composed config (check_composed, check_values)."""
     argv = sys.argv[1:] if argv is None else argv
     dashed = dashed_override(argv)
     if dashed:
         print(f"error: {dashed}", file=sys.stderr)
         sys.exit(2)
     args = parse_command_line(argv)
-    if args is None:
-        return  # Hydra's own flags (--hydra-help, --cfg, --config-dir, ...): Hydra's business, checked by Hydra
+    if args is None or not (args.help or args.multirun):
+        return  # a single run, or Hydra's own flags (--hydra-help, --cfg, --config-dir, ...): composed by Hydra
     overrides = [o for o in args.overrides if not re.match(r"[+~]*hydra[./=]", o)]  # Hydra's own settings
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; a sweep's points run one process each
     try:
         if args.help:
             print(help_text(overrides))
             sys.exit(0)
+        # each point is composed here, and again by Hydra as it starts it: the price of checking its values
+        # (which Hydra cannot) before the first point starts
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="train"):
-            for point in (sweep_points(overrides) if args.multirun else [overrides]):
+            for point in sweep_points(overrides):
                 check_values(compose_checked(point), world_size)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def run_main(main, argv=None):
+    """Call Hydra's main. For a composition error (a wrong type, an unknown key or option, a bad value in a YAML
+    file) Hydra prints several lines and exits 1; with HYDRA_FULL_ERROR set it raises the error instead, which
+    becomes one line and exit status 2 here. An error raised inside a run is left as it is."""
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        # Hydra runs the task inside run_job (hydra.core.utils) and composes before it: an error whose traceback
+        # passes through run_job came from the run itself (Hydra's own error printer tells them apart so too)
+        if any(frame.name == "run_job" for frame in traceback.extract_tb(e.__traceback__)):
+            raise
+        print(f"error: {describe(e, given_values(argv))}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_composed(cfg, overrides):
+    """ConfigError for what composes but is wrong: a missing value, or a key the schema lacks (+key=..., or an
+    optimizer's key under another optimizer)."""
+    problem = missing_values(cfg) or next(unknown_keys(cfg, given_values(overrides)), None)
+    if problem:
+        raise ConfigError(problem)
 
 
 def dashed_override(argv):
@@ -103,7 +133,9 @@ def sweep_points(overrides):
         raise ConfigError(one_line(e)) from None
     if any(o.is_sweep_override() and not o.is_discrete_sweep() for o in parsed):
         return []  # range/interval sweeps belong to another sweeper: Hydra checks them alone
-    choices = {}  # as BasicSweeper.split_arguments: a later override of a key replaces an earlier one
+    # Hydra's parser reads the values; their product is the basic sweeper's (split_arguments, in Hydra's private
+    # modules), in its order: a later override of a key replaces an earlier one
+    choices = {}
     for o in parsed:
         key = o.get_key_element()
         values = o.sweep_string_iterator() if o.is_sweep_override() else [o.get_value_element_as_str()]
@@ -117,9 +149,7 @@ def compose_checked(overrides):
         cfg = compose(config_name="train", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(describe(e, given_values(overrides))) from None
-    problem = missing_values(cfg) or next(unknown_keys(cfg, given_values(overrides)), None)
-    if problem:
-        raise ConfigError(problem)
+    check_composed(cfg, overrides)
     return cfg
 
 

@@ -287,6 +287,7 @@ def train(cfg):
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig):
     try:
+        cli.check_composed(cfg, HydraConfig.get().overrides.task)
         status = train(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -302,4 +303,4 @@ if __name__ == "__main__":
     # --help; a wrong type, an unknown key or a bad value in any run asked for (each point of a -m sweep,
     # before the first starts): one line, exit 2
     cli.check_command_line()
-    main()
+    cli.run_main(main)

@@ -8,8 +8,10 @@ import types
 import typing
 from pathlib import Path
 
+import hydra
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
 
 import cli
 import config_schema
@@ -71,15 +73,15 @@ def test_a_wrong_type_or_unknown_key_is_one_line_and_exit_code_2(tmp_path, args,
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
 
-def test_the_message_names_a_yaml_files_bad_value(tmp_path, monkeypatch, capsys):
+def test_the_message_names_a_yaml_files_bad_value(tmp_path):
+    """Hydra's own composition of the run (-cp: its primary config directory) fails: one line, exit code 2."""
     shutil.copytree(REPO_DIR / "configs", tmp_path / "configs")
     size = tmp_path / "configs" / "size" / "shakespeare_char.yaml"
     size.write_text(size.read_text().replace("max_steps: 2000", "max_steps: two thousand"))
-    monkeypatch.setattr(cli, "CONFIG_DIR", tmp_path / "configs")
-    with pytest.raises(SystemExit) as stop:
-        cli.check_command_line(["config=shakespeare_char_adamw"])
-    message = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and len(message.splitlines()) == 1
+    result = train_py("-cp", str(tmp_path / "configs"), "config=shakespeare_char_adamw",
+                      f"out_dir={tmp_path / 'run'}", cwd=tmp_path)
+    message = result.stderr.strip()
+    assert result.returncode == 2 and len(message.splitlines()) == 1, result.stderr
     assert "max_steps in configs/size/shakespeare_char.yaml" in message and "two thousand" in message
     assert "expected int" in message
 
@@ -99,6 +101,23 @@ def test_an_override_typed_as_a_flag_points_at_key_value(capsys, argv, expected)
     assert stop.value.code == 2 and message.count("\n") == 1 and expected in message, message
 
 
+@pytest.mark.parametrize("argv, raised", [(["optim.lr=abc"], SystemExit), (["optim.lr=1e-3"], ConfigAttributeError)])
+def test_only_hydras_composition_errors_become_one_line(monkeypatch, tmp_path, capsys, argv, raised):
+    """run_main: a composition error is one line and exit 2; an error raised inside the run (here a task that
+    reads a key the config lacks, as a bug would) stays the exception it is."""
+    @hydra.main(version_base="1.3", config_path=str(REPO_DIR / "configs"), config_name="train")
+    def task(cfg):
+        return cfg.no_such_key
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # restored afterwards: run_main sets it
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv, f"out_dir={tmp_path / 'run'}"])
+    with pytest.raises(raised) as stop:
+        cli.run_main(task)
+    if raised is SystemExit:
+        message = capsys.readouterr().err
+        assert stop.value.code == 2 and message.count("\n") == 1 and "optim.lr=abc: expected float" in message
+
+
 def test_hydras_own_flags_stay_hydras(capsys):
     """--cfg job prints the composed config (Hydra's flag, left to Hydra by the command line's check)."""
     cli.check_command_line(["--cfg", "job", "--resolve", "max_steps=3"])
@@ -107,8 +126,12 @@ def test_hydras_own_flags_stay_hydras(capsys):
 
 
 def test_good_command_lines_pass_the_check():
-    cli.check_command_line(["optim=adamw"])  # the default (Sophia) preset under AdamW: its rho unused
-    cli.check_command_line(["config=gpt2_small_sophiah", "optim.hess_batch_size=240", "wandb.tags=[a,b]"])
+    """A single run's checks, as train.py's main() makes them on Hydra's composition; a sweep's, up front."""
+    for overrides in (["optim=adamw"],  # the default (Sophia) preset under AdamW: its rho unused
+                      ["config=gpt2_small_sophiah", "optim.hess_batch_size=240", "wandb.tags=[a,b]"]):
+        cfg = config_schema.compose_config(None, overrides)
+        cli.check_composed(cfg, overrides)
+        config_schema.check_values(cfg, world_size=1)
     cli.check_command_line(["-m", "optim=adamw,sophiag", "optim.lr=1e-3,2e-3", "hydra/launcher=slurm",
                                       "out_dir=out/sweep/${run_name}"])
 
