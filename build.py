@@ -17,7 +17,7 @@ import hellaswag
 import muon
 import sophia
 from checkpoint import checkpoint_path, open_run_dir, restore
-from config_schema import ConfigError
+from config_schema import BatchPlan, ConfigError
 from data.stream import Streams, load_streams
 from distributed import Env, shard_model, wrap_model
 from hessian import build_estimator, check_double_backward
@@ -103,7 +103,7 @@ class Run:
     counters change as it trains."""
     cfg: DictConfig
     env: Env
-    plan: object               # train.BatchPlan
+    plan: BatchPlan
     out_dir: Path
     streams: Streams
     raw_model: GPT

@@ -4,18 +4,10 @@ The configuration's schema: every knob of train.py, its type, its choices and a 
 The values live in configs/ (train.yaml, the groups, the presets); each YAML file names its schema here
 in its defaults list (`base_train`, `base_model`, `base_<optimizer>`, `base_data`), so Hydra checks every
 value's type, and refuses a value outside a knob's choices, as it composes. A field's `help` is its line in
-`python train.py --help`. check_command_line() composes every run a command line asks for (each point of a
-`-m` sweep too) and checks its values (check_values) before any of them starts: a mistake is one line and
-exit status 2. To add a knob: a field here, with its help; its value in YAML.
+`python train.py --help` (cli.py), and check_values checks what a type cannot say. To add a knob: a field here,
+with its help; its value in YAML.
 """
 
-import argparse
-import difflib
-import itertools
-import os
-import re
-import sys
-import textwrap
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -24,11 +16,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, MissingConfigException
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import MISSING, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -258,9 +246,40 @@ class ConfigError(ValueError):
     one line users see, and names the fix. Exit status 2."""
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a step's global batch, and the Hessian batch, split into micro-batches on each rank."""
+    grad_accum: int         # training micro-batches per rank per step
+    lr_decay_steps: int     # the cosine ends here (optim.lr -> min_lr)
+    sophia: bool            # SophiaG/SophiaH: refresh the Hessian every optim.hess_interval steps
+    hess_batch: int = 0     # sequences in one global Hessian batch
+    hess_accum: int = 0     # Hessian micro-batches per rank
+    hess_micro: int = 0     # sequences per Hessian micro-batch
+    step_bs: int = 0        # Sophia's step(bs=...): see plan_batches
+
+
+def plan_batches(cfg, world_size):
+    """Split the global batch, and the Hessian batch, over the ranks and micro-steps; check_values refuses a
+    configuration whose batches do not split exactly."""
+    optim = cfg.optim
+    lr_decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.max_steps
+    # The global batch is fixed in sequences; each rank runs grad_accum micro-batches of micro_batch_size.
+    grad_accum = cfg.total_batch_size // (cfg.micro_batch_size * world_size)
+    if optim.name not in ("sophiag", "sophiah"):
+        return BatchPlan(grad_accum, lr_decay_steps, sophia=False)
+    # the Hessian batch runs in micro-batches of micro_batch_size, or in one smaller one per rank
+    hess_batch = optim.hess_batch_size or cfg.total_batch_size
+    hess_micro = min(cfg.micro_batch_size, hess_batch // world_size)
+    # GNB's estimate is B·grad² of the mean loss over B predictions: SophiaG takes B as `bs` (official).
+    # Hutchinson's u*(Hu) is already the Hessian of the mean loss, so SophiaH's rho is gamma itself (bs=1).
+    step_bs = hess_batch * cfg.model.block_size if optim.name == "sophiag" else 1
+    return BatchPlan(grad_accum, lr_decay_steps, sophia=True, hess_batch=hess_batch,
+                     hess_accum=hess_batch // world_size // max(hess_micro, 1), hess_micro=hess_micro, step_bs=step_bs)
+
+
 def check_values(cfg, world_size):
     """Raise ConfigError for a value that would fail later: run for every run of a command line before the
-    first one starts (check_command_line), and again by train.py's plan_batches under the launched job."""
+    first one starts (cli.check_command_line), and again by train.py under the launched job."""
     def need(ok, message):
         if not ok:
             raise ConfigError(message)
@@ -269,7 +288,11 @@ def check_values(cfg, world_size):
     need(optim.name in OPTIMIZERS,
          f"optim.name={optim.name} is unknown: choose optim={' | '.join(OPTIMIZERS)}")
     need(cfg.max_steps >= 1, f"max_steps={cfg.max_steps}: set max_steps to 1 or more")
-    lr_decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.max_steps
+    for key in ("eval_interval", "eval_steps", "log_interval", "ckpt_interval", "micro_batch_size",
+                "total_batch_size"):
+        need(cfg[key] >= 1, f"{key}={cfg[key]}: set it to 1 or more")
+    plan = plan_batches(cfg, world_size)  # the numbers train.py runs with: what follows checks them
+    lr_decay_steps = plan.lr_decay_steps
     need(cfg.warmup_steps >= 0 and lr_decay_steps >= 1,
          f"warmup_steps={cfg.warmup_steps}, lr_decay_steps={lr_decay_steps}: use warmup_steps >= 0, lr_decay_steps >= 1")
     need(cfg.warmup_steps <= cfg.max_steps,
@@ -291,9 +314,6 @@ def check_values(cfg, world_size):
                                       f"e.g. min_lr={optim.lr / 10:.3g} (a tenth of optim.lr)")
     need(str(cfg.compile).lower() in ("auto", "true", "false"),
          f"compile={cfg.compile}: use auto (compiled on CUDA), true or false")
-    for key in ("eval_interval", "eval_steps", "log_interval", "ckpt_interval", "micro_batch_size",
-                "total_batch_size"):
-        need(cfg[key] >= 1, f"{key}={cfg[key]}: set it to 1 or more")
     if cfg.eval.hellaswag is not None:
         need(Path(cfg.eval.hellaswag).is_file(),
              f"eval.hellaswag={cfg.eval.hellaswag} is not a file: fetch it with python data/hellaswag/prepare.py "
@@ -310,263 +330,19 @@ def check_values(cfg, world_size):
         need(1 <= optim.ns_steps < 100, f"optim.ns_steps={optim.ns_steps}: use 1 to 99 (Muon's usual: 5)")
         need(optim.adam_lr is None or optim.adam_lr > 0, f"optim.adam_lr={optim.adam_lr}: use a positive lr, or null")
 
-    # The global batch is fixed in sequences; each rank runs grad_accum micro-batches of micro_batch_size.
     per_step = cfg.micro_batch_size * world_size
-    need(cfg.total_batch_size % per_step == 0,
+    need(plan.grad_accum * per_step == cfg.total_batch_size,
          f"total_batch_size={cfg.total_batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size} "
          f"x world_size={world_size} = {per_step}: pick a micro_batch_size that divides "
          f"{cfg.total_batch_size / world_size:g} (total_batch_size / world_size), or change total_batch_size")
-    if optim.name not in ("sophiag", "sophiah"):
+    if not plan.sophia:
         return
     need(optim.rho > 0, f"optim.rho={optim.rho}: rho must be positive (the paper uses 0.03-0.08)")
     need(optim.hess_interval >= 1, f"optim.hess_interval={optim.hess_interval}: set it to 1 or more")
-    # the Hessian batch runs in micro-batches of micro_batch_size, or in one smaller one per rank (plan_batches)
-    hess_batch = optim.hess_batch_size or cfg.total_batch_size
-    hess_per_rank = hess_batch // world_size
-    hess_micro = min(cfg.micro_batch_size, hess_per_rank)
-    need(hess_batch % world_size == 0 and hess_micro >= 1 and hess_per_rank % hess_micro == 0,
-         f"optim.hess_batch_size={hess_batch} does not split over world_size={world_size} in micro-batches of "
+    need(plan.hess_micro >= 1 and plan.hess_accum * plan.hess_micro * world_size == plan.hess_batch,
+         f"optim.hess_batch_size={plan.hess_batch} does not split over world_size={world_size} in micro-batches of "
          f"micro_batch_size={cfg.micro_batch_size}: use a multiple of {per_step}, or a multiple of "
          f"{world_size} below {per_step} (the paper's half batch: {cfg.total_batch_size // 2})")
-
-
-# -----------------------------------------------------------------------------------------------------
-# Command-line checks: compose as Hydra will, before Hydra, so that a mistake is one line and exit code 2
-# (Hydra prints several lines and exits 1), and before torchrun's ranks or a sweep's jobs start.
-
-def parse_command_line(argv):
-    """(--help, --multirun, overrides), or None for a command line with any other of Hydra's flags."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("-h", "--help", action="store_true")
-    parser.add_argument("-m", "--multirun", action="store_true")
-    parser.add_argument("overrides", nargs="*")
-    args, others = parser.parse_known_args(argv)
-    return None if others else args
-
-
-def check_command_line(argv=None):
-    """Print --help and exit, or check the configuration of every run the command line asks for: a mistake
-    exits with one line `error: ...` and code 2; else return, and Hydra goes on as usual."""
-    argv = sys.argv[1:] if argv is None else argv
-    dashed = dashed_override(argv)
-    if dashed:
-        print(f"error: {dashed}", file=sys.stderr)
-        sys.exit(2)
-    args = parse_command_line(argv)
-    if args is None:
-        return  # Hydra's own flags (--hydra-help, --cfg, --config-dir, ...): Hydra's business, checked by Hydra
-    overrides = [o for o in args.overrides if not re.match(r"[+~]*hydra[./=]", o)]  # Hydra's own settings
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; a sweep's points run one process each
-    try:
-        if args.help:
-            print(help_text(overrides))
-            sys.exit(0)
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="train"):
-            for point in (sweep_points(overrides) if args.multirun else [overrides]):
-                check_values(compose_checked(point), world_size)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def dashed_override(argv):
-    """The message for an override typed as a flag (--max_steps=100, --seed 3, --resume), else None. Hydra's own
-    flags (--cfg, --config-name, ...) name no knob or config group, and hold no '_' or '.', as knobs' keys do."""
-    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
-    for i, arg in enumerate(argv):
-        key, equals, value = arg.lstrip("-").partition("=")
-        if not arg.startswith("-") or not ("_" in key or "." in key or key in all_knobs() or key in groups):
-            continue
-        following = argv[i + 1] if i + 1 < len(argv) else ""
-        if not equals and following and not following.startswith("-") and "=" not in following:
-            arg, value = f"{arg} {following}", following  # --seed 3
-        elif not equals:
-            value = "true" if key in all_knobs() and all_knobs()[key].type is bool else "VALUE"  # --resume
-        return (f"{arg}: overrides are key=value, without dashes: python train.py {key}={value} "
-                f"(python train.py --help lists every key)")
-    return None
-
-
-def sweep_points(overrides):
-    """Every job of a `-m` sweep, as the basic sweeper splits it: the product of the swept values."""
-    try:
-        parsed = OverridesParser.create(GlobalHydra.instance().config_loader()).parse_overrides(overrides)
-    except HydraException as e:
-        raise ConfigError(one_line(e)) from None
-    if any(o.is_sweep_override() and not o.is_discrete_sweep() for o in parsed):
-        return []  # range/interval sweeps belong to another sweeper: Hydra checks them alone
-    choices = {}  # as BasicSweeper.split_arguments: a later override of a key replaces an earlier one
-    for o in parsed:
-        key = o.get_key_element()
-        values = o.sweep_string_iterator() if o.is_sweep_override() else [o.get_value_element_as_str()]
-        choices[key] = [f"{key}={v}" for v in values]
-    return [list(point) for point in itertools.product(*choices.values())]
-
-
-def compose_checked(overrides):
-    """The composed config of one run; ConfigError for a wrong type, a missing value or an unknown key."""
-    try:
-        cfg = compose(config_name="train", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(describe(e, given_values(overrides))) from None
-    problem = missing_values(cfg) or next(unknown_keys(cfg, given_values(overrides)), None)
-    if problem:
-        raise ConfigError(problem)
-    return cfg
-
-
-def given_values(overrides):
-    """key -> the override as typed, e.g. 'optim.lr' -> 'optim.lr=abc' (the last one of a key wins, as in Hydra)."""
-    given = {}
-    for o in overrides:
-        key, _, _ = o.partition("=")
-        given[key.lstrip("+~").split("@")[0]] = o
-    return given
-
-
-def describe(e, given):
-    """One line for a composition error: the key, the value, and what the schema expects."""
-    if isinstance(e, MissingConfigException) and e.missing_cfg_file:
-        group, _, name = e.missing_cfg_file.rpartition("/")
-        close = likely_meant(name, [o for o in e.options or [] if not o.startswith("base_")])
-        hint = f"did you mean {either(f'{group}={o}' for o in close)}?" if close else "python train.py --help lists them"
-        return f"{group}={name}: no such option in configs/{group}/; {hint}"
-    inner = e if isinstance(e, OmegaConfBaseException) else (e.__cause__ or e.__context__)
-    key = getattr(inner, "full_key", None) if isinstance(inner, OmegaConfBaseException) else None
-    if not key:
-        return one_line(e)
-    key = key.split("[")[0]  # optim.betas[1] -> optim.betas
-    # what only the message says: the YAML file that held the bad value ("In 'config/NAME': ..."), or the
-    # override that failed (of several for one key, Hydra applies them in order and stops at the bad one)
-    source = re.match(r"In '([^']+)'", str(e))
-    typed = re.search(r"^(?:Error merging override |To append to your config use \+)(.+)$", str(e), re.MULTILINE)
-    where = f"{key} in configs/{source[1]}.yaml" if source else typed[1] if typed else given.get(key, key)
-    if isinstance(inner, ValidationError) and key in all_knobs():
-        value = f" ({first_line(inner)})" if source else ""
-        return f"{where}{value}: expected {expectation(key)}"
-    if isinstance(inner, (ConfigKeyError, AttributeError)):
-        return unknown(key, where)
-    return f"{where}: {first_line(inner)}"
-
-
-def expectation(key):
-    knob = all_knobs()[key]
-    return f"{type_name(knob.type)} ({key}: {knob.help})"
-
-
-def likely_meant(typed, options):
-    """What a mistyped name most likely meant: the options it begins (optim=sophia: sophiag or sophiah, listed
-    both, as neither is more likely), if a few; else the one closest in spelling."""
-    begun = sorted(o for o in options if o.startswith(typed))
-    return begun if 0 < len(begun) <= 6 else difflib.get_close_matches(typed, options, n=1)
-
-
-def either(names):
-    """'a', 'a or b', 'a, b or c'."""
-    *others, last = names
-    return f"{', '.join(others)} or {last}" if others else last
-
-
-def unknown(key, where):
-    close = likely_meant(key, list(all_knobs()))
-    hint = f" (did you mean {either(close)}?)" if close else ""
-    return f"{where}: unknown key {key}{hint}; python train.py --help lists every knob"
-
-
-def unknown_keys(cfg, given, node=None, schema=TrainConfig, prefix=""):
-    """Keys the schema lacks: added with +key=..., or an optimizer's key under another optimizer."""
-    node = cfg if node is None else node
-    names = {f.name for f in fields(schema)}
-    for key, value in node.items_ex(resolve=False):
-        full = f"{prefix}{key}"
-        if key in names and isinstance(value, DictConfig):
-            yield from unknown_keys(cfg, given, value, OmegaConf.get_type(value), f"{full}.")
-        elif key not in names and full in all_knobs():  # another optimizer's key
-            if full in given:  # from a preset it is unused (python train.py optim=adamw); given, a mistake
-                yield f"{given[full]}: optim={cfg.optim.name} has no key {key} (its keys: {', '.join(sorted(names))})"
-        elif key not in names:
-            yield unknown(full, given.get(full, f"{full} (set in a YAML file)"))
-
-
-def missing_values(cfg):
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    return f"{missing[0]} has no value: set it in its YAML file or on the command line" if missing else None
-
-
-def first_line(e):
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def one_line(e):
-    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-
-
-# -----------------------------------------------------------------------------------------------------
-# python train.py --help: generated from the schema above and the values the YAML files give.
-
-def help_text(overrides=()):
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="train"):
-            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-            optims = {name: compose(config_name="train", overrides=[*overrides, f"optim={name}"]).optim
-                      for name in OPTIMIZERS}
-            groups = {g: group_options(g) for g in ("config", "size", "model", "optim", "data")}
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(describe(e, given_values(overrides))) from None
-    choices = cfg.hydra.runtime.choices
-    command = " ".join(["python train.py", *overrides])
-    lines = [
-        "Train a GPT-2 with Sophia, AdamW, Lion or Muon (train.py). Overrides are Hydra's:",
-        "  python train.py [config=PRESET] [GROUP=OPTION ...] [KEY=VALUE ...]",
-        "  python train.py -m KEY=A,B ...      a sweep (hydra/launcher=slurm: one SLURM job per point)",
-        "  python train.py --hydra-help        Hydra's own flags;  python train.py --help config=PRESET: its values",
-        "",
-        f"config=PRESET pins a whole run, a size plus an optimizer (configs/config/; now config={choices.config}):",
-        textwrap.fill(", ".join(groups["config"]), 100, initial_indent="  ", subsequent_indent="  "),
-        f"size=SIZE: model, data, batch, schedule, evaluation (configs/size/; now size={choices.get('size')}):",
-        "  " + ", ".join(groups["size"]),
-        "groups: " + "   ".join(f"{g}={'|'.join(groups[g])}" for g in ("model", "optim", "data")),
-        "",
-        f"Every knob: type (or its choices), value in `{command}`, description.",
-    ]
-    table = [("top-level", section(cfg, [k for k in knobs(TrainConfig) if "." not in k.key])),
-             (f"model (model={choices.model})", section(cfg.model, knobs(ModelConfig, "model.")))]
-    for name, schema in OPTIMIZERS.items():
-        now = " (now)" if name == cfg.optim.name else ""
-        table.append((f"optim={name}{now}", section(optims[name], knobs(schema, "optim."))))
-    table += [(f"data (data={choices.data})", section(cfg.data, knobs(DataConfig, "data."))),
-              ("eval", section(cfg.eval, knobs(EvalConfig, "eval."))),
-              ("wandb", section(cfg.wandb, knobs(WandbConfig, "wandb.")))]
-    return "\n".join(lines + format_table(table))
-
-
-def group_options(group):
-    options = GlobalHydra.instance().config_loader().get_group_options(group)
-    return [o for o in options if not o.startswith("base_")]
-
-
-def section(node, keys):
-    """(knob, value) rows; values as written, interpolations unresolved."""
-    values = OmegaConf.to_container(node, enum_to_str=True)
-    return [(k, values[k.key.rpartition(".")[2]]) for k in keys]
-
-
-def format_table(table):
-    lines = []
-    for title, rows in table:
-        cells = [(k.key, type_name(k.type), yaml_value(value), k.help) for k, value in rows]
-        widths = [max(len(row[i]) for row in cells) for i in range(3)]
-        lines += ["", title] + ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[3]
-                                for row in cells]
-    return lines
-
-
-def yaml_value(value):
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, list):
-        return "[" + ", ".join(yaml_value(v) for v in value) + "]"
-    return str(value)
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ Every optimizer goes through this one loop, with one data order and one model, s
 be compared. Randomness is a function of (seed, step, rank): the data order, the dropout masks and the
 Hessian estimator's samples, so a resumed run continues exactly as if it had never stopped.
 
-The data flows: config (config_schema.py) -> batch plan (plan_batches, here) -> run (build.py: run directory,
+The data flows: config (config_schema.py: checked, and its batch plan) -> run (build.py: run directory,
 data, model, optimizer) -> the loop (train, here) -> checkpoints (checkpoint.py) and metrics (metrics.py).
 """
 
@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 
 import hydra
 import numpy as np
@@ -33,11 +32,11 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import config_schema  # registers the configuration's schema with Hydra, before @hydra.main composes
+import cli
 import hellaswag
 from build import build_run, compile_enabled, run_name_of
 from checkpoint import CONVERTER, RunError, save_run
-from config_schema import ConfigError, check_values
+from config_schema import ConfigError, check_values, plan_batches  # its import registers the schema, before @hydra.main composes
 from data.common import GPT2_VOCAB_SIZE, tokenizer_for
 from data.stream import data_dir_of
 from distributed import StopSignals, clip_gradients, gradient_sync, setup_processes, world_size_from_env
@@ -45,37 +44,6 @@ from metrics import Clock, log_train, tokens_per_step
 
 # DCP without a process group (parallel=fsdp on one process) warns that it assumes one process: it does
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How a step's global batch, and the Hessian batch, split into micro-batches on each rank."""
-    grad_accum: int         # training micro-batches per rank per step
-    lr_decay_steps: int     # the cosine ends here (optim.lr -> min_lr)
-    sophia: bool            # SophiaG/SophiaH: refresh the Hessian every optim.hess_interval steps
-    hess_batch: int = 0     # sequences in one global Hessian batch
-    hess_accum: int = 0     # Hessian micro-batches per rank
-    hess_micro: int = 0     # sequences per Hessian micro-batch
-    step_bs: int = 0        # Sophia's step(bs=...): see plan_batches
-
-
-def plan_batches(cfg, world_size):
-    """Check the configuration's values (ConfigError) and split the batches over the ranks and micro-steps."""
-    check_values(cfg, world_size)
-    optim = cfg.optim
-    lr_decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.max_steps
-    # The global batch is fixed in sequences; each rank runs grad_accum micro-batches of micro_batch_size.
-    grad_accum = cfg.total_batch_size // (cfg.micro_batch_size * world_size)
-    if optim.name not in ("sophiag", "sophiah"):
-        return BatchPlan(grad_accum, lr_decay_steps, sophia=False)
-    # the Hessian batch runs in micro-batches of micro_batch_size, or in one smaller one per rank
-    hess_batch = optim.hess_batch_size or cfg.total_batch_size
-    hess_micro = min(cfg.micro_batch_size, hess_batch // world_size)
-    # GNB's estimate is B·grad² of the mean loss over B predictions: SophiaG takes B as `bs` (official).
-    # Hutchinson's u*(Hu) is already the Hessian of the mean loss, so SophiaH's rho is gamma itself (bs=1).
-    step_bs = hess_batch * cfg.model.block_size if optim.name == "sophiag" else 1
-    return BatchPlan(grad_accum, lr_decay_steps, sophia=True, hess_batch=hess_batch,
-                     hess_accum=hess_batch // world_size // hess_micro, hess_micro=hess_micro, step_bs=step_bs)
 
 
 def random_seed(seed, step, chunk, purpose):
@@ -266,7 +234,8 @@ def already_finished(run):
 
 def train(cfg):
     """Returns the exit status: 0 when the run finished or was requeued, 128 + signal when a signal stopped it."""
-    plan = plan_batches(cfg, world_size_from_env())  # before anything expensive
+    check_values(cfg, world_size_from_env())  # before anything expensive
+    plan = plan_batches(cfg, world_size_from_env())
     cfg.run_name = run_name_of(cfg)
     env = setup_processes(cfg)
     run = build_run(cfg, env, plan)
@@ -326,6 +295,7 @@ def train(cfg):
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig):
     try:
+        cli.check_composed(cfg, HydraConfig.get().overrides.task)
         status = train(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -340,5 +310,5 @@ def main(cfg: DictConfig):
 if __name__ == "__main__":
     # --help; a wrong type, an unknown key or a bad value in any run asked for (each point of a -m sweep,
     # before the first starts): one line, exit 2
-    config_schema.check_command_line()
-    main()
+    cli.check_command_line()
+    cli.run_main(main)

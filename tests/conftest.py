@@ -76,17 +76,18 @@ def train_in_process(args, out_dir):
 
 def refusal_in_process(args, out_dir):
     """(exit status, stderr) of `python train.py args` when it refuses its input, without a new process: the
-    command line's check (config_schema.check_command_line exits 2 with one line), then train(), whose
+    command line's check (cli.check_command_line exits 2 with one line), then train(), whose
     ConfigError main() prints as `error: ...` and turns into exit status 2. Status 0: nothing refused."""
     import contextlib
     import io
 
+    import cli
     from config_schema import ConfigError
 
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         try:
-            config_schema.check_command_line(train_command(args, out_dir)[2:])
+            cli.check_command_line(train_command(args, out_dir)[2:])
             train_in_process(args, out_dir)
         except SystemExit as e:
             return e.code, stderr.getvalue()

@@ -6,9 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import train
 from build import compile_enabled
-from config_schema import ConfigError
+from config_schema import ConfigError, check_values
 from conftest import REPO_DIR, compose_config, read_metrics, run_train
 
 PRESETS = sorted(p.stem for p in (REPO_DIR / "configs" / "config").glob("*.yaml"))
@@ -31,7 +30,7 @@ def test_auto_means_compiled_on_cuda_only(value, cuda, cpu):
 def test_an_unknown_compile_value_stops_before_training():
     cfg = OmegaConf.create(compose_config(overrides=["compile=yes"]))
     with pytest.raises(ConfigError, match="compile=yes: use auto"):
-        train.plan_batches(cfg, 1)
+        check_values(cfg, 1)
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""config_schema.py: typed knobs. A wrong type or an unknown key is one line and exit code 2 before any work;
-`python train.py --help` lists every knob; every preset composes with values of the schema's types."""
+"""config_schema.py: typed knobs; cli.py: the command line. A wrong type or an unknown key is one line and exit
+code 2 before any work; `python train.py --help` lists every knob; every preset composes with values of the schema's types."""
 import re
 import shutil
 import subprocess
@@ -8,9 +8,12 @@ import types
 import typing
 from pathlib import Path
 
+import hydra
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
 
+import cli
 import config_schema
 from conftest import flatten
 
@@ -70,15 +73,15 @@ def test_a_wrong_type_or_unknown_key_is_one_line_and_exit_code_2(tmp_path, args,
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
 
-def test_the_message_names_a_yaml_files_bad_value(tmp_path, monkeypatch, capsys):
+def test_the_message_names_a_yaml_files_bad_value(tmp_path):
+    """Hydra's own composition of the run (-cp: its primary config directory) fails: one line, exit code 2."""
     shutil.copytree(REPO_DIR / "configs", tmp_path / "configs")
     size = tmp_path / "configs" / "size" / "shakespeare_char.yaml"
     size.write_text(size.read_text().replace("max_steps: 2000", "max_steps: two thousand"))
-    monkeypatch.setattr(config_schema, "CONFIG_DIR", tmp_path / "configs")
-    with pytest.raises(SystemExit) as stop:
-        config_schema.check_command_line(["config=shakespeare_char_adamw"])
-    message = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and len(message.splitlines()) == 1
+    result = train_py("-cp", str(tmp_path / "configs"), "config=shakespeare_char_adamw",
+                      f"out_dir={tmp_path / 'run'}", cwd=tmp_path)
+    message = result.stderr.strip()
+    assert result.returncode == 2 and len(message.splitlines()) == 1, result.stderr
     assert "max_steps in configs/size/shakespeare_char.yaml" in message and "two thousand" in message
     assert "expected int" in message
 
@@ -93,22 +96,43 @@ def test_the_message_names_a_yaml_files_bad_value(tmp_path, monkeypatch, capsys)
 ])
 def test_an_override_typed_as_a_flag_points_at_key_value(capsys, argv, expected):
     with pytest.raises(SystemExit) as stop:
-        config_schema.check_command_line(argv)
+        cli.check_command_line(argv)
     message = capsys.readouterr().err
     assert stop.value.code == 2 and message.count("\n") == 1 and expected in message, message
 
 
+@pytest.mark.parametrize("argv, raised", [(["optim.lr=abc"], SystemExit), (["optim.lr=1e-3"], ConfigAttributeError)])
+def test_only_hydras_composition_errors_become_one_line(monkeypatch, tmp_path, capsys, argv, raised):
+    """run_main: a composition error is one line and exit 2; an error raised inside the run (here a task that
+    reads a key the config lacks, as a bug would) stays the exception it is."""
+    @hydra.main(version_base="1.3", config_path=str(REPO_DIR / "configs"), config_name="train")
+    def task(cfg):
+        return cfg.no_such_key
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # restored afterwards: run_main sets it
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv, f"out_dir={tmp_path / 'run'}"])
+    with pytest.raises(raised) as stop:
+        cli.run_main(task)
+    if raised is SystemExit:
+        message = capsys.readouterr().err
+        assert stop.value.code == 2 and message.count("\n") == 1 and "optim.lr=abc: expected float" in message
+
+
 def test_hydras_own_flags_stay_hydras(capsys):
     """--cfg job prints the composed config (Hydra's flag, left to Hydra by the command line's check)."""
-    config_schema.check_command_line(["--cfg", "job", "--resolve", "max_steps=3"])
+    cli.check_command_line(["--cfg", "job", "--resolve", "max_steps=3"])
     result = train_py("--cfg", "job", "max_steps=3")
     assert result.returncode == 0 and "max_steps: 3" in result.stdout, result.stderr
 
 
 def test_good_command_lines_pass_the_check():
-    config_schema.check_command_line(["optim=adamw"])  # the default (Sophia) preset under AdamW: its rho unused
-    config_schema.check_command_line(["config=gpt2_small_sophiah", "optim.hess_batch_size=240", "wandb.tags=[a,b]"])
-    config_schema.check_command_line(["-m", "optim=adamw,sophiag", "optim.lr=1e-3,2e-3", "hydra/launcher=slurm",
+    """A single run's checks, as train.py's main() makes them on Hydra's composition; a sweep's, up front."""
+    for overrides in (["optim=adamw"],  # the default (Sophia) preset under AdamW: its rho unused
+                      ["config=gpt2_small_sophiah", "optim.hess_batch_size=240", "wandb.tags=[a,b]"]):
+        cfg = config_schema.compose_config(None, overrides)
+        cli.check_composed(cfg, overrides)
+        config_schema.check_values(cfg, world_size=1)
+    cli.check_command_line(["-m", "optim=adamw,sophiag", "optim.lr=1e-3,2e-3", "hydra/launcher=slurm",
                                       "out_dir=out/sweep/${run_name}"])
 
 
@@ -187,18 +211,45 @@ def test_choices_compare_and_save_as_their_strings(tmp_path):
     assert (tmp_path / "config.yaml").read_text().count("parallel: fsdp\n") == 1
 
 
-def test_the_checks_of_train_py_are_check_values(monkeypatch):
-    """plan_batches refuses what check_command_line refuses, through the one function."""
+def test_the_checks_of_train_py_are_check_values(monkeypatch, tmp_path):
+    """train() refuses what check_command_line refuses, through the one function, before anything else."""
     import train
+
+    def refuse(cfg, world_size):
+        calls.append(world_size)
+        raise config_schema.ConfigError("refused")
     calls = []
-    monkeypatch.setattr(train, "check_values", lambda cfg, world_size: calls.append(world_size))
-    train.plan_batches(config_schema.compose_config(), 1)
-    assert calls == [1]
+    monkeypatch.setattr(train, "check_values", refuse)
+    with pytest.raises(config_schema.ConfigError, match="refused"):
+        train.train(config_schema.compose_config(None, [f"out_dir={tmp_path / 'run'}"]))
+    assert calls == [1] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("world_size, micro, hess_batch", [(1, 8, None), (1, 8, 12), (2, 4, 48), (4, 8, 12),
+                                                                  (3, 5, 9), (2, 8, 3), (2, 8, 9)])
+def test_check_values_refuses_exactly_the_hessian_batches_that_do_not_split(world_size, micro, hess_batch):
+    """A Hessian batch is accepted iff the plan's micro-batches add up to it on every rank, counted here
+    independently: the batch splits evenly over the ranks, and each rank's share into micro_batch_size chunks or
+    one smaller chunk."""
+    cfg = config_schema.compose_config("shakespeare_sophiag", [
+        f"micro_batch_size={micro}", f"total_batch_size={micro * world_size * 2}",
+        f"optim.hess_batch_size={'null' if hess_batch is None else hess_batch}"])
+    batch = hess_batch or micro * world_size * 2
+    per_rank, rest = divmod(batch, world_size)
+    splits = rest == 0 and per_rank >= 1 and (per_rank < micro or per_rank % micro == 0)
+    if splits:
+        config_schema.check_values(cfg, world_size)
+        plan = config_schema.plan_batches(cfg, world_size)
+        assert plan.hess_batch == batch and plan.hess_accum * plan.hess_micro * world_size == batch
+    else:
+        with pytest.raises(config_schema.ConfigError, match=f"optim.hess_batch_size={batch} does not split"):
+            config_schema.check_values(cfg, world_size)
 
 
 def test_no_private_hydra_import():
-    source = (REPO_DIR / "config_schema.py").read_text()
-    assert "hydra._internal" not in source and "inspect" not in source
+    for module in ("config_schema.py", "cli.py"):
+        source = (REPO_DIR / module).read_text()
+        assert "hydra._internal" not in source and "inspect" not in source, module
 
 
 # -----------------------------------------------------------------------------------------------------
