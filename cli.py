@@ -30,6 +30,7 @@ from config_schema import (
     OPTIMIZERS,
     ConfigError,
     DataConfig,
+    EvalConfig,
     ModelConfig,
     TrainConfig,
     WandbConfig,
@@ -273,6 +274,7 @@ def help_text(overrides=()):
         now = " (now)" if name == cfg.optim.name else ""
         table.append((f"optim={name}{now}", section(optims[name], knobs(schema, "optim."))))
     table += [(f"data (data={choices.data})", section(cfg.data, knobs(DataConfig, "data."))),
+              ("eval", section(cfg.eval, knobs(EvalConfig, "eval."))),
               ("wandb", section(cfg.wandb, knobs(WandbConfig, "wandb.")))]
     return "\n".join(lines + format_table(table))
 
