@@ -816,7 +816,7 @@ class Study:
     max_extensions: int = 0       # grid points added beyond an edge, per contender
     eval_tokens: int | None = None  # validation tokens of every evaluation (None: the preset's eval_steps)
     evals_per_run: int = 4        # evaluations after step 0, evenly spaced: the loss curve's points
-    checkpoints_per_run: int = 1  # ckpt_interval = steps / this
+    ckpt_interval: int | None = None  # steps between checkpoints (None: at the end only)
     time_steps: int = 200         # steps of a timing run
     estimate: object = "record"   # "record": seconds measured in the record; or {"peak_flops", "mfu", ...}
     wandb: bool = False           # every run logs to W&B, grouped by the study's name and tagged
@@ -828,7 +828,7 @@ class Study:
 
 STUDY_KEYS = {"name": None, "title": "", "files": None, "command": "OMP_NUM_THREADS=1 python train.py",
               "seeds": None, "baseline": "adamw", "budgets": [1], "baseline_budgets": [], "max_extensions": 0,
-              "eval_tokens": None, "evals_per_run": 4, "checkpoints_per_run": 1, "time_steps": 200,
+              "eval_tokens": None, "evals_per_run": 4, "ckpt_interval": None, "time_steps": 200,
               "estimate": "record", "wandb": False, "slurm": {}, "axes": {}, "proxies": None}
 PROXY_KEYS = {"overrides", "budgets", "baseline_budgets", "steps", "sweep_steps", "contenders"}
 CONTENDER_KEYS = {"preset", "overrides", "grid", "regime", "control"}
@@ -918,7 +918,8 @@ def load_study(path, out=None):
                   eval_tokens=None if spec["eval_tokens"] is None else number(spec["eval_tokens"],
                                                                               f"{where}: eval_tokens", int),
                   evals_per_run=number(spec["evals_per_run"], f"{where}: evals_per_run", int),
-                  checkpoints_per_run=number(spec["checkpoints_per_run"], f"{where}: checkpoints_per_run", int),
+                  ckpt_interval=None if spec["ckpt_interval"] is None else number(spec["ckpt_interval"],
+                                                                                  f"{where}: ckpt_interval", int),
                   time_steps=number(spec["time_steps"], f"{where}: time_steps", int), estimate=estimate,
                   wandb=bool(spec["wandb"]), slurm=slurm, axes=spec["axes"] or {}, source=relative(path.absolute()),
                   **paths)
@@ -1115,7 +1116,7 @@ class Job:
         overrides = [f"config={c.preset}", *c.extra, *[f"{k}={v!r}" for k, v in sorted(self.settings.items())],
                      f"max_steps={self.steps}", f"min_lr={min_lr!r}", f"eval_steps={eval_steps}",
                      f"eval_interval={eval_interval}",
-                     f"ckpt_interval={max(1, self.steps // study.checkpoints_per_run)}",
+                     f"ckpt_interval={min(self.steps, study.ckpt_interval or self.steps)}",
                      f"seed={self.seed}", f"out_dir={relative(self.out_dir)}"]
         if study.wandb:  # one W&B group per study, each run tagged so that its curves filter side by side
             tags = [self.proxy, c.name, setting_slug(self.settings) or "preset", f"steps{self.steps}", f"seed{self.seed}"]
@@ -1260,11 +1261,11 @@ class SlurmLauncher:
     that ended in between. A run that fails (cancelled, node failure, a crash) is submitted again, up to
     slurm.retries times per invocation; train.py resumes it from its checkpoint."""
 
-    def __init__(self, study):
+    def __init__(self, study, ledger):
         self.env, _ = split_command(study.command)  # the variables; train.sbatch starts train.py itself
         self.sbatch, self.retries, self.poll_s = study.slurm["sbatch"], study.slurm["retries"], study.slurm["poll_s"]
         self.capacity = math.inf
-        self.ledger = study.runs / "slurm_jobs.jsonl"
+        self.ledger = ledger
         self.running = {}  # key -> (job, SLURM job id)
 
     def argv(self, job):
@@ -1335,7 +1336,8 @@ class SlurmLauncher:
             else:  # cancelled, timed out, node failure, out of memory, preempted
                 returncode = None
             nodes = info.get("NodeList")
-            ended.append((job, returncode, {"slurm_job_id": job_id, "slurm_state": state,
+            print(f"SLURM job {job_id} ended: {state or 'no longer known to SLURM'}: {job.key}", flush=True)
+            ended.append((job, returncode, {"slurm_job_id": job_id,
                                             **({"machine": f"SLURM node(s) {nodes}"} if nodes else {})}))
         return ended
 
@@ -1348,8 +1350,9 @@ def scontrol_job(job_id):
     return dict(field.split("=", 1) for field in done.stdout.split() if "=" in field)
 
 
-def make_launcher(study, args):
-    return SlurmLauncher(study) if args.launcher == "slurm" else LocalLauncher(study, args.jobs)
+def make_launcher(study, args, ledger="slurm_jobs.jsonl"):
+    """ledger: the SLURM submissions' file under the run directories (the timing runs keep their own)."""
+    return SlurmLauncher(study, study.runs / ledger) if args.launcher == "slurm" else LocalLauncher(study, args.jobs)
 
 
 def run_jobs(study, jobs, record, args, refill=None):
@@ -1370,19 +1373,18 @@ def run_jobs(study, jobs, record, args, refill=None):
         args.plan.setdefault("now", []).extend(todo)
         return failed
     todo = launcher.adopt(todo)
-    tries = {}
+    retried = {}  # key -> times started again in this invocation
     while todo or launcher.running:
         while todo and len(launcher.running) < launcher.capacity:
             job = todo.pop(0)
             job.out_dir.parent.mkdir(parents=True, exist_ok=True)
-            tries[job.key] = tries.get(job.key, 0) + 1
             launcher.start(job)
         for job, returncode, fields in launcher.wait():
             line = finished_line(job, returncode, job.log_path)
-            if line is None and tries.get(job.key, 0) <= launcher.retries:
-                print(f"FAILED ({fields or f'exit {returncode}'}): {job.key}; submitting it again "
-                      f"({tries.get(job.key, 0)} of {launcher.retries} retries); it resumes from its checkpoint",
-                      flush=True)
+            if line is None and retried.get(job.key, 0) < launcher.retries:
+                retried[job.key] = retried.get(job.key, 0) + 1
+                print(f"FAILED: {job.key}; starting it again (retry {retried[job.key]} of {launcher.retries}), "
+                      "from its checkpoint if it wrote one", flush=True)
                 todo.insert(0, job)
                 continue
             if line is None:
@@ -1391,6 +1393,8 @@ def run_jobs(study, jobs, record, args, refill=None):
                 continue
             line.update(fields)
             record[job.key] = line
+            if job.key in read_record(study.record):  # collected by another invocation that waited on it too
+                continue
             append_line(study.record, line)
             print(f"done ({line['status']}, final val loss {line['final_val_loss']}): {job.key}", flush=True)
         if refill is not None and len(launcher.running) < launcher.capacity:
@@ -1757,7 +1761,7 @@ def phase_time(study, proxy, record, args):
             continue
         job = Job(study, proxy.name, c, best[0], study.time_steps, study.seeds[0], study.runs / "time",
                   eval_interval=study.time_steps)
-        launcher = make_launcher(study, args)
+        launcher = make_launcher(study, args, ledger="time/slurm_jobs.jsonl")  # a fresh run every time, never adopted
         if args.dry_run:
             print(f"# {job.key}: {estimate_text(study, job, record)}")
             print(launcher.describe(job))
