@@ -544,3 +544,138 @@ def test_against_compares_two_records_run_by_run(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit):  # a missing file, or --against with another phase: one line, nothing runs
             study_cli.main(wrong)
         assert "--against" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# the plan: the compute each run needs
+
+def test_gpu_plan_is_palms_count_at_the_stated_mfu():
+    """configs/study/gpt2_small.yaml's estimate of a 100k-step run: the README's arithmetic (49.2B tokens at 6N +
+    12LHQT FLOPs per token, about 30 H100-hours at 40% MFU), with N counted in closed form (no biases, tied
+    embedding, the position embedding left out), the evaluations' forward passes, and SophiaG's Hessian refresh
+    (a full batch every 10 steps)."""
+    study = studylib.load_study(os.path.join(REPO, "configs", "study", "gpt2_small.yaml"))
+    proxy = study.proxies["gpt2_small"]
+    V, L, H, d, T = 50304, 12, 12, 768, 1024
+    n_params = V * d + L * (12 * d * d + 2 * d) + d
+    flops_per_token = 6 * n_params + 12 * L * H * (d // H) * T
+    tokens = 100_000 * 480 * T
+    evals = 100_000 // (100_000 // study.evals_per_run) + 1
+    eval_flops = evals * 200 * 12 * T * flops_per_token / 3
+    for contender, hessian in (("adamw", 0.0), ("sophiag", 0.1)):
+        c = next(c for c in proxy.contenders if c.name == contender)
+        job = studylib.Job(study, proxy.name, c, {"optim.lr": 6e-4}, 100_000, 1337, study.runs)
+        gpu_hours, basis = studylib.job_estimate(study, job, {})
+        expected = (tokens * flops_per_token * (1 + hessian) + eval_flops) / (989e12 * 0.4) / 3600
+        assert gpu_hours == pytest.approx(expected, rel=1e-12), contender
+        assert "40% MFU" in basis
+    assert 29 < (tokens * flops_per_token) / (989e12 * 0.4) / 3600 < 30  # the README's "about 30 H100-hours"
+
+
+def measured_lines(record, proxy):
+    return [ln for ln in record.values() if ln["proxy"] == proxy and ln["status"] == "finished" and ln["seconds"]]
+
+
+def estimate(study, line, record):
+    proxy = study.proxies[line["proxy"]]
+    contender = next(c for c in proxy.contenders if c.name == line["contender"])
+    job = studylib.Job(study, proxy.name, contender, line["settings"], line["steps"], line["seed"], study.runs)
+    return studylib.job_estimate(study, job, record)
+
+
+def test_cpu_plan_reproduces_the_records_measured_seconds(known_val_tokens):
+    """A contender's runs estimated from their own measured seconds (a * steps + b, least squares): the estimates
+    add up to the seconds measured, as a least-squares fit with an intercept must."""
+    study = studylib.load_study(CPU_STUDY)
+    record = studylib.read_record(study.record)
+    for proxy in ("char", "bpe"):
+        for contender in {ln["contender"] for ln in measured_lines(record, proxy)}:
+            lines = [ln for ln in measured_lines(record, proxy) if ln["contender"] == contender]
+            total = sum(estimate(study, ln, record)[0] for ln in lines)
+            assert total == pytest.approx(sum(ln["seconds"] for ln in lines), rel=1e-9), (proxy, contender)
+
+
+@pytest.mark.parametrize("target,source", [("bpe", "char"), ("char", "bpe")])
+def test_cpu_plan_of_a_proxy_not_measured_yet_against_its_measured_runs(target, source, known_val_tokens):
+    """The estimate for a proxy the record has not measured (a scale-axis point before its runs): each of its
+    recorded runs estimated from the other proxy's runs alone, scaled by the FLOPs of a step and of an evaluation;
+    the whole proxy's estimate lies within 25% of the seconds its runs took (the two proxies differ 13x in a step's
+    cost: a 50,304-wide head against an 84-character one)."""
+    study = studylib.load_study(CPU_STUDY)
+    record = studylib.read_record(study.record)
+    source_only = {key: line for key, line in record.items() if line["proxy"] == source}
+    lines = measured_lines(record, target)
+    estimates = [estimate(study, line, source_only) for line in lines]
+    assert all(f"from {source}/" in basis for _, basis in estimates)
+    measured = sum(line["seconds"] for line in lines)
+    assert 0.75 < sum(cost for cost, _ in estimates) / measured < 1.25
+
+
+def test_dry_run_prints_the_plan_of_the_whole_study(known_val_tokens, tmp_path, capsys):
+    """A scale-axis point not started, beside the char proxy's record: the dry run lists its grid with each run's
+    estimate, and the plan counts what waits on it: the grid extensions (3 per contender at most), the budget runs
+    (every contender at 1x and 1/2x, AdamW also at 2x, 3 seeds, less each sweep's 1x run) and the timing runs."""
+    out = tmp_path / "out"
+    out.mkdir()
+    record = studylib.read_record(studylib.load_study(CPU_STUDY).record)
+    (out / "runs.jsonl").write_text("".join(json.dumps(ln) + "\n" for ln in record.values() if ln["proxy"] == "char"))
+    assert study_cli.main([CPU_STUDY, "--dry-run", "--proxy", "char_t3072", "--out", str(out), "--jobs", "2"]) == 0
+    printed = capsys.readouterr().out
+    estimates = [line for line in printed.splitlines() if line.startswith("# char_t3072/")]
+    commands = [line for line in printed.splitlines() if line.startswith("OMP_NUM_THREADS=1 python train.py")]
+    assert len(estimates) == len(commands) == 12  # the grids (the timing waits on the sweep: in the plan alone)
+    assert all(line.endswith(" min") and "2000 steps, ~" in line for line in estimates)
+    plan = printed[printed.index("plan of study cpu (char_t3072):"):]
+    assert "now: 12 run(s) (listed above), 24,000 steps: ~" in plan
+    assert "extensions: 12 run(s)" in plan
+    assert f"later: {(3 * 3 - 1) + 3 * (2 * 3 - 1)} run(s)" in plan
+    assert "time: 4 run(s)" in plan
+    assert "char_t3072/sophiag from char/sophiag" in plan and "x4 the FLOPs per step" in plan
+    minutes = sum(float(line.rsplit("~", 1)[1].removesuffix(" min")) for line in estimates)
+    hours = float(plan.split("now: ")[1].split("~")[1].split(" CPU-hours")[0])
+    assert hours == pytest.approx(minutes / 60, abs=0.02)  # each run rounded to 0.1 min
+
+
+# -----------------------------------------------------------------------------
+# the scale axes' report
+
+def test_the_scale_axes_report_says_what_each_trend_says_and_cannot_say(tmp_path):
+    """Synthetic multipliers along tokens per step: one rising beyond its intervals, one falling, one within them;
+    the table, the plot, and the statement with the range it rests on (the proxies' tokens per step and parameters
+    counted as train.py counts them: the baby GPT's 4 layers of 12 d^2 + 2 d, d = 128 or 256, an 84-character
+    vocabulary padded to 128)."""
+    study = replace_report(studylib.load_study(CPU_STUDY), tmp_path)
+    baby = {d: 128 * d + 4 * (12 * d * d + 2 * d) + d for d in (128, 256)}
+    report = {}
+    multipliers = {"char": {"lion": (0.73, 0.70, 0.76), "sophiag": (0.54, 0.49, 0.59), "muon": (2.0, 1.9, 2.1)},
+                   "char_t3072": {"lion": (0.85, 0.8, 0.9), "sophiag": (0.6, 0.4, 0.8), "muon": None},
+                   "char_t6144": {"lion": (0.95, 0.9, 1.0), "sophiag": (0.62, 0.3, 0.9), "muon": (1.5, 1.4, 1.6)},
+                   "char_w256": {"lion": (0.7, 0.6, 0.8), "sophiag": None, "muon": None}}
+    for name, values in multipliers.items():
+        size = studylib.model_size(study.proxies[name].contenders[0].preset, tuple(study.proxies[name].contenders[0].extra))
+        report[name] = {"tokens_per_step": size["tokens_per_step"], "n_params": size["n_params"], "contenders": {
+            c: {"data_multiplier": None if m is None else {"mean": m[0], "ci95": [m[1], m[2]], "extrapolated": False}}
+            for c, m in values.items()}}
+    assert [report[p]["tokens_per_step"] for p in ("char", "char_t3072", "char_t6144", "char_w256")] == \
+        [768, 3072, 6144, 768]
+    assert report["char"]["n_params"] == baby[128] and report["char_w256"]["n_params"] == baby[256]
+    markdown, out = studylib.axes_report(study, report)
+    assert "| lion | 0.73× [0.70, 0.76] | 0.85× [0.80, 0.90] | 0.95× [0.90, 1.00] |" in markdown
+    statement = out["tokens_per_step"]["statement"]
+    assert ("- lion: its data multiplier rises from 0.73× [0.70, 0.76] at 768 to 0.95× [0.90, 1.00] at 6,144 tokens "
+            "per step (the 95% intervals do not overlap).") in statement
+    assert "- muon: its data multiplier falls from 2.00× [1.90, 2.10] at 768 to 1.50× [1.40, 1.60] at 6,144" \
+           in statement[2]
+    assert statement[1].startswith("- sophiag: from 0.54× [0.49, 0.59] at 768 to 0.62× [0.30, 0.90] at 6,144 tokens "
+                                   "per step: no change beyond the 95% intervals")
+    assert statement[-1] == ("- What it cannot say: 3 points spanning 8x the tokens per step (768 to 6,144), at "
+                             "0.80M parameters, on one corpus: a direction on this proxy, not an extrapolation to "
+                             "gpt2_small_adamw (124M parameters, 491,520 tokens per step).")
+    assert "- sophiag: multipliers at 1 of 2 points so far: no trend yet." in out["n_params"]["statement"]
+    assert out["n_params"]["proxies"] == ["char", "char_w256"]
+    assert (tmp_path / "report_scale.png").is_file()
+
+
+def replace_report(study, folder):
+    from dataclasses import replace
+    return replace(study, report=folder / "report")
