@@ -2227,6 +2227,10 @@ def plot_axes(study, proxies_report, axes, out_path):
             ax.errorbar(xs, means, yerr=[lo, hi], marker="o", capsize=4, label=name)
         ax.axhline(1.0, color="black", ls="--", lw=1, label=f"{study.baseline} (1 by definition)")
         ax.set_xscale("log")
+        points = [(p, x) for p, x, _ in axis_rows(study, proxies_report, axis)[0][1]]
+        ax.set_xlim(min(x for _, x in points) / 1.5, max(x for _, x in points) * 1.5)  # every point, measured or not
+        ax.set_xticks([x for _, x in points], [f"{p}\n{axis_value(axis, x)}" for p, x in points])
+        ax.minorticks_off()
         ax.set_xlabel(f"{AXES[axis]} (log scale)")
         ax.set_ylabel(f"data multiplier vs {study.baseline} at the 1x budget")
         ax.grid(True, which="both", alpha=0.3)
