@@ -1,5 +1,6 @@
-"""scripts/compare.py against closed forms: synthetic run directories whose loss curves cross the target at
-steps known in closed form, several seeds (mean/std against numpy), and the bad inputs it must survive."""
+"""scripts/compare.py and the statistics it runs (studylib.py) against closed forms: synthetic run directories
+whose loss curves cross the target at steps known in closed form, several seeds (mean/std against numpy), and the
+bad inputs it must survive."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from scripts import compare
+import studylib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,11 +42,11 @@ def make_run(path, optimizer, seed, loss_fn, seconds_per_step=0.5, lr=1e-3, rho=
 
 
 def load_groups(paths, best=False):
-    runs = [compare.load_run_dir(d) for d in compare.find_run_dirs(paths)]
-    groups = compare.group_runs(runs)
-    compare.label_groups(groups)
+    runs = [studylib.load_run_dir(d) for d in studylib.find_run_dirs(paths)]
+    groups = studylib.group_runs(runs)
+    studylib.label_groups(groups)
     if best:
-        groups, _ = compare.pick_best(groups)
+        groups, _ = studylib.pick_best(groups)
     return groups
 
 
@@ -63,8 +64,8 @@ def test_steps_and_speedup_closed_form(tmp_path):
     adamw, sophia = groups = load_groups(dirs)
     assert [g.label for g in groups] == ["adamw", "sophiag"]  # seeds grouped, labels from the optimizer
     assert [len(g.runs) for g in groups] == [3, 3]
-    assert compare.length_warnings(groups) == [] and compare.mismatch_warnings(groups, adamw) == []  # like runs
-    compare.analyse(groups, adamw, target=4.0)
+    assert studylib.length_warnings(groups) == [] and studylib.mismatch_warnings(groups, adamw) == []  # like runs
+    studylib.analyse(groups, adamw, target=4.0)
 
     adamw_steps = 2000 / np.array(ADAMW_SLOPES)
     sophia_steps = 2000 / np.array(SOPHIA_SLOPES)
@@ -83,7 +84,7 @@ def test_steps_and_speedup_closed_form(tmp_path):
     np.testing.assert_allclose(sophia.stats["final_loss"]["value"], finals.mean(), rtol=1e-12)
     np.testing.assert_allclose(sophia.stats["final_loss"]["std"], finals.std(ddof=1), rtol=1e-9)
 
-    table = compare.markdown_table(groups, adamw, 4.0, "--target-loss")
+    table = studylib.markdown_table(groups, adamw, 4.0, "--target-loss")
     row = next(line for line in table.splitlines() if line.startswith("| sophiag"))
     assert f"{ratios.mean():.2f} ± {ratios.std(ddof=1):.2f}×" in row
     assert f"{sophia_steps.mean():.0f} ± {sophia_steps.std(ddof=1):.0f}" in row
@@ -121,14 +122,14 @@ def test_not_reached_gives_bounds_not_numbers(tmp_path):
             make_run(tmp_path / "sophia1", "sophiag", 1, lambda s: 6 - 1.8 * s / 1000)]
     groups = load_groups(dirs)
     adamw, flat, sophia = groups
-    compare.analyse(groups, adamw, target=4.5)
+    studylib.analyse(groups, adamw, target=4.5)
     assert flat.stats["steps"]["how"] == "not reached"
     assert flat.stats["speedup_steps"]["bound"] == "<"  # needs more than 1000 steps: speed-up < 750 / 1000
     np.testing.assert_allclose(flat.stats["speedup_steps"]["value"], 0.75)
     # one sophia seed at 375, the other at 833.3: both reached, ordinary mean
     np.testing.assert_allclose(sophia.stats["steps"]["value"], np.mean([375, 1500 / 1.8]))
 
-    compare.analyse(groups, adamw, target=3.5)  # sophia seed 1 (final 4.2) now misses it
+    studylib.analyse(groups, adamw, target=3.5)  # sophia seed 1 (final 4.2) now misses it
     assert sophia.stats["steps"]["how"] == "mean curve"  # mean curve 6 - 2.9 s/1000 crosses at 2500/2.9
     np.testing.assert_allclose(sophia.stats["steps"]["value"], 2500 / 2.9, rtol=1e-9)
     # the baseline ends at 4.0 > 3.5: its value is a lower bound (> 1000 steps), so are the speed-ups
@@ -136,7 +137,7 @@ def test_not_reached_gives_bounds_not_numbers(tmp_path):
     assert sophia.stats["speedup_steps"]["bound"] == ">"
     np.testing.assert_allclose(sophia.stats["speedup_steps"]["value"], 1000 / (2500 / 2.9), rtol=1e-9)
     assert flat.stats["speedup_steps"]["bound"] == "n/a"
-    table = compare.markdown_table(groups, adamw, 3.5, "--target-loss")
+    table = studylib.markdown_table(groups, adamw, 3.5, "--target-loss")
     assert "not reached (> 1000)" in table and "| n/a |" in table and "> 1.16×" in table
 
 
@@ -144,7 +145,7 @@ def test_partial_last_line_is_tolerated(tmp_path, capsys):
     run_dir = make_run(tmp_path / "killed", "adamw", 0, lambda s: 6 - 2 * s / 1000)
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
         f.write('{"step": 1001, "tokens": 10250, "train/lo')  # killed mid-write
-    run = compare.load_run_dir(run_dir)
+    run = studylib.load_run_dir(run_dir)
     np.testing.assert_array_equal(run.steps, EVAL_STEPS)
     assert "partial last line" in capsys.readouterr().err
 
@@ -154,7 +155,7 @@ def test_resumed_run_keeps_the_last_event_of_a_repeated_step(tmp_path):
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:  # requeued: steps 900, 1000 evaluated again
         f.writelines(json.dumps({"step": step, "tokens": step * TOKENS_PER_STEP, "val/loss": loss,
                                  "time/elapsed_s": step * 0.5}) + "\n" for step, loss in [(900, 4.5), (1000, 4.4)])
-    run = compare.load_run_dir(run_dir)
+    run = studylib.load_run_dir(run_dir)
     np.testing.assert_array_equal(run.steps, EVAL_STEPS)
     np.testing.assert_allclose(run.val_loss, [6 - 2 * s / 1000 for s in EVAL_STEPS[:-2]] + [4.5, 4.4])
 
@@ -167,27 +168,27 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     lines[3] = lines[3][:10]
     with open(metrics_path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    with pytest.raises(compare.CompareError, match="line 4 is not valid JSON"):
-        compare.load_run_dir(run_dir)
+    with pytest.raises(studylib.CompareError, match="line 4 is not valid JSON"):
+        studylib.load_run_dir(run_dir)
 
     os.makedirs(tmp_path / "empty")
-    with pytest.raises(compare.CompareError, match="no metrics.jsonl"):
-        compare.find_run_dirs([str(tmp_path / "empty")])
-    with pytest.raises(compare.CompareError, match="no such directory"):
-        compare.find_run_dirs([str(tmp_path / "missing")])
+    with pytest.raises(studylib.CompareError, match="no metrics.jsonl"):
+        studylib.find_run_dirs([str(tmp_path / "empty")])
+    with pytest.raises(studylib.CompareError, match="no such directory"):
+        studylib.find_run_dirs([str(tmp_path / "missing")])
 
     train_only = make_run(tmp_path / "train_only", "adamw", 0, lambda s: 5.0)
     with open(os.path.join(train_only, "metrics.jsonl")) as f:
         kept = [line for line in f if "val/loss" not in line]
     with open(os.path.join(train_only, "metrics.jsonl"), "w") as f:
         f.writelines(kept)
-    with pytest.raises(compare.CompareError, match="no 'val/loss'"):
-        compare.load_run_dir(train_only)
+    with pytest.raises(studylib.CompareError, match="no 'val/loss'"):
+        studylib.load_run_dir(train_only)
 
     with open(os.path.join(train_only, "metrics.jsonl"), "w"):
         pass  # truncated: nothing logged yet
-    with pytest.raises(compare.CompareError, match="is empty"):
-        compare.load_run_dir(train_only)
+    with pytest.raises(studylib.CompareError, match="is empty"):
+        studylib.load_run_dir(train_only)
 
     # through the CLI: exit status 2 and the message, no traceback
     result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), str(tmp_path / "empty"),
@@ -209,15 +210,15 @@ def test_a_missing_run_folder_suggests_the_one_train_py_wrote(tmp_path):
     assert result.stderr == ("error: out/shakespeare_adamw: no such directory; "
                              "did you mean out/shakespeare_adamw_max_steps=50?\n")
 
-    with pytest.raises(compare.CompareError, match=r"did you mean .*shakespeare_sophiag_max_steps=50\?$"):
-        compare.find_run_dirs([str(tmp_path / "out" / "shakespeare_sophia_max_steps=50")])  # a typo
-    with pytest.raises(compare.CompareError, match=r"no such directory$"):  # nothing alike: no guess
-        compare.find_run_dirs([str(tmp_path / "out" / "gpt2_small_lion")])
-    with pytest.raises(compare.CompareError, match=r"no such directory$"):  # its parent is missing too
-        compare.find_run_dirs([str(tmp_path / "elsewhere" / "shakespeare_adamw")])
+    with pytest.raises(studylib.CompareError, match=r"did you mean .*shakespeare_sophiag_max_steps=50\?$"):
+        studylib.find_run_dirs([str(tmp_path / "out" / "shakespeare_sophia_max_steps=50")])  # a typo
+    with pytest.raises(studylib.CompareError, match=r"no such directory$"):  # nothing alike: no guess
+        studylib.find_run_dirs([str(tmp_path / "out" / "gpt2_small_lion")])
+    with pytest.raises(studylib.CompareError, match=r"no such directory$"):  # its parent is missing too
+        studylib.find_run_dirs([str(tmp_path / "elsewhere" / "shakespeare_adamw")])
     make_run(tmp_path / "out" / "shakespeare_adamw_max_steps=100", "adamw", 0, lambda s: 3 + 100 / s)
-    with pytest.raises(compare.CompareError, match=r"did you mean \S+max_steps=100 or \S+max_steps=50\?$"):
-        compare.find_run_dirs([str(tmp_path / "out" / "shakespeare_adamw")])
+    with pytest.raises(studylib.CompareError, match=r"did you mean \S+max_steps=100 or \S+max_steps=50\?$"):
+        studylib.find_run_dirs([str(tmp_path / "out" / "shakespeare_adamw")])
 
 
 def test_the_same_seed_twice_in_a_group_is_refused(tmp_path):
@@ -226,9 +227,9 @@ def test_the_same_seed_twice_in_a_group_is_refused(tmp_path):
     again = make_run(tmp_path / "adamw_again", "adamw", 0, lambda s: 3 + 100 / s)
     other = make_run(tmp_path / "adamw_seed1", "adamw", 1, lambda s: 3 + 110 / s)
     sophia = make_run(tmp_path / "sophia", "sophiag", 0, lambda s: 3 + 50 / s)  # seed 0 too, but another group
-    compare.check_seeds(load_groups([first, other, sophia]))  # distinct seeds within each group: fine
-    with pytest.raises(compare.CompareError, match="adamw and .*adamw_again are both seed 0 of 'adamw'"):
-        compare.check_seeds(load_groups([first, other, again, sophia]))
+    studylib.check_seeds(load_groups([first, other, sophia]))  # distinct seeds within each group: fine
+    with pytest.raises(studylib.CompareError, match="adamw and .*adamw_again are both seed 0 of 'adamw'"):
+        studylib.check_seeds(load_groups([first, other, again, sophia]))
 
     result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare.py"), first, again, sophia,
                              "--out", str(tmp_path / "x.png")], capture_output=True, text=True, cwd=REPO, check=False)
@@ -267,7 +268,7 @@ def test_schedule_batch_and_data_differences_are_flagged_against_the_baseline(tm
             make_run(tmp_path / "lion", "lion", 0, lambda s: 3 + 70 / s, extra=setup(decay=300, min_lr=3e-5, block=128))]
     groups = load_groups(dirs)
     adamw, sophia, lion = groups
-    warnings = compare.mismatch_warnings(groups, adamw)
+    warnings = studylib.mismatch_warnings(groups, adamw)
     schedules, per_token = "their speed-up compares different schedules", "a step is not the same number of tokens"
     assert [(message, [g.label for g in flagged]) for message, flagged in warnings] == [
         (f"runs differ in warmup_steps (10 vs 20): {schedules}", [sophia.label]),
@@ -278,13 +279,13 @@ def test_schedule_batch_and_data_differences_are_flagged_against_the_baseline(tm
         ("runs differ in data.name (shakespeare vs openwebtext): their losses are measured on different data",
          [sophia.label]),
     ]
-    compare.analyse(groups, adamw, 3.1)
-    table = compare.markdown_table(groups, adamw, 3.1, "--target-loss", warnings)
+    studylib.analyse(groups, adamw, 3.1)
+    table = studylib.markdown_table(groups, adamw, 3.1, "--target-loss", warnings)
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # below the header
     assert [" ⚠ |" in row for row in rows] == [False, True, True]
     assert all(f"⚠ {message}" in table for message, _ in warnings)
     # with the sophia run as baseline, the other two differ from it: both are flagged for the batch
-    batch = next(f for m, f in compare.mismatch_warnings(groups, sophia) if "total_batch_size" in m)
+    batch = next(f for m, f in studylib.mismatch_warnings(groups, sophia) if "total_batch_size" in m)
     assert batch == [adamw, lion]
 
 
@@ -296,12 +297,12 @@ def test_seeds_that_end_at_different_steps_are_flagged(tmp_path):
     sophia = make_run(tmp_path / "sophia", "sophiag", 0, lambda s: 3 + 50 / s)
     groups = load_groups([full, short, sophia])
     assert [len(g.runs) for g in groups] == [2, 1]
-    warnings = compare.length_warnings(groups)
+    warnings = studylib.length_warnings(groups)
     assert len(warnings) == 1 and warnings[0][1] == [groups[0]]
     assert warnings[0][0].startswith(f"the seeds of adamw end at different steps ({full} at step 1000, {short} at "
                                      "step 500): its final loss averages runs of different lengths")
-    compare.analyse(groups, groups[0], 3.2)
-    table = compare.markdown_table(groups, groups[0], 3.2, "--target-loss", warnings)
+    studylib.analyse(groups, groups[0], 3.2)
+    table = studylib.markdown_table(groups, groups[0], 3.2, "--target-loss", warnings)
     assert "| adamw (baseline) ⚠ | 2 |" in table and "| sophiag | 1 |" in table
 
 def test_best_picks_the_lowest_final_loss_per_optimizer(tmp_path):
@@ -319,7 +320,7 @@ def test_best_picks_the_lowest_final_loss_per_optimizer(tmp_path):
     groups = load_groups([str(sweep)])
     assert len(groups) == 6 and all(len(g.runs) == 2 for g in groups)
     assert [os.path.basename(g.runs[0].name) for g in groups] == ["0", "2", "4", "6", "8", "10"]
-    winners, lines = compare.pick_best(groups)
+    winners, lines = studylib.pick_best(groups)
     assert [(g.settings["optim.name"], g.settings["optim.lr"], g.settings.get("optim.rho")) for g in winners] == \
         [("adamw", 3e-4, None), ("sophiag", 1e-3, 0.01)]
     assert lines[0].startswith("best adamw: optim.lr=0.0003") and "3 setting(s) tried" in lines[0]
@@ -349,9 +350,9 @@ def test_plot_writes_a_png(tmp_path):
     dirs = [make_run(tmp_path / f"a{i}", "adamw", i, lambda s, i=i: 3 + (100 + 10 * i) / s) for i in range(2)]
     dirs.append(make_run(tmp_path / "s", "sophiag", 0, lambda s: 3 + 50 / s, seconds_per_step=0.6))
     groups = load_groups(dirs)
-    compare.analyse(groups, groups[0], 3.1)
+    studylib.analyse(groups, groups[0], 3.1)
     out = tmp_path / "curves.png"
-    fig = compare.plot(groups, groups[0], 3.1, "--target-loss", str(out))
+    fig = studylib.plot(groups, groups[0], 3.1, "--target-loss", str(out))
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
@@ -387,8 +388,8 @@ def test_plot_of_single_seeds_on_a_log_axis(tmp_path):
     dirs = [make_run(tmp_path / "adamw", "adamw", 0, lambda s: 3 + 1000 / s),
             make_run(tmp_path / "sophia", "sophiag", 0, lambda s: 3 + 500 / s)]
     groups = load_groups(dirs)
-    compare.analyse(groups, groups[0], 4.0)
-    fig = compare.plot(groups, groups[0], 4.0, "--target-loss", str(tmp_path / "curves.png"))
+    studylib.analyse(groups, groups[0], 4.0)
+    fig = studylib.plot(groups, groups[0], 4.0, "--target-loss", str(tmp_path / "curves.png"))
     assert all(ax.get_yscale() == "log" for ax in fig.axes)  # shared y: every panel
     assert fig.axes[0].get_ylabel() == "validation loss (log scale)"
     # no group has several seeds: no faint lines are drawn, and the title does not mention them
@@ -417,24 +418,24 @@ class FakeWandbRun:
 
 def test_wandb_converter_matches_the_run_directory(tmp_path):
     run_dir = make_run(tmp_path / "r", "sophiag", 3, lambda s: 3 + 50 / s, rho=0.05)
-    from_dir = compare.load_run_dir(run_dir)
+    from_dir = studylib.load_run_dir(run_dir)
     with open(os.path.join(run_dir, "config.yaml")) as f:
         config = yaml.safe_load(f)
     # as train.py logs to W&B: every key but "step", which becomes W&B's _step
     rows = [{**{k: v for k, v in event.items() if k != "step"}, "_step": event["step"], "_runtime": 99.0}
-            for event in compare.read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
+            for event in studylib.read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
     fake = FakeWandbRun("bright-sun-7", {**config, "_wandb": {"x": 1}}, rows)
-    from_wandb = compare.run_from_wandb(fake)
-    assert fake.asked == [compare.WANDB_EVAL_KEYS]  # eval rows in one filtered scan, no full-history fallback
+    from_wandb = studylib.run_from_wandb(fake)
+    assert fake.asked == [studylib.WANDB_EVAL_KEYS]  # eval rows in one filtered scan, no full-history fallback
     assert from_wandb.name == "bright-sun-7" and "_wandb" not in from_wandb.config
     assert from_wandb.config == from_dir.config
     for column in ("steps", "tokens", "elapsed_s", "val_loss"):
         np.testing.assert_array_equal(getattr(from_wandb, column), getattr(from_dir, column))
-    assert compare.settings_of(from_wandb) == compare.settings_of(from_dir)
+    assert studylib.settings_of(from_wandb) == studylib.settings_of(from_dir)
 
     # eval rows without our step/time keys: fall back to W&B's _step and _runtime; dotted (flat) config keys
     rows = [{"_step": 10 * i, "_runtime": 2.0 * i, "val/loss": 5.0 - i} for i in range(1, 4)] + [{"_step": 5, "train/loss": 1}]
-    run = compare.run_from_wandb(FakeWandbRun("flat", {"optim.name": "adamw", "seed": 1}, rows))
+    run = studylib.run_from_wandb(FakeWandbRun("flat", {"optim.name": "adamw", "seed": 1}, rows))
     np.testing.assert_array_equal(run.steps, [10, 20, 30])
     np.testing.assert_array_equal(run.elapsed_s, [2, 4, 6])
     assert np.isnan(run.tokens).all() and run.config == {"optim.name": "adamw", "seed": 1}
@@ -455,17 +456,17 @@ def test_wandb_reader_asks_for_the_group_and_explains_network_errors(monkeypatch
             return [FakeWandbRun(f"run{seed}", {"optim": {"name": "adamw"}, "seed": seed}, rows) for seed in range(2)]
 
     monkeypatch.setattr(wandb, "Api", FakeApi)
-    runs = compare.load_wandb_runs("me/sophia", "exp1")
+    runs = studylib.load_wandb_runs("me/sophia", "exp1")
     assert asked == {"path": "me/sophia", "filters": {"group": "exp1"}}
-    assert len(compare.group_runs(runs)) == 1  # two seeds of one setting
+    assert len(studylib.group_runs(runs)) == 1  # two seeds of one setting
 
     class OfflineApi:
         def __init__(self, *args, **kwargs):
             raise ConnectionError("Max retries exceeded with url: /graphql")
 
     monkeypatch.setattr(wandb, "Api", OfflineApi)
-    with pytest.raises(compare.CompareError, match=r"(?s)could not read W&B runs of me/sophia.*wandb login"):
-        compare.load_wandb_runs("me/sophia", "exp1")
+    with pytest.raises(studylib.CompareError, match=r"(?s)could not read W&B runs of me/sophia.*wandb login"):
+        studylib.load_wandb_runs("me/sophia", "exp1")
 
 
 # --budgets: AdamW's final loss follows L(S) = 4 - 0.5 ln(S / 1000) exactly (seed offsets sum to zero), so its
@@ -529,10 +530,10 @@ def test_budgets_data_multiplier_closed_form(tmp_path):
 
 def test_steps_for_loss_interpolates_in_log_steps():
     steps, losses = np.array([100.0, 1000.0]), np.array([5.0, 4.0])
-    assert compare.steps_for_loss(4.5, steps, losses, (7.0, -1 / np.log(10))) == (pytest.approx(100 * 10 ** 0.5), False)
+    assert studylib.steps_for_loss(4.5, steps, losses, (7.0, -1 / np.log(10))) == (pytest.approx(100 * 10 ** 0.5), False)
     # a curve that rises (no decreasing fit) cannot be extrapolated: no number rather than a wrong one
-    assert compare.steps_for_loss(3.0, steps, np.array([4.0, 5.0]), (0.0, 1.0)) == (None, True)
-    mean, ci = compare.mean_ci95([1.0, 2.0, 3.0, float("nan")])  # a diverged seed is left out
+    assert studylib.steps_for_loss(3.0, steps, np.array([4.0, 5.0]), (0.0, 1.0)) == (None, True)
+    mean, ci = studylib.mean_ci95([1.0, 2.0, 3.0, float("nan")])  # a diverged seed is left out
     assert mean == 2.0 and ci == pytest.approx([2 - 4.303 / np.sqrt(3), 2 + 4.303 / np.sqrt(3)])
 
 

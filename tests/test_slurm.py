@@ -7,6 +7,7 @@ SLURM's record of each job (requeued, completed, cancelled, failed)."""
 import math
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -257,3 +258,134 @@ def test_a_node_that_never_joins_fails_the_job_with_a_message(cluster, tmp_path)
     assert info["JobState"] == "FAILED", log[-3000:]
     assert "RendezvousTimeoutError" in log
     assert "not all 2 nodes joined within 10 s" in log
+
+
+# -----------------------------------------------------------------------------------------------------
+# scripts/study.py --launcher slurm: a study's runs as SLURM jobs (train.sbatch), collected into its record
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory):
+    """The embedded corpus as characters (the smoke study's data), prepared in a temporary folder."""
+    from data.shakespeare_char import prepare
+    return prepare.prepare(tmp_path_factory.mktemp("shakespeare_char"))
+
+
+def study_definition(tmp_path, char_data, **changes):
+    """configs/study/smoke.yaml with its data in a temporary folder, changed as asked (top-level keys, or proxy keys
+    given as proxy_<key>)."""
+    import yaml
+    spec = yaml.safe_load((REPO_DIR / "configs" / "study" / "smoke.yaml").read_text())
+    proxy = spec["proxies"]["smoke"]
+    proxy["overrides"] = [*proxy["overrides"], f"data.dir={char_data}"]
+    for key, value in changes.items():
+        if key.startswith("proxy_"):
+            proxy[key.removeprefix("proxy_")] = value
+        else:
+            spec[key] = value
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def study(env, *args, timeout=600):
+    """scripts/study.py as users run it, from the repository root; returns its output (it must succeed)."""
+    result = subprocess.run([sys.executable, "scripts/study.py", *map(str, args)], cwd=REPO_DIR, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout
+
+
+def record_lines(out):
+    import json
+    return [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+
+
+def ledger_ids(out):
+    import json
+    ledger = out / "runs" / "slurm_jobs.jsonl"
+    return [json.loads(line)["job_id"] for line in ledger.read_text().splitlines()] if ledger.exists() else []
+
+
+@needs_cluster
+def test_the_smoke_study_runs_on_slurm_and_a_second_invocation_submits_nothing(cluster, char_data, tmp_path):
+    """configs/study/smoke.yaml through --launcher slurm: each run one train.sbatch job, collected from its run
+    directory into the record with its job id, and reported; a second invocation submits nothing. A recorded run's
+    command, run again without SLURM, gives its recorded loss (the reference)."""
+    definition, out = study_definition(tmp_path, char_data), tmp_path / "out"
+    common = [definition, "--launcher", "slurm", "--out", out]
+    study(cluster, *common, "--phase", "sweep")
+    study(cluster, *common, "--phase", "budgets")
+    lines = record_lines(out)
+    # 2 contenders x 2 lrs at 40 steps, then each best at 20 steps (its 40-step run is the sweep's)
+    assert sorted((ln["contender"], ln["steps"]) for ln in lines) == [("adamw", 20), ("adamw", 40), ("adamw", 40),
+                                                                      ("sophiag", 20), ("sophiag", 40), ("sophiag", 40)]
+    assert len({ln["slurm_job_id"] for ln in lines}) == 6 and sorted(ledger_ids(out)) == sorted(ln["slurm_job_id"]
+                                                                                                 for ln in lines)
+    for line in lines:
+        info = job_info(cluster, line["slurm_job_id"])
+        assert info["JobState"] == "COMPLETED" and info["JobName"] == f"smoke:{line['key']}"
+        events = read_metrics(out / "runs" / line["key"])
+        evals = [[e["step"], e["val/loss"]] for e in events if "val/loss" in e]
+        assert line["status"] == "finished" and line["curve"] == evals and evals[-1][0] == line["steps"]
+        assert line["final_val_loss"] == evals[-1][1] and line["machine"].startswith("SLURM node(s) n")
+    # the reference: the recorded command of one run, here without SLURM, into another folder
+    line = lines[0]
+    words = [w for w in shlex.split(line["command"]) if not w.startswith("out_dir=")][1:]  # OMP_NUM_THREADS=1 below
+    subprocess.run([*words, f"out_dir={tmp_path / 'here'}"], cwd=REPO_DIR, check=True, capture_output=True,
+                   env={**without_slurm_variables(os.environ), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert [e["val/loss"] for e in read_metrics(tmp_path / "here") if "val/loss" in e][-1] == line["final_val_loss"]
+
+    again = study(cluster, *common, "--phase", "sweep") + study(cluster, *common, "--phase", "budgets")
+    assert "submitted" not in again and again.count("in the record:") == 4  # the budgets phase lists its 4
+    assert len(ledger_ids(out)) == 6 and len(record_lines(out)) == 6
+    study(cluster, *common, "--phase", "report")
+    import json
+    report = json.loads((out / "report.json").read_text())["proxies"]["smoke"]
+    assert report["contenders"]["sophiag"]["data_multiplier"]["budget_steps"] == 40
+    assert report["tokens_per_step"] == 4 * 32 and (out / "report_smoke_budgets.png").is_file()
+
+
+@needs_cluster
+def test_a_study_waits_on_its_queued_job_and_resubmits_a_cancelled_one(cluster, char_data, tmp_path):
+    """An invocation that dies leaves its job running: the next one waits on that job instead of submitting the run
+    again; the job cancelled mid-way is submitted again (train.py resumes it), collected and recorded with the new
+    job's id; a third invocation submits nothing."""
+    steps = 1000  # a few seconds of steps: time to cancel the job mid-way
+    definition = study_definition(tmp_path, char_data, max_extensions=0, ckpt_interval=50,
+                                  proxy_steps=steps, proxy_budgets=[1],
+                                  proxy_contenders={"adamw": {"preset": "shakespeare_char_adamw",
+                                                              "grid": {"optim.lr": [1e-3]}}})
+    out = tmp_path / "out"
+    command = [sys.executable, "scripts/study.py", str(definition), "--launcher", "slurm", "--out", str(out),
+               "--phase", "sweep"]
+    run_dir = out / "runs" / "smoke" / "adamw" / f"lr0.001_steps{steps}_seed1337"
+    log_path = Path(f"{run_dir}.log")
+    first = subprocess.Popen(command, cwd=REPO_DIR, env=cluster, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        job_id = wait_for(lambda: (ledger_ids(out) or [None])[0], 60, "the first submission", log_path)
+        wait_for(lambda: job_info(cluster, job_id)["JobState"] == "RUNNING", 120, f"job {job_id} to start", log_path)
+    finally:
+        first.terminate()  # the study's process dies; its job goes on
+        first.wait(timeout=30)
+    second = subprocess.Popen(command, cwd=REPO_DIR, env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        wait_for(lambda: len(train_steps(read_metrics(run_dir))) >= 2, 180, "the first training steps", log_path)
+        assert job_info(cluster, job_id)["JobState"] == "RUNNING"
+        slurm(cluster, "scancel", job_id)
+        output, _ = second.communicate(timeout=400)
+    finally:
+        second.kill()
+    assert second.returncode == 0, output[-4000:]
+    assert f"running already (SLURM job {job_id}): smoke/adamw/lr0.001_steps{steps}_seed1337" in output
+    assert job_info(cluster, job_id)["JobState"] == "CANCELLED"
+    ids = ledger_ids(out)
+    assert len(ids) == 2 and ids[0] == job_id  # submitted once by each: never twice while it ran
+    (line,) = record_lines(out)
+    assert line["slurm_job_id"] == ids[1] and job_info(cluster, ids[1])["JobState"] == "COMPLETED"
+    # every logged step once (log_interval 5), the resumed ones after the checkpoint
+    assert train_steps(read_metrics(run_dir)) == list(range(5, steps + 1, 5))
+    assert line["final_val_loss"] == [e["val/loss"] for e in read_metrics(run_dir) if "val/loss" in e][-1]
+
+    third = study(cluster, str(definition), "--launcher", "slurm", "--out", out, "--phase", "sweep")
+    assert "submitted" not in third and ledger_ids(out) == ids and len(record_lines(out)) == 1
