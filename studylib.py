@@ -799,6 +799,7 @@ class Proxy:
     contenders: list        # [Contender]; the baseline first
     budgets: tuple = (1,)   # every contender, in the order they run (the 1x budget first)
     baseline_budgets: tuple = ()  # the baseline's in addition: the curve every other final loss is read off
+    seeds: tuple = ()       # the budgets' seeds (default: the study's); the first is the sweep's, the study's first
 
 
 @dataclass
@@ -830,7 +831,7 @@ STUDY_KEYS = {"name": None, "title": "", "files": None, "command": "OMP_NUM_THRE
               "seeds": None, "baseline": "adamw", "budgets": [1], "baseline_budgets": [], "max_extensions": 0,
               "eval_tokens": None, "evals_per_run": 4, "ckpt_interval": None, "time_steps": 200,
               "estimate": "record", "wandb": False, "slurm": {}, "axes": {}, "proxies": None}
-PROXY_KEYS = {"overrides", "budgets", "baseline_budgets", "steps", "sweep_steps", "contenders"}
+PROXY_KEYS = {"overrides", "budgets", "baseline_budgets", "seeds", "steps", "sweep_steps", "contenders"}
 CONTENDER_KEYS = {"preset", "overrides", "grid", "regime", "control"}
 SLURM_DEFAULTS = {"sbatch": [], "retries": 2, "poll_s": 30}
 ESTIMATE_KEYS = {"device", "peak_flops", "mfu", "gpus_per_run"}
@@ -969,8 +970,11 @@ def load_proxy(name, spec, study_spec, where):
                                     bool(c.get("control", False)), steps, sweep_steps))
     budgets = spec.get("budgets", study_spec["budgets"])
     baseline_budgets = spec.get("baseline_budgets", study_spec["baseline_budgets"])
+    seeds = tuple(numbers(spec.get("seeds", study_spec["seeds"]), f"{where}.seeds", int))
+    if not seeds or seeds[0] != int(study_spec["seeds"][0]):
+        raise StudyError(f"{where}.seeds: begin with the study's first seed, {study_spec['seeds'][0]} (the sweep's)")
     return Proxy(name, contenders, tuple(numbers(budgets, f"{where}.budgets")),
-                 tuple(numbers(baseline_budgets, f"{where}.baseline_budgets")) if baseline_budgets else ())
+                 tuple(numbers(baseline_budgets, f"{where}.baseline_budgets")) if baseline_budgets else (), seeds)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1529,7 +1533,7 @@ def budget_jobs(study, proxy, contender, record, quiet=False):
         return []  # a control (AdamW as the official run clipped it): budgets only if it beats the baseline's sweep
     base = preset_steps(contender)
     return [Job(study, proxy.name, contender, best[0], int(round(base * f)), seed, study.runs)
-            for f in budget_factors(study, proxy, contender) for seed in study.seeds]
+            for f in budget_factors(study, proxy, contender) for seed in proxy.seeds]
 
 
 def beats_baseline(study, proxy, contender, record):
@@ -1565,7 +1569,7 @@ def later_budget_jobs(study, proxy, record):
             continue
         point = dict(grid_points(c.grid)[0])
         for f in budget_factors(study, proxy, c):
-            for seed in study.seeds:
+            for seed in proxy.seeds:
                 job = Job(study, proxy.name, c, point, int(round(preset_steps(c) * f)), seed, study.runs)
                 if job.key != sweep_job(study, proxy, c, grid_points(c.grid)[0]).key:
                     jobs.append(job)

@@ -26,6 +26,7 @@ The statistics, tables and plots are the study's library's (studylib.py); this i
 """
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -45,6 +46,7 @@ from studylib import (  # noqa: E402  (the statistics, tables and plots live in 
     budget_table,
     by_budget,
     check_seeds,
+    clean,
     final_losses,
     find_baseline,
     find_run_dirs,
@@ -58,8 +60,10 @@ from studylib import (  # noqa: E402  (the statistics, tables and plots live in 
     pick_best,
     plot,
     plot_budgets,
+    read_metrics,
     read_seconds_per_step,
     table_json,
+    time_unit,
 )
 
 

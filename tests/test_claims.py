@@ -33,7 +33,7 @@ from conftest import REPO_DIR, compose_config, flatten, read_metrics, train_in_p
 # ---------------------------------------------------------------------------------------------------------------
 # The pages and their commands
 
-GENERATED = {"study_cpu.md"}  # docs/study_cpu.md: written by scripts/study_cpu.py --phase report, not by hand
+GENERATED = {"study_cpu.md"}  # docs/study_cpu.md: written by scripts/study.py --phase report, not by hand
 PAGES = [REPO_DIR / "README.md", *sorted(p for p in (REPO_DIR / "docs").glob("*.md") if p.name not in GENERATED)]
 CI_SCRIPT = (REPO_DIR / ".ci" / "run").read_text()
 
@@ -127,7 +127,7 @@ def kind_of(argv):
     if script[0] in RUN_HERE and all(a in TINY_RUNS or a == "out/sweep" or not a.startswith("out/")
                                       for a in script[1] if not a.endswith(".png")) and "--wandb" not in script[1]:
         return "run here"
-    if script[0] == "scripts/study_cpu.py":
+    if script[0] == "scripts/study.py":
         return "study"
     return "parse"
 
@@ -268,7 +268,7 @@ def test_every_lm_eval_command_parses_and_names_known_tasks(page, line, argv, mo
 
 @pytest.mark.parametrize("page,line,argv", cases("study"), ids=ids(cases("study")))
 def test_every_study_command_runs_dry_or_compares_records(page, line, argv):
-    """scripts/study_cpu.py: a comparison with another record (--against) runs as written (it reruns nothing); a
+    """scripts/study.py: a comparison with another record (--against) runs as written (it reruns nothing); a
     rerun of recorded commands (verify) parses; every other phase runs with --dry-run (its commands printed, none
     run, nothing written)."""
     script, args = script_of(argv)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import studylib
+from scripts import compare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
