@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import hellaswag
+import lion
 import muon
 import sophia
 from checkpoint import checkpoint_path, open_run_dir, restore
@@ -69,7 +70,7 @@ def build_optimizer(cfg, model):
     if optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, fused=True)
     if optim.name == "lion":
-        return sophia.Lion(groups, lr=optim.lr, betas=betas, weight_decay=optim.weight_decay)
+        return lion.Lion(groups, lr=optim.lr, betas=betas, weight_decay=optim.weight_decay)
     if optim.name == "sophiag":
         return sophia.SophiaG(groups, lr=optim.lr, betas=betas, rho=optim.rho, weight_decay=optim.weight_decay)
     return sophia.SophiaH(groups, lr=optim.lr, betas=betas, rho=optim.rho, weight_decay=optim.weight_decay)

@@ -1,6 +1,6 @@
 """
 Sophia (Liu, Li, Hall, Liang, Ma 2023: "Sophia: A Scalable Stochastic Second-order Optimizer for
-Language Model Pre-training"), Lion (Chen et al. 2023), and the two diagonal-Hessian estimators.
+Language Model Pre-training") and the two diagonal-Hessian estimators. Lion is in lion.py.
 
 SophiaG is a drop-in for the official class (github.com/Liuhong99/Sophia, sophia.py): same constructor,
 update_hessian(), step(closure=None, bs=5120), and the same state keys (step, exp_avg, hessian), so
@@ -399,48 +399,6 @@ def _sophia_reference(params, grads, exp_avgs, hessians, *, lr, beta1, rho, bs, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms")
-
-
-class Lion(Optimizer):
-    """θ ← θ·(1 − lr·wd);  θ ← θ − lr·sign(β1·m + (1 − β1)·g);  m ← β2·m + (1 − β2)·g.
-    One buffer per parameter (exp_avg). Multi-tensor (torch._foreach_*) ops, one group at a time."""
-
-    def __init__(self, params, lr=1e-4, betas=(0.95, 0.98), weight_decay=0.0):
-        _check_hyperparameters(lr, betas, weight_decay, example_lr=1e-4, example_betas=(0.95, 0.98))
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                if len(self.state[p]) == 0:
-                    self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            # sharded (DTensor) parameters: the local shards, as in SophiaG
-            exp_avgs = [_local(self.state[p]["exp_avg"]) for p in params]
-            grads = [_local(p.grad) for p in params]
-            params = [_local(p) for p in params]
-            beta1, beta2 = group["betas"]
-            lr = group["lr"]
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            update = torch._foreach_mul(exp_avgs, beta1)           # β1·m + (1 − β1)·g, then its sign
-            torch._foreach_add_(update, grads, alpha=1 - beta1)
-            torch._foreach_sign_(update)
-            torch._foreach_add_(params, update, alpha=-lr)
-            del update
-            torch._foreach_mul_(exp_avgs, beta2)
-            torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
-        return loss
-
-
-# ----------------------------------------------------------------------------------------------------
 # Hessian estimators. Each ACCUMULATES into p.grad, like loss.backward(): from zeroed grads, call one
 # per micro-batch of the Hessian batch with scale = 1 / (number of those micro-batches), so that p.grad
 # holds the estimate for the whole batch, then optimizer.update_hessian().
@@ -534,3 +492,11 @@ def hutchinson_backward(loss, params, scale, generator=None, probe="rademacher")
                 p.grad = estimate
             else:
                 p.grad.add_(estimate)
+
+
+def __getattr__(name):
+    """`from sophia import Lion` and `sophia.Lion`, as before Lion had a module of its own (lion.py)."""
+    if name == "Lion":
+        from lion import Lion
+        return Lion
+    raise AttributeError(f"module 'sophia' has no attribute {name!r}")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
+import lion  # noqa: E402
 import muon
 import sophia
 from scripts.benchmark import MODEL_PRESETS, gpt2_groups, model_config
@@ -96,7 +97,7 @@ def bench_optimizers():
         "SophiaG fused": lambda: sophia.SophiaG(groups(), lr=6e-4, rho=0.05),
         "SophiaG reference (official loop)": lambda: sophia.SophiaG(groups(), lr=6e-4, rho=0.05, fused=False),
         "SophiaH fused": lambda: sophia.SophiaH(groups(), lr=6e-4, rho=0.05),
-        "Lion foreach": lambda: sophia.Lion(groups(), lr=1e-4, betas=(0.95, 0.98)),
+        "Lion foreach": lambda: lion.Lion(groups(), lr=1e-4, betas=(0.95, 0.98)),
         # optim=muon's split (muon.param_groups): Muon on model.py's decayed group, the blocks' matrices, fused
         # AdamW on the other, the embeddings and the vectors; Newton-Schulz in bf16 (torch's) and in fp32
         **{f"Muon (blocks, Newton-Schulz {name}) + AdamW fused (rest)": lambda dtype=dtype: muon.MuonAdamW(
