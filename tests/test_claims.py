@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import config_schema
 from conftest import REPO_DIR, compose_config, flatten, read_metrics, train_in_process
 
@@ -173,16 +174,25 @@ def run_script(script, args, cwd, parse_only=False):
 
 
 def check_train_command(args, world_size, monkeypatch):
-    """train.py's own check of a command line, before any work (config_schema.check_command_line: every run of a
-    sweep composed and its values checked at this world size): (exit status, what it printed)."""
+    """train.py's own checks of a command line, before any work, at this world size: cli.check_command_line (every
+    point of a sweep composed and its values checked; --help), and for a single run what train.py checks once
+    Hydra composed it (cli.check_composed, config_schema.check_values): (exit status, what it printed)."""
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            config_schema.check_command_line(args)
+            cli.check_command_line(args)
+            parsed = cli.parse_command_line(args)
+            if parsed is not None and not (parsed.help or parsed.multirun):
+                overrides = [o for o in parsed.overrides if not re.match(r"[+~]*hydra[./=]", o)]
+                cfg = config_schema.compose_config(None, overrides)
+                cli.check_composed(cfg, overrides)
+                config_schema.check_values(cfg, world_size)
         return 0, out.getvalue()
     except SystemExit as e:
         return e.code, out.getvalue()
+    except config_schema.ConfigError as e:
+        return 2, f"{out.getvalue()}error: {e}"
 
 
 def cases(*kinds):
@@ -302,7 +312,7 @@ def test_every_shell_command_names_what_exists(page, line, argv, tmp_path):
                 assert word in CI_SCRIPT or importlib.metadata.version(name) == version, word
         if "-r" in argv:
             requirements = argv[argv.index("-r") + 1]
-            assert requirements == "requirements.txt" or f"> {requirements}" in text
+            assert requirements in ("requirements.txt", "requirements-eval.txt") or f"> {requirements}" in text
     elif argv[0] == "bash":
         assert subprocess.run(["bash", "-n", str(REPO_DIR / argv[1])]).returncode == 0
     else:
