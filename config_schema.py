@@ -52,6 +52,11 @@ class Parallel(StrEnum):
     fsdp = "fsdp"
 
 
+class FsdpGradSync(StrEnum):
+    micro_batch = "micro_batch"
+    step = "step"
+
+
 class Probe(StrEnum):
     rademacher = "rademacher"
     gaussian = "gaussian"
@@ -111,6 +116,8 @@ class SophiaGConfig(OptimConfig):
     rho: float = knob("clipping threshold of the preconditioned step (the paper: 0.03-0.08)")
     hess_interval: int = knob("k: refresh the Hessian EMA every k steps")
     hess_batch_size: int | None = knob("sequences in a Hessian batch; null -> total_batch_size (official)")
+    hess_micro_batch_size: int | None = knob("sequences per forward/backward of the Hessian refresh (its memory; the "
+                                             "estimate does not depend on it); null -> micro_batch_size")
 
 
 @dataclass
@@ -164,6 +171,11 @@ class TrainConfig:
     # a str, not a choice: Hydra reads compile=true as a bool, which no Enum accepts; check_values checks it
     compile: str = knob("auto (compiled on CUDA, eager on CPU) | true | false: torch.compile the model")
     parallel: Parallel = knob("ddp: every rank holds the whole model; fsdp: FSDP2 shards weights, grads, state")
+    force_distributed: bool = knob("one process too runs the multi-GPU code path: a process group of one, DDP's "
+                                   "wrapper or FSDP's shards (checks that path on one GPU)")
+    fsdp_grad_sync: FsdpGradSync = knob("parallel=fsdp: micro_batch reduce-scatters every micro-batch's gradients (each "
+                                        "rank holds its fp32 shard); step: on the last one only (fewer collectives, "
+                                        "full-size fp32 gradients on every rank)")
     max_steps: int = knob("optimizer steps")
     warmup_steps: int = knob("linear warmup from 0 to optim.lr over this many steps")
     lr_decay_steps: int | None = knob("cosine decay from optim.lr to min_lr over this many steps; null -> max_steps")
@@ -304,14 +316,19 @@ def check_values(cfg, world_size):
         return
     need(optim.rho > 0, f"optim.rho={optim.rho}: rho must be positive (the paper uses 0.03-0.08)")
     need(optim.hess_interval >= 1, f"optim.hess_interval={optim.hess_interval}: set it to 1 or more")
-    # the Hessian batch runs in micro-batches of micro_batch_size, or in one smaller one per rank (plan_batches)
+    # the Hessian batch runs in chunks of micro_batch_size, or in one smaller one per rank (plan_batches)
     hess_batch = optim.hess_batch_size or cfg.total_batch_size
     hess_per_rank = hess_batch // world_size
-    hess_micro = min(cfg.micro_batch_size, hess_per_rank)
-    need(hess_batch % world_size == 0 and hess_micro >= 1 and hess_per_rank % hess_micro == 0,
+    hess_chunk = min(cfg.micro_batch_size, hess_per_rank)
+    need(hess_batch % world_size == 0 and hess_chunk >= 1 and hess_per_rank % hess_chunk == 0,
          f"optim.hess_batch_size={hess_batch} does not split over world_size={world_size} in micro-batches of "
          f"micro_batch_size={cfg.micro_batch_size}: use a multiple of {per_step}, or a multiple of "
          f"{world_size} below {per_step} (the paper's half batch: {cfg.total_batch_size // 2})")
+    hess_micro = optim.get("hess_micro_batch_size")
+    need(hess_micro is None or (hess_micro >= 1 and hess_chunk % hess_micro == 0),
+         f"optim.hess_micro_batch_size={hess_micro} does not divide the {hess_chunk} sequences the Hessian refresh "
+         f"draws its samples for at a time (min(micro_batch_size, hess_batch_size / world_size)): use one of "
+         f"{', '.join(str(d) for d in range(1, hess_chunk + 1) if hess_chunk % d == 0)}, or null")
 
 
 # -----------------------------------------------------------------------------------------------------

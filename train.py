@@ -50,8 +50,9 @@ class BatchPlan:
     lr_decay_steps: int     # the cosine ends here (optim.lr -> min_lr)
     sophia: bool            # SophiaG/SophiaH: refresh the Hessian every optim.hess_interval steps
     hess_batch: int = 0     # sequences in one global Hessian batch
-    hess_accum: int = 0     # Hessian micro-batches per rank
-    hess_micro: int = 0     # sequences per Hessian micro-batch
+    hess_accum: int = 0     # Hessian chunks per rank
+    hess_chunk: int = 0     # sequences per chunk: each draws its own sampled labels or probes
+    hess_micro: int = 0     # sequences per forward/backward of the refresh (divides hess_chunk)
     step_bs: int = 0        # Sophia's step(bs=...): see plan_batches
 
 
@@ -64,14 +65,27 @@ def plan_batches(cfg, world_size):
     grad_accum = cfg.total_batch_size // (cfg.micro_batch_size * world_size)
     if optim.name not in ("sophiag", "sophiah"):
         return BatchPlan(grad_accum, lr_decay_steps, sophia=False)
-    # the Hessian batch runs in micro-batches of micro_batch_size, or in one smaller one per rank
+    # The Hessian batch runs in chunks of micro_batch_size, or in one smaller one per rank; each chunk's samples
+    # are seeded by its place in the global batch (as the training micro-batches), so the estimate does not
+    # depend on the world size, nor on hess_micro_batch_size, which only splits a chunk's forward and backward.
     hess_batch = optim.hess_batch_size or cfg.total_batch_size
-    hess_micro = min(cfg.micro_batch_size, hess_batch // world_size)
+    hess_chunk = min(cfg.micro_batch_size, hess_batch // world_size)
+    hess_micro = optim.hess_micro_batch_size or hess_chunk
     # GNB's estimate is B·grad² of the mean loss over B predictions: SophiaG takes B as `bs` (official).
     # Hutchinson's u*(Hu) is already the Hessian of the mean loss, so SophiaH's rho is gamma itself (bs=1).
     step_bs = hess_batch * cfg.model.block_size if optim.name == "sophiag" else 1
     return BatchPlan(grad_accum, lr_decay_steps, sophia=True, hess_batch=hess_batch,
-                     hess_accum=hess_batch // world_size // hess_micro, hess_micro=hess_micro, step_bs=step_bs)
+                     hess_accum=hess_batch // world_size // hess_chunk, hess_chunk=hess_chunk, hess_micro=hess_micro,
+                     step_bs=step_bs)
+
+
+def refuse_a_gpu_run_without_a_gpu(cfg):
+    """A gpt2_* model with device=auto and no GPU visible (a SLURM job without --gpus-per-node, a CPU-only torch)
+    would train on the CPU for months: refuse it, unless device=cpu says that is meant."""
+    if str(cfg.model.name).startswith("gpt2") and cfg.device == "auto" and not torch.cuda.is_available():
+        raise ConfigError(f"model={cfg.model.name} is a GPU run and no CUDA GPU is visible (torch.cuda.is_available() "
+                          f"is False: a job without --gpus-per-node, or a CPU-only torch); add device=cpu to train it "
+                          f"on the CPU anyway")
 
 
 def random_seed(seed, step, chunk, purpose):
@@ -144,7 +158,7 @@ def refresh_hessian(run):
         chunk = env.rank * plan.hess_accum + micro  # as in the training step: independent of the world size
         generator.manual_seed(random_seed(cfg.seed, progress.step, chunk, "hessian"))  # sampled labels or probes
         torch.manual_seed(random_seed(cfg.seed, progress.step, chunk, "hessian_dropout"))  # the forward's dropout
-        x, y = run.streams.hessian.batch(progress.hess_seqs + chunk * plan.hess_micro, plan.hess_micro, env.device)
+        x, y = run.streams.hessian.batch(progress.hess_seqs + chunk * plan.hess_chunk, plan.hess_chunk, env.device)
         run.estimator.add(run, x, y, 1.0 / plan.hess_accum, generator, last=micro == plan.hess_accum - 1)
     grad_norm = run.estimator.finish(run)  # GNB: the Hessian batch's gradient norm before its clip
     if grad_norm is not None:
@@ -243,6 +257,7 @@ def already_finished(run):
 def train(cfg):
     """Returns the exit status: 0 when the run finished or was requeued, 128 + signal when a signal stopped it."""
     plan = plan_batches(cfg, world_size_from_env())  # before anything expensive
+    refuse_a_gpu_run_without_a_gpu(cfg)
     cfg.run_name = run_name_of(cfg)
     env = setup_processes(cfg)
     run = build_run(cfg, env, plan)

@@ -292,7 +292,7 @@ def test_time_phase_refuses_a_busy_machine(record_in, monkeypatch, capsys):
 def test_end_to_end_on_tiny_models(record_in, monkeypatch, token_data):
     """Real train.py runs: 2 optimizers x 2 budgets x 2 seeds of a 1-layer model for a few steps, two at a time;
     the record holds what their metrics.jsonl hold, and a second pass starts nothing."""
-    tiny = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "total_batch_size=4",
+    tiny = ["device=cpu", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "total_batch_size=4",
             "micro_batch_size=2", "log_interval=2", "warmup_steps=1", "cpu_peak_flops=1e11", f"data.dir={token_data}"]
     adamw = study_cpu.Contender("adamw", "shakespeare_adamw", {"optim.lr": [1e-3]}, tiny)
     sophiag = study_cpu.Contender("sophiag", "shakespeare_sophiag", {"optim.lr": [1e-3], "optim.rho": [0.05]},
@@ -379,7 +379,7 @@ def test_verify_reruns_recorded_commands_and_flags_a_different_loss(record_in, t
     assert (code / "train.py").read_bytes() == subprocess.run(["git", "show", f"{head}:train.py"], cwd=REPO,
                                                               capture_output=True).stdout
     tiny = ["config=shakespeare_adamw", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
-            "total_batch_size=4", "micro_batch_size=2", "log_interval=2", "warmup_steps=1", "cpu_peak_flops=1e11",
+            "device=cpu", "total_batch_size=4", "micro_batch_size=2", "log_interval=2", "warmup_steps=1", "cpu_peak_flops=1e11",
             f"data.dir={token_data}", "max_steps=4", "eval_steps=2", "eval_interval=2", "ckpt_interval=4", "seed=5"]
     subprocess.run(["python", "train.py", *tiny, f"out_dir={record_in / 'original'}"], cwd=code, check=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
