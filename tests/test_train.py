@@ -443,28 +443,36 @@ def test_a_gpt2_run_without_a_gpu_is_refused_unless_device_cpu_is_given(tmp_path
     assert status == 2 and "GPU run" not in stderr and "prepare.py" in stderr
 
 
-def hessian_after_one_refresh(tmp_path, name, args):
-    """Sophia's Hessian EMA after the refresh at step 0 (h = (1 - beta2) * the estimate), one flat tensor."""
+def hessian_after_one_refresh(tmp_path, name, args, monkeypatch):
+    """Sophia's Hessian EMA after the refresh at step 0 (h = (1 - beta2) * the estimate), one flat tensor, and the
+    number of backward passes the refresh ran (calls of the estimator's sophia function)."""
+    import sophia
+    passes = []
+    for function in ("gnb_backward", "hutchinson_backward"):
+        original = getattr(sophia, function)
+        monkeypatch.setattr(sophia, function, lambda *a, original=original, **k: passes.append(1) or original(*a, **k))
     status, _ = train_in_process(["max_steps=1", "optim.hess_interval=1", "warmup_steps=0", *args], tmp_path / name)
     assert status == 0
     state = torch.load(tmp_path / name / "ckpt.pt", weights_only=False)["optimizer"]["state"]
-    return torch.cat([s["hessian"].flatten() for _, s in sorted(state.items())])
+    return torch.cat([s["hessian"].flatten() for _, s in sorted(state.items())]), len(passes)
 
 
 @pytest.mark.parametrize("optim", ["sophiag", "sophiah"])
 @pytest.mark.usefixtures("shakespeare_bins")
-def test_the_hessian_estimate_does_not_depend_on_hess_micro_batch_size(tmp_path, optim):
+def test_the_hessian_estimate_does_not_depend_on_hess_micro_batch_size(tmp_path, optim, monkeypatch):
     """A Hessian batch of 4 sequences run in one forward/backward, or in 4 or 2: the same labels (GNB) or probe
     (Hutchinson) for the chunk they split, each part weighted by its share of the mean, so the same estimate up to
     fp32 round-off. The reference that this can fail: other chunks (micro_batch_size=2: 2 chunks of 2, each with
     its own samples) give another estimate."""
     common = [f"optim={optim}", "total_batch_size=4", "optim.hess_batch_size=4"]
-    whole = hessian_after_one_refresh(tmp_path, "whole", [*common, "micro_batch_size=4"])
+    whole, passes = hessian_after_one_refresh(tmp_path, "whole", [*common, "micro_batch_size=4"], monkeypatch)
     scale = whole.abs().max()
-    assert scale > 0
+    assert scale > 0 and passes == 1
     for micro in (1, 2):
-        split = hessian_after_one_refresh(tmp_path, f"split{micro}",
-                                          [*common, "micro_batch_size=4", f"optim.hess_micro_batch_size={micro}"])
+        split, passes = hessian_after_one_refresh(
+            tmp_path, f"split{micro}", [*common, "micro_batch_size=4", f"optim.hess_micro_batch_size={micro}"],
+            monkeypatch)
+        assert passes == 4 // micro
         torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-5 * scale, msg=f"hess_micro_batch_size={micro}")
-    other = hessian_after_one_refresh(tmp_path, "other", [*common, "micro_batch_size=2"])
+    other, _ = hessian_after_one_refresh(tmp_path, "other", [*common, "micro_batch_size=2"], monkeypatch)
     assert (other - whole).abs().max() > 1e-2 * scale
