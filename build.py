@@ -214,9 +214,13 @@ def start_run_dir(run):
     optimizer = cfg.optim.name
     if isinstance(run.optimizer, muon.MuonAdamW):  # auto's choice, which the config does not show
         optimizer += f" (Newton-Schulz in {str(run.optimizer.ns_dtype).removeprefix('torch.')})"
+    parallel = ""
+    if env.distributed:  # which wrapper, over which backend: what a check of the multi-GPU path looks for
+        import torch.distributed as dist
+        parallel = f", {'fsdp (sharded)' if env.sharded else 'ddp'} over {dist.get_backend()}"
     print(f"run {cfg.run_name}: {run.raw_model.num_params() / 1e6:.2f}M parameters, optimizer {optimizer}, "
           f"{env.world_size} rank(s) x {run.plan.grad_accum} micro-batch(es) of {cfg.micro_batch_size} = "
-          f"{tokens_per_step(cfg):,} tokens/step, device {env.device} {env.dtype}")
+          f"{tokens_per_step(cfg):,} tokens/step, device {env.device} {env.dtype}{parallel}")
     print(f"run directory: {run.out_dir}")
     if cfg.warmup_steps >= cfg.max_steps:  # a shortened preset (max_steps=100 of a 100-step warmup): say so
         print(f"note: warmup_steps={cfg.warmup_steps} >= max_steps={cfg.max_steps}: the whole run is warmup, the "

@@ -40,6 +40,11 @@ class Parallel(StrEnum):
     fsdp = "fsdp"
 
 
+class FsdpGradSync(StrEnum):
+    micro_batch = "micro_batch"
+    step = "step"
+
+
 class Probe(StrEnum):
     rademacher = "rademacher"
     gaussian = "gaussian"
@@ -99,6 +104,8 @@ class SophiaGConfig(OptimConfig):
     rho: float = knob("clipping threshold of the preconditioned step (the paper: 0.03-0.08)")
     hess_interval: int = knob("k: refresh the Hessian EMA every k steps")
     hess_batch_size: int | None = knob("sequences in a Hessian batch; null -> total_batch_size (official)")
+    hess_micro_batch_size: int | None = knob("sequences per forward/backward of the Hessian refresh (its memory; the "
+                                             "estimate does not depend on it); null -> micro_batch_size")
 
 
 @dataclass
@@ -159,6 +166,11 @@ class TrainConfig:
     # a str, not a choice: Hydra reads compile=true as a bool, which no Enum accepts; check_values checks it
     compile: str = knob("auto (compiled on CUDA, eager on CPU) | true | false: torch.compile the model")
     parallel: Parallel = knob("ddp: every rank holds the whole model; fsdp: FSDP2 shards weights, grads, state")
+    force_distributed: bool = knob("one process too runs the multi-GPU code path: a process group of one, DDP's "
+                                   "wrapper or FSDP's shards (checks that path on one GPU)")
+    fsdp_grad_sync: FsdpGradSync = knob("parallel=fsdp: micro_batch reduce-scatters every micro-batch's gradients (each "
+                                        "rank holds its fp32 shard); step: on the last one only (fewer collectives, "
+                                        "full-size fp32 gradients on every rank)")
     max_steps: int = knob("optimizer steps")
     warmup_steps: int = knob("linear warmup from 0 to optim.lr over this many steps")
     lr_decay_steps: int | None = knob("cosine decay from optim.lr to min_lr over this many steps; null -> max_steps")
@@ -253,8 +265,9 @@ class BatchPlan:
     lr_decay_steps: int     # the cosine ends here (optim.lr -> min_lr)
     sophia: bool            # SophiaG/SophiaH: refresh the Hessian every optim.hess_interval steps
     hess_batch: int = 0     # sequences in one global Hessian batch
-    hess_accum: int = 0     # Hessian micro-batches per rank
-    hess_micro: int = 0     # sequences per Hessian micro-batch
+    hess_accum: int = 0     # Hessian chunks per rank
+    hess_chunk: int = 0     # sequences per chunk: each draws its own sampled labels or probes
+    hess_micro: int = 0     # sequences per forward/backward of the refresh (divides hess_chunk)
     step_bs: int = 0        # Sophia's step(bs=...): see plan_batches
 
 
@@ -267,14 +280,18 @@ def plan_batches(cfg, world_size):
     grad_accum = cfg.total_batch_size // (cfg.micro_batch_size * world_size)
     if optim.name not in ("sophiag", "sophiah"):
         return BatchPlan(grad_accum, lr_decay_steps, sophia=False)
-    # the Hessian batch runs in micro-batches of micro_batch_size, or in one smaller one per rank
+    # The Hessian batch runs in chunks of micro_batch_size, or in one smaller one per rank; each chunk's samples
+    # are seeded by its place in the global batch (as the training micro-batches), so the estimate does not
+    # depend on the world size, nor on hess_micro_batch_size, which only splits a chunk's forward and backward.
     hess_batch = optim.hess_batch_size or cfg.total_batch_size
-    hess_micro = min(cfg.micro_batch_size, hess_batch // world_size)
+    hess_chunk = min(cfg.micro_batch_size, hess_batch // world_size)
+    hess_micro = optim.get("hess_micro_batch_size") or hess_chunk
     # GNB's estimate is B·grad² of the mean loss over B predictions: SophiaG takes B as `bs` (official).
     # Hutchinson's u*(Hu) is already the Hessian of the mean loss, so SophiaH's rho is gamma itself (bs=1).
     step_bs = hess_batch * cfg.model.block_size if optim.name == "sophiag" else 1
     return BatchPlan(grad_accum, lr_decay_steps, sophia=True, hess_batch=hess_batch,
-                     hess_accum=hess_batch // world_size // max(hess_micro, 1), hess_micro=hess_micro, step_bs=step_bs)
+                     hess_accum=hess_batch // world_size // max(hess_chunk, 1), hess_chunk=hess_chunk,
+                     hess_micro=hess_micro, step_bs=step_bs)
 
 
 def check_values(cfg, world_size):
@@ -339,10 +356,15 @@ def check_values(cfg, world_size):
         return
     need(optim.rho > 0, f"optim.rho={optim.rho}: rho must be positive (the paper uses 0.03-0.08)")
     need(optim.hess_interval >= 1, f"optim.hess_interval={optim.hess_interval}: set it to 1 or more")
-    need(plan.hess_micro >= 1 and plan.hess_accum * plan.hess_micro * world_size == plan.hess_batch,
+    need(plan.hess_chunk >= 1 and plan.hess_accum * plan.hess_chunk * world_size == plan.hess_batch,
          f"optim.hess_batch_size={plan.hess_batch} does not split over world_size={world_size} in micro-batches of "
          f"micro_batch_size={cfg.micro_batch_size}: use a multiple of {per_step}, or a multiple of "
          f"{world_size} below {per_step} (the paper's half batch: {cfg.total_batch_size // 2})")
+    hess_micro = optim.get("hess_micro_batch_size")
+    need(hess_micro is None or (hess_micro >= 1 and plan.hess_chunk % hess_micro == 0),
+         f"optim.hess_micro_batch_size={hess_micro} does not divide the {plan.hess_chunk} sequences the Hessian "
+         f"refresh draws its samples for at a time (min(micro_batch_size, hess_batch_size / world_size)): use one of "
+         f"{', '.join(str(d) for d in range(1, plan.hess_chunk + 1) if plan.hess_chunk % d == 0)}, or null")
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -19,18 +19,21 @@ from config_schema import ConfigError
 
 @dataclass(frozen=True)
 class Env:
-    """This process: its rank among world_size, its device, the precision it computes in, and whether the model
-    is sharded (parallel=fsdp over several processes; one process has nothing to shard over)."""
+    """This process: its rank among world_size, its device, the precision it computes in, whether it is in a
+    process group (several processes, or one with force_distributed=true), and whether the model is sharded
+    (parallel=fsdp in a process group)."""
     rank: int
     local_rank: int
     world_size: int
     device: torch.device
     dtype: str             # "float32" or "bfloat16" (autocast)
     sharded: bool = False
+    one_rank_group: bool = False  # force_distributed=true with one process: DDP/FSDP on a process group of one
+    defer_grad_sync: bool = False  # FSDP: reduce-scatter on the last micro-batch only (fsdp_grad_sync=step)
 
     @property
     def distributed(self):
-        return self.world_size > 1
+        return self.world_size > 1 or self.one_rank_group
 
     @property
     def is_master(self):
@@ -55,27 +58,57 @@ def pick_device(name, local_rank, world_size):
     return device
 
 
+def native_bf16(device):
+    """bf16 matmuls in hardware: compute capability 8.0 and up (Ampere on). torch.cuda.is_bf16_supported() is
+    True on older GPUs too (V100, T4), where bf16 is emulated: slow, and inductor leaves such frames uncompiled."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def pick_dtype(name, device):
+    """(dtype, note): auto is bfloat16 on a GPU with native bf16, else float32 (the note says why on a GPU
+    without); an explicit bfloat16 on a GPU without native bf16 is refused. On CPU, as asked."""
+    if device.type != "cuda":
+        return ("float32" if name == "auto" else str(name)), None
+    if native_bf16(device):
+        return ("bfloat16" if name == "auto" else str(name)), None
+    major, minor = torch.cuda.get_device_capability(device)
+    gpu = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    if name == "bfloat16":
+        raise ConfigError(f"dtype=bfloat16: {gpu} has no native bf16 (it needs compute capability 8.0+, Ampere "
+                          f"or newer; emulated bf16 is slow and not compiled): use dtype=auto or dtype=float32")
+    note = f"note: {gpu} has no native bf16 (compute capability 8.0+): dtype=auto trains in float32" \
+        if name == "auto" else None
+    return ("float32" if name == "auto" else str(name)), note
+
+
 def setup_processes(cfg):
-    """Pick the device and precision, and join the process group under torchrun."""
+    """Pick the device and precision, and join the process group under torchrun (or force_distributed=true)."""
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     world_size = world_size_from_env()
     device = pick_device(cfg.device, local_rank, world_size)
+    dtype, note = pick_dtype(cfg.dtype, device)  # before anything else: a refusal is one line
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # TF32 for any fp32 matmul left outside autocast. (Not via torch.backends: submitit's cloudpickle
         # cannot pickle a function that touches it, which breaks Hydra sweeps on SLURM.)
         torch.set_float32_matmul_precision("high")
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if note and rank == 0:
+        print(note)
     if dtype == "bfloat16" and device.type == "cpu" and rank == 0:
         print("note: bfloat16 autocast on CPU is much slower than float32 on most CPUs")
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
-    sharded = cfg.parallel == "fsdp" and world_size > 1
+    one_rank_group = world_size == 1 and cfg.force_distributed
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if world_size > 1 or (one_rank_group and "MASTER_ADDR" in os.environ):  # torchrun's rendezvous
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    elif one_rank_group:  # plain `python train.py`: a group of one needs no rendezvous, only a store
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(minutes=30))
+    sharded = cfg.parallel == "fsdp" and (world_size > 1 or one_rank_group)
     if cfg.parallel == "fsdp" and not sharded and rank == 0:
-        print("note: parallel=fsdp with one process: the model is not sharded (checkpoints still are, in ckpt.dcp)")
-    return Env(rank, local_rank, world_size, device, dtype, sharded)
+        print("note: parallel=fsdp with one process: the model is not sharded (checkpoints still are, in ckpt.dcp; "
+              "force_distributed=true shards it over a group of one)")
+    return Env(rank, local_rank, world_size, device, dtype, sharded, one_rank_group=one_rank_group,
+               defer_grad_sync=cfg.fsdp_grad_sync == "step")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -84,11 +117,16 @@ def setup_processes(cfg):
 def shard_model(model, env):
     """Each transformer block is one FSDP unit (its weights all-gathered just before its forward and backward,
     freed after); the root holds the rest, the tied embedding/head weight included, so its two uses share one
-    unit. Parameters become DTensors; each rank keeps a 1/world_size slice. On CUDA with bfloat16: bf16
-    compute on the gathered copies, fp32 sharded master weights and fp32 gradient reductions."""
+    unit. Parameters become DTensors; each rank keeps a 1/world_size slice.
+
+    With dtype=bfloat16 the gathered copies are bf16 (torchtitan's policy, and the arithmetic of the official
+    1.5B run, whose framework computes with bf16 copies of fp32 weights): the all-gathers move half the bytes,
+    and the gathered unit takes half the memory. The sharded master weights, the optimizer state and the
+    gradient reductions stay fp32. This is not DDP's arithmetic (fp32 weights under autocast, where LayerNorm
+    and the embedding run in fp32): parallel=fsdp equals parallel=ddp in float32 only."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy()  # fp32 throughout
-    if env.device.type == "cuda" and env.dtype == "bfloat16":
+    if env.dtype == "bfloat16":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.transformer.h:
         fully_shard(block, mp_policy=mp)
@@ -105,10 +143,12 @@ def wrap_model(raw_model, env, compile_model):
 
 
 def gradient_sync(model, raw_model, env, last):
-    """Gradient accumulation communicates once per step: DDP all-reduces, FSDP reduce-scatters (averaging) the
-    gradients on the last micro-batch only. Returns the context to run the micro-batch's backward in."""
+    """DDP all-reduces the gradients on the last micro-batch only. FSDP reduce-scatters (averaging) every
+    micro-batch's gradients, so that each rank only ever holds its fp32 gradient shard plus one unit's unsharded
+    gradient: deferring the sync (env.defer_grad_sync, fsdp_grad_sync=step) saves collectives but accumulates
+    full-size fp32 gradients on every rank, 4 bytes a parameter. Returns the context to run the backward in."""
     if env.sharded:
-        raw_model.set_requires_gradient_sync(last)
+        raw_model.set_requires_gradient_sync(last or not env.defer_grad_sync)
         return nullcontext()
     return model.no_sync() if env.distributed and not last else nullcontext()
 
@@ -155,7 +195,7 @@ def shard_estimates(params, estimates, env):
     length = max(b.numel() for b in buckets)
     send = torch.cat([torch.nn.functional.pad(b, (0, length - b.numel())) for b in buckets])  # (world * length,)
     mine = torch.empty(length, dtype=send.dtype, device=send.device)
-    dist.reduce_scatter_tensor(mine, send, op=dist.ReduceOp.AVG)
+    dist.reduce_scatter_single(mine, send, op=dist.ReduceOp.AVG)
     local_shapes = [p.to_local().shape for p in params]
     pieces = mine[:sum(s.numel() for s in local_shapes)].split([s.numel() for s in local_shapes])
     for p, piece, shape in zip(params, pieces, local_shapes):

@@ -137,8 +137,11 @@ def log_train(run, clock, lr, grad_norm):
               "throughput/tokens_per_s": tokens_per_s, "mfu": mfu,
               "optim/clip_rate": since.clipped_steps.item() / steps}
     if env.device.type == "cuda":
-        # the most memory the allocator held for tensors since the last log line: what micro_batch_size must fit
+        # since the last log line, the most memory held by tensors, and the most the allocator reserved from the
+        # GPU (tensors plus its cache and fragmentation): an out-of-memory error comes when the reserved memory
+        # cannot grow, so that is what micro_batch_size must fit
         record["memory/peak_mib"] = torch.cuda.max_memory_allocated(env.device) / 2**20
+        record["memory/reserved_mib"] = torch.cuda.max_memory_reserved(env.device) / 2**20
         torch.cuda.reset_peak_memory_stats(env.device)
     if run.plan.sophia:
         record.update(sophia_record(run))

@@ -15,25 +15,48 @@ import warnings
 
 import torch
 
-# Dense (no sparsity) peak FLOP/s from NVIDIA's datasheets, keyed by a lower-case substring of
-# torch.cuda.get_device_name(). "bf16" is the tensor-core figure (fp16 the same), "tf32" for fp32
-# matmuls with TF32 allowed, "fp32" for true fp32. Order matters: more specific names first.
-GPU_PEAK_FLOPS = [
-    ("h100 pcie", {"bf16": 756e12, "tf32": 378e12, "fp32": 51.2e12}),
-    ("h100 nvl", {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
-    ("h100", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),  # SXM
-    ("h200", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),  # also GH200
-    ("a100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
-    ("a10g", {"bf16": 70e12, "tf32": 35e12, "fp32": 31.2e12}),  # AWS's A10G datasheet, not the A10's
-    ("a10", {"bf16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
-    ("l40s", {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
-    ("l40", {"bf16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12}),
-    ("l4", {"bf16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
-    ("v100", {"bf16": 125e12, "tf32": 15.7e12, "fp32": 15.7e12}),  # no bf16/TF32: fp16 tensor cores
-    ("rtx 4090", {"bf16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12}),
-    ("rtx 3090", {"bf16": 71e12, "tf32": 35.6e12, "fp32": 35.6e12}),
-    ("t4", {"bf16": 65e12, "tf32": 8.1e12, "fp32": 8.1e12}),
-]
+# Dense (no sparsity) peak FLOP/s from NVIDIA's datasheets: "bf16" is the tensor-core figure (fp16 the same),
+# "tf32" for fp32 matmuls with TF32 allowed, "fp32" for true fp32. Datasheets quote the tensor-core figures with
+# 2:4 sparsity: half of those.
+H100_SXM = {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}  # also H200 SXM, H800 SXM, GH200
+H100_PCIE = {"bf16": 756e12, "tf32": 378e12, "fp32": 51.2e12}  # also H800 PCIe
+H100_NVL = {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}  # also H200 NVL
+A100 = {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}  # SXM and PCIe alike
+B200 = {"bf16": 2250e12, "tf32": 1100e12, "fp32": 75e12}  # HGX B200 (1,000 W)
+GB200 = {"bf16": 2500e12, "tf32": 1250e12, "fp32": 80e12}  # the B200 of a GB200 (1,200 W)
+V100 = {"bf16": 125e12, "tf32": 15.7e12, "fp32": 15.7e12}  # no bf16 or TF32: fp16 tensor cores
+
+# Keyed by the exact torch.cuda.get_device_name(): a name matched by a substring took another GPU's row ("NVIDIA
+# H200 NVL" the H200 SXM's), and a MIG slice ("NVIDIA A100-SXM4-40GB MIG 1g.5gb") would get the whole GPU's
+# peak. A name not listed gets no MFU (null, "n/a") and one warning naming this table.
+GPU_PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": H100_SXM,
+    "NVIDIA H100 PCIe": H100_PCIE,
+    "NVIDIA H100 NVL": H100_NVL,
+    "NVIDIA H200": H100_SXM,  # H200 SXM: the H100's compute, more memory
+    "NVIDIA H200 NVL": H100_NVL,
+    "NVIDIA H800": H100_SXM,  # the H100 SXM with slower NVLink
+    "NVIDIA H800 PCIe": H100_PCIE,
+    "NVIDIA GH200 480GB": H100_SXM,
+    "NVIDIA A100-SXM4-40GB": A100,
+    "NVIDIA A100-SXM4-80GB": A100,
+    "NVIDIA A100-PCIE-40GB": A100,
+    "NVIDIA A100 80GB PCIe": A100,
+    "NVIDIA B200": B200,
+    "NVIDIA GB200": GB200,
+    "NVIDIA L40S": {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "NVIDIA L40": {"bf16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12},
+    "NVIDIA L4": {"bf16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
+    "NVIDIA A10G": {"bf16": 70e12, "tf32": 35e12, "fp32": 31.2e12},  # AWS's A10G datasheet, not the A10's
+    "NVIDIA A10": {"bf16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},
+    "Tesla V100-SXM2-16GB": V100,
+    "Tesla V100-SXM2-32GB": V100,
+    "Tesla V100-PCIE-16GB": V100,
+    "Tesla V100-PCIE-32GB": V100,
+    "Tesla T4": {"bf16": 65e12, "tf32": 8.1e12, "fp32": 8.1e12},
+    "NVIDIA GeForce RTX 4090": {"bf16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12},
+    "NVIDIA GeForce RTX 3090": {"bf16": 71e12, "tf32": 35.6e12, "fp32": 35.6e12},
+}
 
 _cpu_peak_cache = {}
 
@@ -54,21 +77,21 @@ def measure_cpu_matmul_flops(n=2048, repeats=5, clock=time.perf_counter):
 
 def peak_flops(device, dtype, cpu_peak=None):
     """Peak FLOP/s of the device a run uses: the GPU table above (None, with a warning, for a GPU it lacks: the
-    run goes on without MFU), or on CPU the given cpu_peak or one measured by timing fp32 matmuls (once per
+    run goes on with mfu null), or on CPU the given cpu_peak or one measured by timing fp32 matmuls (once per
     process and thread count)."""
     device = torch.device(device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, dtype)
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        for key, peaks in GPU_PEAK_FLOPS:
-            if key in name:
-                if dtype in (torch.bfloat16, torch.float16):
-                    return peaks["bf16"]
-                tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-                return peaks["tf32"] if tf32 else peaks["fp32"]
-        warnings.warn(f"no peak FLOP/s known for GPU {name!r}: mfu is logged as null (add the GPU's datasheet "
-                      f"figures to mfu.GPU_PEAK_FLOPS)", stacklevel=2)
-        return None
+        name = torch.cuda.get_device_name(device)
+        peaks = GPU_PEAK_FLOPS.get(name.strip())
+        if peaks is None:
+            warnings.warn(f"no peak FLOP/s known for GPU {name!r}: mfu is logged as null (add the GPU's exact name and "
+                          f"datasheet figures to mfu.GPU_PEAK_FLOPS)", stacklevel=2)
+            return None
+        if dtype in (torch.bfloat16, torch.float16):
+            return peaks["bf16"]
+        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+        return peaks["tf32"] if tf32 else peaks["fp32"]
     if device.type == "cpu":
         if cpu_peak is not None:
             return float(cpu_peak)

@@ -118,6 +118,14 @@ def _inductor_options():
     return {key: value for key, value in INDUCTOR_OPTIONS.items() if key not in unknown}
 
 
+def compile_errors():
+    """What a compiled function raises while it compiles, before any of its code runs: dynamo's errors
+    (InductorError among them: a missing C++ compiler, a failed Triton compile), and the recompile limit
+    under fullgraph. Anything else comes from the kernels themselves."""
+    from torch._dynamo import exc  # here, not at import: importing this module stays cheap
+    return exc.TorchDynamoException, exc.FailOnRecompileLimitHit
+
+
 @functools.cache
 def _compiled(fn):
     # Compiled on first use (importing this module stays cheap). dynamic=True and 1-D views (see
@@ -221,20 +229,29 @@ class SophiaG(Optimizer):
         return state
 
     def _fused(self, fn, *args):
-        """Run fn compiled (one kernel per call). If compiling fails (no C++ compiler, unsupported
-        platform, too many variants), warn once and from then on run the same code eagerly: correct,
-        just slower. Compilation happens before the kernel touches anything, so a failed call
-        changed nothing."""
+        """Run fn compiled (one kernel per call, or a few for a bundle). If compiling fails (no C++ compiler,
+        unsupported platform, too many variants), warn once and from then on run the same code eagerly:
+        correct, just slower. Only a compile error falls back: dynamo compiles a call's whole graph before
+        any of its kernels runs, so such a call changed nothing. An error once the kernels run (out of
+        memory in Triton's autotuning, say) is raised: the kernels before the failing one have updated their
+        tensors, and running them again would apply that update twice."""
         if not self._compile_failed:
             try:
-                return _compiled(fn)(*args)
-            except Exception as err:
-                self._compile_failed = True
-                warnings.warn(f"{type(self).__name__}: torch.compile failed ({type(err).__name__}: "
-                              f"{str(err)[:300]}); running the fused step's code eagerly from now on "
-                              f"(slower). The CPU fast path needs a C++ compiler (g++); fused=False "
-                              f"selects the reference path and silences this.")
+                compiled = _compiled(fn)
+            except Exception as err:  # torch.compile itself refused: an unsupported platform or Python
+                self._stop_compiling(err)
+        if not self._compile_failed:
+            try:
+                return compiled(*args)
+            except compile_errors() as err:
+                self._stop_compiling(err)
         return fn(*args)
+
+    def _stop_compiling(self, err):
+        self._compile_failed = True
+        warnings.warn(f"{type(self).__name__}: torch.compile failed ({type(err).__name__}: {str(err)[:300]}); "
+                      f"running the fused step's code eagerly from now on (slower). The CPU fast path needs a C++ "
+                      f"compiler (g++); fused=False selects the reference path and silences this.")
 
     @torch.no_grad()
     def update_hessian(self):
@@ -429,11 +446,13 @@ def sample_categorical(probs, generator=None, max_block=256, uniform=None):
     return (b * block + j).squeeze(1)
 
 
-def gnb_backward(logits, scale, generator=None):
+def gnb_backward(logits, scale, generator=None, uniform=None):
     """Gauss-Newton-Bartlett: backprop scale · mean CE(logits, ŷ) with ŷ ~ softmax(logits).
 
     logits: (..., V) with the graph attached (e.g. (B, T, V) from the model). generator: a
-    torch.Generator on logits' device, or None for the default one. Returns the number of predictions
+    torch.Generator on logits' device, or None for the default one. uniform: (N, 1) float64 draws in
+    [0, 1), one per prediction, to use instead of drawing them from generator (a batch split into
+    several calls then gets the labels it would get in one). Returns the number of predictions
     N = logits.numel() // V. The gradient is formed directly, d/dlogits = scale·(softmax − onehot(ŷ))/N,
     written in place into the fp32 softmax buffer: one softmax, no log-softmax, no second (N, V) buffer.
     Lower-precision (bf16) logits get a gradient of their own dtype, filled GNB_ROWS rows at a time, so
@@ -444,7 +463,8 @@ def gnb_backward(logits, scale, generator=None):
     with torch.no_grad():
         flat = logits.detach().reshape(-1, vocab)                                # (N, V)
         n = flat.size(0)
-        uniform = torch.rand(n, 1, dtype=torch.float64, device=flat.device, generator=generator)
+        if uniform is None:
+            uniform = torch.rand(n, 1, dtype=torch.float64, device=flat.device, generator=generator)
         grad = None if flat.dtype == torch.float32 else torch.empty_like(flat)
         step = n if grad is None else GNB_ROWS
         for start in range(0, n, step):
@@ -464,25 +484,28 @@ def gnb_backward(logits, scale, generator=None):
 GNB_ROWS = 1024  # rows per chunk for bf16 logits: 200 MB of fp32 at GPT-2's vocabulary
 
 
-def hutchinson_backward(loss, params, scale, generator=None, probe="rademacher"):
+def hutchinson_backward(loss, params, scale, generator=None, probe="rademacher", probes=None):
     """Hutchinson: p.grad += scale · u⊙(H u), u ~ Rademacher (±1) or Gaussian, H the Hessian of loss.
 
     loss: scalar with the graph attached (built with create_graph-able ops). params: the tensors to
     estimate for. generator: a torch.Generator on the params' device, or None. E[u⊙Hu] = diag(H).
-    Hu comes from double backward: grad of (∇loss · u) with u held constant. Under DDP, all-reduce
-    (average) p.grad afterwards."""
+    Hu comes from double backward: grad of (∇loss · u) with u held constant. probes: the list this
+    function returned for an earlier part of the same batch, to use the same u again (Σ_parts
+    u⊙(H_part u) = u⊙(H u): a batch split into parts gets the estimate of one call), else None: drawn
+    here. Returns the probes used. Under DDP, all-reduce (average) p.grad afterwards."""
     if probe not in ("rademacher", "gaussian"):
         raise ValueError(f"probe must be 'rademacher' or 'gaussian', got {probe!r}")
     params = [p for p in params if p.requires_grad]
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     pairs = [(p, g) for p, g in zip(params, grads) if g is not None and g.requires_grad]
-    probes = []
-    for p, _ in pairs:
-        if probe == "rademacher":
-            u = torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
-        else:
-            u = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
-        probes.append(u)
+    if probes is None:
+        probes = []
+        for p, _ in pairs:
+            if probe == "rademacher":
+                u = torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
+            else:
+                u = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+            probes.append(u)
     hvps = torch.autograd.grad([g for _, g in pairs], [p for p, _ in pairs], grad_outputs=probes,
                                allow_unused=True, materialize_grads=True)
     with torch.no_grad():
@@ -492,6 +515,7 @@ def hutchinson_backward(loss, params, scale, generator=None, probe="rademacher")
                 p.grad = estimate
             else:
                 p.grad.add_(estimate)
+    return probes
 
 
 def __getattr__(name):

@@ -46,6 +46,15 @@ from metrics import Clock, log_train, tokens_per_step
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
+def refuse_a_gpu_run_without_a_gpu(cfg):
+    """A gpt2_* model with device=auto and no GPU visible (a SLURM job without --gpus-per-node, a CPU-only torch)
+    would train on the CPU for months: refuse it, unless device=cpu says that is meant."""
+    if str(cfg.model.name).startswith("gpt2") and cfg.device == "auto" and not torch.cuda.is_available():
+        raise ConfigError(f"model={cfg.model.name} is a GPU run and no CUDA GPU is visible (torch.cuda.is_available() "
+                          f"is False: a job without --gpus-per-node, or a CPU-only torch); add device=cpu to train it "
+                          f"on the CPU anyway")
+
+
 def random_seed(seed, step, chunk, purpose):
     """The seed for one micro-batch's randomness: a pure function, so resume needs no RNG state."""
     entropy = [seed, step, chunk, {"dropout": 1, "hessian": 2, "hessian_dropout": 3}[purpose]]
@@ -116,7 +125,7 @@ def refresh_hessian(run):
         chunk = env.rank * plan.hess_accum + micro  # as in the training step: independent of the world size
         generator.manual_seed(random_seed(cfg.seed, progress.step, chunk, "hessian"))  # sampled labels or probes
         torch.manual_seed(random_seed(cfg.seed, progress.step, chunk, "hessian_dropout"))  # the forward's dropout
-        x, y = run.streams.hessian.batch(progress.hess_seqs + chunk * plan.hess_micro, plan.hess_micro, env.device)
+        x, y = run.streams.hessian.batch(progress.hess_seqs + chunk * plan.hess_chunk, plan.hess_chunk, env.device)
         run.estimator.add(run, x, y, 1.0 / plan.hess_accum, generator, last=micro == plan.hess_accum - 1)
     grad_norm = run.estimator.finish(run)  # GNB: the Hessian batch's gradient norm before its clip
     if grad_norm is not None:
@@ -236,6 +245,7 @@ def train(cfg):
     """Returns the exit status: 0 when the run finished or was requeued, 128 + signal when a signal stopped it."""
     check_values(cfg, world_size_from_env())  # before anything expensive
     plan = plan_batches(cfg, world_size_from_env())
+    refuse_a_gpu_run_without_a_gpu(cfg)
     cfg.run_name = run_name_of(cfg)
     env = setup_processes(cfg)
     run = build_run(cfg, env, plan)

@@ -129,7 +129,8 @@ def main():
               f"{peak / 1e9:.1f} GFLOP/s wall [min {min(peaks_wall) / 1e9:.1f}, max {max(peaks_wall) / 1e9:.1f}], "
               f"{peak_cpu / 1e9:.1f} GFLOP per CPU-second")
     else:
-        print(f"flops/token={flops_per_token / 1e6:.1f}M  peak={peak / 1e9:.1f} GFLOP/s (GPU table or given)")
+        peak_text = "unknown: this GPU is not in mfu.GPU_PEAK_FLOPS" if peak is None else f"{peak / 1e9:.1f} GFLOP/s"
+        print(f"flops/token={flops_per_token / 1e6:.1f}M  peak={peak_text} (GPU table or given)")
     header = f"{'model':<6} {'s/step':>8} {'tokens/s':>9} {'vs HF':>6} {'MFU':>6}"
     if measure_peak:
         header += f" | {'cpu-s/step':>10} {'vs HF':>6} {'MFU(cpu time)':>13}"
@@ -137,8 +138,9 @@ def main():
     for name in steps:
         med = statistics.median(wall[name])
         ratio = f"{statistics.median(wall['hf']) / med:.3f}" if "hf" in wall else "-"
-        utilisation = mfu.estimate_mfu(tokens / med, flops_per_token, peak)
-        line = f"{name:<6} {med:>8.3f} {tokens / med:>9.1f} {ratio:>6} {100 * utilisation:>5.1f}%"
+        utilisation = mfu.estimate_mfu(tokens / med, flops_per_token, peak)  # None: a GPU the peak table lacks
+        mfu_text = "n/a" if utilisation is None else f"{100 * utilisation:.1f}%"
+        line = f"{name:<6} {med:>8.3f} {tokens / med:>9.1f} {ratio:>6} {mfu_text:>6}"
         if measure_peak:
             cpu_med = statistics.median(cpu[name])
             cpu_ratio = f"{statistics.median(cpu['hf']) / cpu_med:.3f}" if "hf" in cpu else "-"

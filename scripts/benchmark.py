@@ -25,19 +25,21 @@ from model import GPT, GPTConfig
 MODEL_PRESETS = sorted(path.stem for path in (REPO_DIR / "configs" / "model").glob("*.yaml"))
 
 
-def train_steps(overrides, steps, out_dir, window=10, timeout=1800):
-    """`python train.py OVERRIDES` for `steps` steps into the fresh folder out_dir, a metrics line every `window`
-    steps, evaluation and a checkpoint only at the start and the end; returns its metrics.jsonl records.
-    A run that fails raises RuntimeError with the end of its output."""
+def train_steps(overrides, steps, out_dir, window=10, timeout=1800, launcher=(sys.executable,), env=None,
+                output=False):
+    """`python train.py OVERRIDES` (or under `launcher`, e.g. torchrun) for `steps` steps into the fresh folder
+    out_dir, a metrics line every `window` steps, evaluation and a checkpoint only at the start and the end;
+    returns its metrics.jsonl records, and with output=True also what it printed (stdout and stderr in the order
+    printed). A run that fails raises RuntimeError with the end of its output."""
     args = [*overrides, f"out_dir={out_dir}", f"max_steps={steps}", f"log_interval={window}",
             f"eval_interval={steps}", "eval_steps=1", f"ckpt_interval={steps}", "wandb.enabled=false"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, str(REPO_DIR / "train.py"), *args], cwd=REPO_DIR, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
+    proc = subprocess.run([*launcher, str(REPO_DIR / "train.py"), *args], cwd=REPO_DIR, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if proc.returncode != 0:
-        output = (proc.stdout + proc.stderr).strip()
-        raise RuntimeError(f"train.py {' '.join(overrides)} exited {proc.returncode}: {output[-1500:]}")
-    return read_metrics(out_dir)
+        raise RuntimeError(f"train.py {' '.join(overrides)} exited {proc.returncode}: {proc.stdout.strip()[-1500:]}")
+    records = read_metrics(out_dir)
+    return (records, proc.stdout) if output else records
 
 
 def windows(records, skip=1):

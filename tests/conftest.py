@@ -18,9 +18,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 
-# a small model and batch, so that a run's time is mostly start-up. A checkpoint
-# only at the end of a run (and on a stop signal): a test that reads one in between sets its own ckpt_interval
-TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+# a small model and batch, so that a run's time is mostly start-up. A checkpoint only at the end of a run (and on a
+# stop signal): a test that reads one in between sets its own ckpt_interval. On the CPU, also on a GPU node
+# (device=auto would take the GPU, bf16 and compile there, and 2-rank runs would ask for a second GPU): only the
+# tests marked cuda (tests/test_cuda.py) add device=cuda after these
+TINY = ["device=cpu", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
         "total_batch_size=4", "micro_batch_size=2", "eval_interval=4", "eval_steps=2",
         "log_interval=1", "ckpt_interval=1000", "warmup_steps=2", "cpu_peak_flops=1e11"]
 

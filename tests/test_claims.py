@@ -672,7 +672,7 @@ def test_the_default_out_dir_is_the_same_on_every_rank(shakespeare_bins):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     # seed=PID: an override that gives the run a folder of its own
     # a preset and few overrides, not TINY's: the folder is named by them, and a file name has at most 255 bytes
-    cmd = [*launcher, str(REPO_DIR / "train.py"), "config=shakespeare_adamw", "micro_batch_size=4", "eval_steps=1",
+    cmd = [*launcher, str(REPO_DIR / "train.py"), "config=shakespeare_adamw", "device=cpu", "micro_batch_size=4", "eval_steps=1",
            "warmup_steps=0", f"data.dir={shakespeare_bins}", "max_steps=1", "parallel=fsdp", f"seed={os.getpid()}"]
     result = subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -66,6 +66,60 @@ def test_fsdp_equals_ddp_step_by_step(tmp_path, optim):
 
 
 # -----------------------------------------------------------------------------------------------------
+# One rank (force_distributed=true): the sharded code path, and its bf16 policy, on one GPU or CPU
+
+@pytest.mark.usefixtures("shakespeare_bins")
+def test_fsdp_on_one_rank_runs_the_sharded_path_and_its_bf16_policy(tmp_path):
+    """parallel=fsdp force_distributed=true in one process: FSDP2 over a gloo group of one. In float32 it computes
+    what the unsharded model computes (the same losses, Hessian and weights, to round-off); with dtype=bfloat16 it
+    runs the mixed-precision policy a GPU run uses (bf16 gathered weights, fp32 shards and reductions): its losses
+    are bf16 round-off away from the float32 ones, not equal to them."""
+    common = ["optim=sophiah", "optim.hess_interval=1", "max_steps=2", "grad_clip=0", "eval_steps=1"]
+    sharded = ["parallel=fsdp", "force_distributed=true"]
+    status, plain = train_in_process(common, tmp_path / "plain")
+    assert status == 0 and "device cpu float32\n" in plain
+    status, fp32 = train_in_process(common + sharded, tmp_path / "fp32")
+    assert status == 0 and "1 rank(s)" in fp32 and "device cpu float32, fsdp (sharded) over gloo" in fp32
+    status, bf16 = train_in_process(common + sharded + ["dtype=bfloat16"], tmp_path / "bf16")
+    assert status == 0 and "device cpu bfloat16, fsdp (sharded) over gloo" in bf16
+
+    runs = {name: read_metrics(tmp_path / name) for name in ("plain", "fp32", "bf16")}
+    for key in ("train/loss", "val/loss", "grad_norm", "optim/hessian_norm"):
+        expected = by_step(runs["plain"], key)
+        assert by_step(runs["fp32"], key) == pytest.approx(expected, rel=1e-5), key
+        assert by_step(runs["bf16"], key) == pytest.approx(expected, rel=2e-2), key
+    assert by_step(runs["bf16"], "train/loss") != by_step(runs["plain"], "train/loss")  # bf16 rounding shows
+    expected = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=False)["model"]
+    for name, tensor in sharded_weights(tmp_path / "fp32" / "ckpt.dcp").items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def memory_table(*args):
+    """scripts/memory_table.py --measure under torchrun on 2 gloo ranks: (bytes per parameter of the gradients
+    held on the largest rank, the whole line)."""
+    result = subprocess.run([*TORCHRUN, str(REPO_DIR / "scripts" / "memory_table.py"), "--measure", "tiny", *args],
+                            cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    line = result.stdout.strip().splitlines()[-1]
+    return float(line.split("gradients ")[1].split(",")[0]), line
+
+
+@pytest.mark.slow
+def test_fsdp_keeps_only_gradient_shards_across_micro_batches_by_default():
+    """4 micro-batches on 2 ranks: with train.py's default fsdp_grad_sync each micro-batch's gradients are
+    reduce-scattered, so a rank holds half of them in fp32 (2 bytes a parameter); deferring the sync to the last
+    micro-batch (fsdp_grad_sync=step) accumulates them unsharded, 4 bytes a parameter on every rank, as DDP's."""
+    from conftest import compose_config
+    default = compose_config()["fsdp_grad_sync"]
+    grads, line = memory_table("--accum", "4", "--grad-sync", default)
+    assert grads == pytest.approx(2.0, abs=0.01), line
+    assert "on 2 ranks, 4 micro-batch(es)" in line and "weights 2.00" in line and "optimizer state 4.00" in line
+    assert memory_table("--accum", "4", "--grad-sync", "step")[0] == pytest.approx(4.0, abs=0.01)
+    assert memory_table("--accum", "4", "--parallel", "ddp")[0] == pytest.approx(4.0, abs=0.01)
+
+
+# -----------------------------------------------------------------------------------------------------
 # Sharded checkpoints
 
 def convert(run_dir, to="ddp", in_process=True):

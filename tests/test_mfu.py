@@ -7,30 +7,66 @@ import torch
 
 import mfu
 
+# every current NVIDIA datacentre GPU by the exact name torch.cuda.get_device_name() reports, and its dense bf16
+# peak: half the datasheet's tensor-core figure "with sparsity"
+DATACENTRE_BF16 = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM: 1,979 with sparsity
+    "NVIDIA H100 PCIe": 756e12,  # 1,513
+    "NVIDIA H100 NVL": 835e12,  # 1,671
+    "NVIDIA H200": 989e12,  # H200 SXM: 1,979
+    "NVIDIA H200 NVL": 835e12,  # 1,671: not the SXM's row
+    "NVIDIA H800": 989e12,
+    "NVIDIA H800 PCIe": 756e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,  # 624
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA L40S": 362e12,  # 733
+    "NVIDIA B200": 2250e12,  # HGX B200: 4.5 PFLOPS
+    "NVIDIA GB200": 2500e12,  # GB200 NVL72: 5 PFLOPS a GPU
+}
+
+
+def fake_gpu(monkeypatch, name):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
 
 def test_gpu_peak_lookup(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert mfu.peak_flops("cuda", torch.bfloat16) == 989e12
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
-    assert mfu.peak_flops("cuda", "bfloat16") == 756e12
-    # more specific names win over their prefixes
-    for name, bf16_peak in [("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA A10G", 70e12),
-                            ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12)]:
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+    for name, bf16_peak in DATACENTRE_BF16.items():
+        fake_gpu(monkeypatch, name)
         assert mfu.peak_flops("cuda:0", torch.bfloat16) == bf16_peak, name
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
-    assert mfu.peak_flops("cuda", torch.bfloat16) == 312e12
+        assert mfu.peak_flops("cuda", "bfloat16") == bf16_peak, name
+    for name, bf16_peak in [("NVIDIA L4", 121e12), ("NVIDIA A10G", 70e12), ("Tesla T4", 65e12)]:
+        fake_gpu(monkeypatch, name)
+        assert mfu.peak_flops("cuda", torch.bfloat16) == bf16_peak, name
+    fake_gpu(monkeypatch, "NVIDIA A100-SXM4-40GB")
     # fp32: true fp32 unless TF32 matmuls are allowed
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
     assert mfu.peak_flops("cuda", torch.float32) == 19.5e12
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
     assert mfu.peak_flops("cuda", torch.float32) == 156e12
-    # a GPU the table lacks (B200, MI300X, RTX A6000, ...): the run goes on, MFU null, one warning naming the fix
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
-    with pytest.warns(UserWarning, match="GPU_PEAK_FLOPS"):
-        assert mfu.peak_flops("cuda", torch.bfloat16) is None
+    # a GPU the table lacks, or a MIG slice of one it has (a fraction of the GPU): the run goes on, MFU null, one
+    # warning naming the fix
+    for name in ("Some Future GPU", "NVIDIA A100-SXM4-40GB MIG 1g.5gb", "NVIDIA H2000"):
+        fake_gpu(monkeypatch, name)
+        with pytest.warns(UserWarning, match="GPU_PEAK_FLOPS"):
+            assert mfu.peak_flops("cuda", torch.bfloat16) is None
     assert mfu.estimate_mfu(1e6, 1e9, None) is None
+
+
+def test_bench_train_reports_mfu_as_n_a_on_a_gpu_the_table_lacks(monkeypatch, capsys):
+    """The peak of an unknown GPU is None: bench_train prints its timings with MFU n/a instead of crashing (here
+    on the CPU, with the GPU table's answer for such a GPU)."""
+    from scripts import bench_train
+    monkeypatch.setattr(mfu, "peak_flops", lambda device, dtype, cpu_peak=None: None)
+    monkeypatch.setattr("sys.argv", ["bench_train.py", "--model", "tiny", "--batch", "1", "--seq", "16", "--steps", "1",
+                                     "--warmup", "0", "--device", "cpu", "--cpu-peak", "1e11", "--no-hf", "--threads", "1"])
+    bench_train.main()
+    out = capsys.readouterr().out
+    assert "peak=unknown" in out
+    [row] = [line for line in out.splitlines() if line.startswith("ours ")]
+    assert row.split()[-1] == "n/a" and float(row.split()[2]) > 0  # tokens/s measured, MFU not
 
 
 def test_cpu_peak_is_the_best_of_the_timed_matmuls():

@@ -64,7 +64,7 @@ def train_py(*args, cwd=REPO_DIR):
 ])
 def test_a_wrong_type_or_unknown_key_is_one_line_and_exit_code_2(tmp_path, args, expected):
     flags, overrides = [a for a in args if a.startswith("-")], [a for a in args if not a.startswith("-")]
-    result = train_py(*flags, "max_steps=2", "warmup_steps=0", *overrides, f"out_dir={tmp_path / 'run'}",
+    result = train_py(*flags, "device=cpu", "max_steps=2", "warmup_steps=0", *overrides, f"out_dir={tmp_path / 'run'}",
                       "hydra.sweep.dir=" + str(tmp_path / "sweep"), cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()

@@ -462,3 +462,70 @@ def test_an_inductor_option_this_torch_lacks_is_left_out_not_a_fallback(monkeypa
     finally:
         sophia._inductor_options.cache_clear()
         sophia._compiled.cache_clear()
+
+
+# ---- the fused step's fallback: on compile errors only
+
+
+def test_a_failure_after_a_kernel_ran_raises_and_updates_no_tensor_twice(monkeypatch):
+    """A bundled call (4 equal-size tensors) runs a kernel per tensor; the second fails at its first launch (out of
+    memory in Triton's autotuning, say) after the first has updated its tensor. The step must raise, not run the
+    bundle again eagerly: the first tensor then holds exactly one update, the reference path's, the others none."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(8, 3, generator=gen).requires_grad_() for _ in range(4)]
+    grads = [torch.randn(8, 3, generator=gen) for _ in range(4)]
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    for p, q, g in zip(params, reference, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    before = [p.detach().clone() for p in params]
+    sophia.SophiaG(reference, lr=1e-2, rho=0.05, weight_decay=0.1, fused=False).step(bs=10)
+
+    def compiled(fn):  # stands in for torch.compile: the bundle's kernels, one tensor after another
+        def run(*args):
+            if fn is not sophia._sophia_update_bundle:
+                return fn(*args)
+            for i, tensors in enumerate(zip(*args[:4])):
+                if i == 1:
+                    raise torch.OutOfMemoryError("injected: the second kernel fails at its first launch")
+                sophia._sophia_update(*tensors, args[4])
+        return run
+
+    monkeypatch.setattr(sophia, "_compiled", compiled)
+    opt = sophia.SophiaG(params, lr=1e-2, rho=0.05, weight_decay=0.1)
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        opt.step(bs=10)
+    assert not opt._compile_failed
+    torch.testing.assert_close(params[0].detach(), reference[0].detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(opt.state[params[0]]["exp_avg"], (1 - 0.965) * grads[0], rtol=1e-6, atol=0)
+    for p, b in zip(params[1:], before[1:]):
+        assert torch.equal(p.detach(), b) and not opt.state[p]["exp_avg"].any()
+
+
+def test_a_compile_error_falls_back_to_the_same_code_run_eagerly(monkeypatch):
+    """No working C++ compiler (a real one: inductor's own check fails): one warning naming the error, then the
+    step runs eagerly and lands where the reference path does."""
+    import torch._inductor.config as inductor
+    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-cxx-compiler",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)  # a cached kernel would need no compiler
+    sophia._compiled.cache_clear()
+    torch._dynamo.reset()
+    try:
+        gen = torch.Generator().manual_seed(1)
+        params = [torch.randn(6, 5, generator=gen).requires_grad_(), torch.randn(5, generator=gen).requires_grad_()]
+        reference = [p.detach().clone().requires_grad_() for p in params]
+        for p, q in zip(params, reference):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt = sophia.SophiaG(params, lr=1e-2, rho=0.05)
+        with pytest.warns(UserWarning, match="torch.compile failed \\(InductorError") as record:
+            opt.update_hessian()
+            opt.step(bs=10)
+        assert opt._compile_failed and len([w for w in record if "torch.compile failed" in str(w.message)]) == 1
+        ref = sophia.SophiaG(reference, lr=1e-2, rho=0.05, fused=False)
+        ref.update_hessian()
+        ref.step(bs=10)
+        for p, q in zip(params, reference):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    finally:
+        sophia._compiled.cache_clear()
+        torch._dynamo.reset()

@@ -346,6 +346,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["optim=sophiag", "optim.betas=[0.9,1.0]"], "betas", True),
     (["optim=sophiag", "optim.hess_batch_size=3"], "hess_batch_size", True),
     (["optim=sophiag", "optim.hess_batch_size=1000000"], "exceed", True),
+    (["optim=sophiah", "optim.hess_micro_batch_size=3"], "hess_micro_batch_size", True),
     (["dtype=float16"], "bfloat16", True),
     (["model.block_size=2000000"], "lower model.block_size", True),
 ])
@@ -376,3 +377,106 @@ def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
     assert train_in_process(["max_steps=2", "optim=adamw"], out)[0] == 0
     status, stderr = refusal_in_process(["max_steps=4", "optim=adamw", "model.n_embd=64"], out)
     assert status == 2 and "model.n_embd" in stderr and stderr.count("\n") == 1
+
+
+# -----------------------------------------------------------------------------------------------------
+# What a GPU run meets first, checked on the CPU: the device the suite runs on, bf16 where it is only emulated, a
+# GPU run on a node without a GPU, and the Hessian refresh in micro-batches of its own.
+
+def test_the_suites_train_py_runs_name_device_cpu_and_the_cuda_tests_device_cuda(tmp_path):
+    """device=auto takes the GPU on a GPU node (bf16, compile), and there a 2-rank run asks for a second GPU: the
+    suite's runs (conftest.train_command, which the SLURM tests' command line shares) say device=cpu, and a test
+    marked cuda gets the GPU by putting device=cuda after it."""
+    from config_schema import compose_config
+    assert compose_config(None, train_command(["data.dir=x"], tmp_path)[2:]).device == "cpu"
+    assert compose_config(None, train_command(["data.dir=x", "device=cuda"], tmp_path)[2:]).device == "cuda"
+
+
+@pytest.fixture
+def a_gpu(monkeypatch):
+    """train.py's view of a CUDA GPU on this CPU machine: its name and compute capability as the test sets them,
+    torch.cuda.is_bf16_supported() True as torch answers on any GPU since Volta (emulated bf16 included)."""
+    gpu = {"name": "Tesla V100-SXM2-16GB", "capability": (7, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu["capability"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu["name"])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)  # no global change here
+    return gpu
+
+
+def test_bf16_only_on_a_gpu_that_has_it_natively(a_gpu, capsys, tmp_path, shakespeare_bins):
+    """A V100 (compute capability 7.0) emulates bf16, though torch.cuda.is_bf16_supported() says True: dtype=auto
+    trains in float32 there and says so in one line; dtype=bfloat16 is refused with one line (exit 2). From
+    compute capability 8.0 (A100), auto is bfloat16."""
+    from config_schema import compose_config
+    from distributed import setup_processes
+
+    env = setup_processes(compose_config(None, ["device=cuda", "dtype=auto"]))
+    assert env.device == torch.device("cuda:0") and env.dtype == "float32"
+    [note] = capsys.readouterr().out.splitlines()
+    assert "Tesla V100-SXM2-16GB (compute capability 7.0) has no native bf16" in note and "float32" in note
+    status, stderr = refusal_in_process(["device=cuda", "dtype=bfloat16", "max_steps=2"], tmp_path / "run")
+    assert status == 2 and stderr.count("\n") == 1, stderr
+    assert "dtype=bfloat16" in stderr and "no native bf16" in stderr and "dtype=float32" in stderr
+    assert not (tmp_path / "run").exists()
+
+    a_gpu.update(name="NVIDIA A100-SXM4-80GB", capability=(8, 0))
+    assert setup_processes(compose_config(None, ["device=cuda", "dtype=auto"])).dtype == "bfloat16"
+    assert capsys.readouterr().out == ""
+
+
+def test_a_gpt2_run_without_a_gpu_is_refused_unless_device_cpu_is_given(tmp_path, monkeypatch, shakespeare_bins):
+    """A SLURM job without --gpus-per-node sees no GPU: config=gpt2_* stops with one line naming device=cpu, before
+    any data or model is touched (the paper's data is not even prepared here). With device=cpu it goes on (and
+    stops at the missing data)."""
+    result = subprocess.run([sys.executable, "train.py", "config=gpt2_small_adamw", f"out_dir={tmp_path / 'run'}"],
+                            cwd=REPO_DIR, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+    assert result.stderr.startswith("error: model=gpt2_small is a GPU run") and result.stderr.count("\n") == 1
+    assert "no CUDA GPU is visible" in result.stderr and "add device=cpu" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status, stderr = refusal_in_process(["config=gpt2_medium_sophiag", "device=auto"], tmp_path / "run")
+    assert status == 2 and "model=gpt2_medium is a GPU run" in stderr
+    status, stderr = refusal_in_process(["config=gpt2_medium_sophiag", "device=cpu", "data.dir=/nonexistent/owt"],
+                                        tmp_path / "run")
+    assert status == 2 and "GPU run" not in stderr and "prepare.py" in stderr
+
+
+def hessian_after_one_refresh(tmp_path, name, args, monkeypatch):
+    """Sophia's Hessian EMA after the refresh at step 0 (h = (1 - beta2) * the estimate), one flat tensor, and the
+    number of backward passes the refresh ran (calls of the estimator's sophia function)."""
+    import sophia
+    passes = []
+    for function in ("gnb_backward", "hutchinson_backward"):
+        original = getattr(sophia, function)
+        monkeypatch.setattr(sophia, function, lambda *a, original=original, **k: passes.append(1) or original(*a, **k))
+    status, _ = train_in_process(["max_steps=1", "optim.hess_interval=1", "warmup_steps=0", *args], tmp_path / name)
+    assert status == 0
+    state = torch.load(tmp_path / name / "ckpt.pt", weights_only=False)["optimizer"]["state"]
+    return torch.cat([s["hessian"].flatten() for _, s in sorted(state.items())]), len(passes)
+
+
+@pytest.mark.parametrize("optim", ["sophiag", "sophiah"])
+@pytest.mark.usefixtures("shakespeare_bins")
+def test_the_hessian_estimate_does_not_depend_on_hess_micro_batch_size(tmp_path, optim, monkeypatch):
+    """A Hessian batch of 4 sequences run in one forward/backward, or in 4 or 2: the same labels (GNB) or probe
+    (Hutchinson) for the chunk they split, each part weighted by its share of the mean, so the same estimate up to
+    fp32 round-off. The reference that this can fail: other chunks (micro_batch_size=2: 2 chunks of 2, each with
+    its own samples) give another estimate."""
+    common = [f"optim={optim}", "total_batch_size=4", "optim.hess_batch_size=4"]
+    whole, passes = hessian_after_one_refresh(tmp_path, "whole", [*common, "micro_batch_size=4"], monkeypatch)
+    scale = whole.abs().max()
+    assert scale > 0 and passes == 1
+    for micro in (1, 2):
+        split, passes = hessian_after_one_refresh(
+            tmp_path, f"split{micro}", [*common, "micro_batch_size=4", f"optim.hess_micro_batch_size={micro}"],
+            monkeypatch)
+        assert passes == 4 // micro
+        torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-5 * scale, msg=f"hess_micro_batch_size={micro}")
+    other, _ = hessian_after_one_refresh(tmp_path, "other", [*common, "micro_batch_size=2"], monkeypatch)
+    assert (other - whole).abs().max() > 1e-2 * scale
