@@ -376,7 +376,7 @@ def test_time_phase_refuses_a_busy_machine(tmp_path, monkeypatch, capsys):
 def test_end_to_end_on_tiny_models(tmp_path, monkeypatch, token_data):
     """Real train.py runs: 2 optimizers x 2 budgets x 2 seeds of a 1-layer model for a few steps, two at a time;
     the record holds what their metrics.jsonl hold, and a second pass starts nothing."""
-    tiny = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "total_batch_size=4",
+    tiny = ["device=cpu", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "total_batch_size=4",
             "micro_batch_size=2", "log_interval=2", "warmup_steps=1", "cpu_peak_flops=1e11", f"data.dir={token_data}"]
     definition = write_study(tmp_path, seeds=[1337, 2], budgets=[0.5, 1], eval_tokens=256, proxies={"bpe": {
         "steps": 8, "overrides": tiny, "contenders": {
@@ -463,7 +463,8 @@ def test_verify_reruns_recorded_commands_and_flags_a_different_loss(tmp_path, to
     code = studylib.code_at(head, tmp_path / "code", studylib.git_commit())
     assert (code / "train.py").read_bytes() == subprocess.run(["git", "show", f"{head}:train.py"], cwd=REPO,
                                                               capture_output=True).stdout
-    tiny = ["config=shakespeare_adamw", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+    tiny = ["config=shakespeare_adamw", "device=cpu", "model.n_layer=1", "model.n_head=2", "model.n_embd=32",
+            "model.block_size=32",
             "total_batch_size=4", "micro_batch_size=2", "log_interval=2", "warmup_steps=1", "cpu_peak_flops=1e11",
             f"data.dir={token_data}", "max_steps=4", "eval_steps=2", "eval_interval=2", "ckpt_interval=4", "seed=5"]
     subprocess.run(["python", "train.py", *tiny, f"out_dir={tmp_path / 'original'}"], cwd=code, check=True,
