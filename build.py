@@ -6,6 +6,7 @@ the state the loop's steps share (Run). train.py's loop reads this; nothing here
 
 import hashlib
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +22,13 @@ from checkpoint import checkpoint_path, open_run_dir, restore
 from config_schema import BatchPlan, ConfigError
 from data.stream import Streams, load_streams
 from distributed import Env, shard_model, wrap_model
-from hessian import build_estimator, check_double_backward
+from hessian import GaussNewtonBartlett, Hutchinson, build_estimator, check_double_backward
 from metrics import MetricsLog, SinceLog, start_wandb, tokens_per_step
 from mfu import peak_flops
 from model import GPT, GPTConfig
+
+if typing.TYPE_CHECKING:  # wandb is imported only by runs that log to it
+    import wandb
 
 REPO_DIR = Path(__file__).resolve().parent
 
@@ -111,15 +115,15 @@ class Run:
     model: torch.nn.Module     # raw_model, compiled and/or wrapped in DDP (FSDP shards raw_model itself)
     params: list               # the trainable tensors, each once (the tied embedding/head too)
     optimizer: torch.optim.Optimizer
-    estimator: object          # hessian.GaussNewtonBartlett or Hutchinson for Sophia, else None
+    estimator: GaussNewtonBartlett | Hutchinson | None  # Sophia's Hessian estimator, else None
     progress: Progress
     peak_flops: float | None   # the device's peak, for MFU (None: unknown GPU)
     since_log: SinceLog
     hessian_skipped: torch.Tensor     # non-finite Hessian estimates skipped since this process started
     resumed: bool = False
     metrics: MetricsLog | None = None  # rank 0 only
-    wandb_run: object = None
-    lock: object = None        # rank 0: the open lock file of the run directory
+    wandb_run: "wandb.sdk.wandb_run.Run | None" = None  # rank 0, with wandb.enabled
+    lock: typing.IO | None = None  # rank 0: the open lock file of the run directory
     hellaswag: list | None = None  # eval.hellaswag's examples, tokenized (hellaswag.Example), scored at each evaluation
     skipped_steps: int = 0
     consecutive_skips: int = 0  # updates skipped in a row (non-finite gradient): the run stops at max_skipped_updates

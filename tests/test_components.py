@@ -250,3 +250,12 @@ def test_convert_checkpoint_exits_as_documented_when_there_is_nothing_to_convert
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_runs_fields_are_typed():
+    """build.Run names what each field holds: no field is typed `object`, which would hide what the loop relies on."""
+    import dataclasses
+
+    import build
+    untyped = [f.name for f in dataclasses.fields(build.Run) if f.type is object or f.type == "object"]
+    assert not untyped, untyped
