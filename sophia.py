@@ -1,6 +1,7 @@
 """
 Sophia (Liu, Li, Hall, Liang, Ma 2023: "Sophia: A Scalable Stochastic Second-order Optimizer for
-Language Model Pre-training") and the two diagonal-Hessian estimators. Lion is in lion.py.
+Language Model Pre-training"). Lion is in lion.py; the two diagonal-Hessian estimators (the math that fills p.grad
+with an estimate) are in hessian.py.
 
 SophiaG is a drop-in for the official class (github.com/Liuhong99/Sophia, sophia.py): same constructor,
 update_hessian(), step(closure=None, bs=5120), and the same state keys (step, exp_avg, hessian), so
@@ -11,7 +12,7 @@ code and checkpoints written for it carry over. Per parameter θ with gradient g
     θ ← θ − lr · sign(m) · min(|m| / (rho·bs·h + 1e-15), 1)
 
 and every k steps (the caller decides k) update_hessian(): h ← β2·h + (1 − β2)·p.grad², where p.grad
-holds the gradient of the loss against labels sampled from the model (gnb_backward below).
+holds the gradient of the loss against labels sampled from the model (hessian.gnb_backward).
 `bs` is the number of predictions (tokens) in the Hessian batch: rho·bs plays the paper's γ and the
 batch factor B of the Gauss-Newton-Bartlett estimator B·ĝ⊙ĝ.
 
@@ -413,109 +414,6 @@ def _sophia_reference(params, grads, exp_avgs, hessians, *, lr, beta1, rho, bs, 
             denom = rho * bs * hessian + 1e-15
         ratio = (exp_avg.abs() / denom).clamp(max=1)
         param.addcmul_(exp_avg.sign(), ratio, value=-lr)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Hessian estimators. Each ACCUMULATES into p.grad, like loss.backward(): from zeroed grads, call one
-# per micro-batch of the Hessian batch with scale = 1 / (number of those micro-batches), so that p.grad
-# holds the estimate for the whole batch, then optimizer.update_hessian().
-
-
-def sample_categorical(probs, generator=None, max_block=256, uniform=None):
-    """One draw per row of probs (N, V), rows non-negative (they need not sum to 1): returns (N,) int64.
-    uniform: (N, 1) float64 draws in [0, 1) to use instead of drawing them from generator.
-
-    Inverse CDF in two levels, so that no (N, V) cumulative sum is written: choose a block of
-    `block` consecutive entries by the block masses (N, V/block), then an entry inside the chosen
-    block. block = the largest divisor of V up to max_block (192 for V = 50304). The cumulative sums
-    are in float64 (they are small), so each entry is drawn with its float32 probability up to the
-    fp32 round-off of its block's sum; an entry of probability 0 is never drawn (up to that round-off).
-    Not torch.multinomial or distributions.Categorical: both are far slower on GPT-2-sized rows."""
-    n, v = probs.shape
-    block = max(d for d in range(1, min(v, max_block) + 1) if v % d == 0)
-    blocks = probs.view(n, v // block, block)                               # (N, nb, block)
-    block_mass = blocks.sum(-1).double()           # (N, nb); summed in fp32 (fp64 is much slower)
-    block_end = block_mass.cumsum(-1)                                       # (N, nb)
-    u = torch.rand(n, 1, dtype=torch.float64, device=probs.device, generator=generator) if uniform is None else uniform
-    u = u * block_end[:, -1:]                                               # (N, 1) in [0, row sum)
-    b = torch.searchsorted(block_end, u, right=True).clamp_(max=v // block - 1)   # (N, 1) block index
-    u = u - (block_end.gather(1, b) - block_mass.gather(1, b))              # mass left inside block b
-    inside = blocks.gather(1, b[:, :, None].expand(n, 1, block)).squeeze(1)  # (N, block)
-    inside_end = inside.to(torch.float64).cumsum(-1)
-    j = torch.searchsorted(inside_end, u, right=True).clamp_(max=block - 1)  # (N, 1) entry in block
-    return (b * block + j).squeeze(1)
-
-
-def gnb_backward(logits, scale, generator=None, uniform=None):
-    """Gauss-Newton-Bartlett: backprop scale · mean CE(logits, ŷ) with ŷ ~ softmax(logits).
-
-    logits: (..., V) with the graph attached (e.g. (B, T, V) from the model). generator: a
-    torch.Generator on logits' device, or None for the default one. uniform: (N, 1) float64 draws in
-    [0, 1), one per prediction, to use instead of drawing them from generator (a batch split into
-    several calls then gets the labels it would get in one). Returns the number of predictions
-    N = logits.numel() // V. The gradient is formed directly, d/dlogits = scale·(softmax − onehot(ŷ))/N,
-    written in place into the fp32 softmax buffer: one softmax, no log-softmax, no second (N, V) buffer.
-    Lower-precision (bf16) logits get a gradient of their own dtype, filled GNB_ROWS rows at a time, so
-    that no (N, V) fp32 buffer exists: a refresh then needs no more memory than a training step's
-    cross-entropy. The labels do not depend on the chunking. Under DDP run this through the DDP model so
-    the gradients are averaged before update_hessian() squares them."""
-    vocab = logits.size(-1)
-    with torch.no_grad():
-        flat = logits.detach().reshape(-1, vocab)                                # (N, V)
-        n = flat.size(0)
-        if uniform is None:
-            uniform = torch.rand(n, 1, dtype=torch.float64, device=flat.device, generator=generator)
-        grad = None if flat.dtype == torch.float32 else torch.empty_like(flat)
-        step = n if grad is None else GNB_ROWS
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
-            probs = torch.softmax(flat[rows], dim=-1, dtype=torch.float32)      # (rows, V)
-            labels = sample_categorical(probs, uniform=uniform[rows])           # (rows,)
-            probs.mul_(scale / n)                                               # now scale·softmax/N
-            probs[torch.arange(probs.size(0), device=probs.device), labels] -= scale / n  # − scale·onehot/N
-            if grad is None:
-                grad = probs  # fp32: the softmax buffer is the gradient
-            else:
-                grad[rows] = probs
-    logits.backward(grad.view(logits.shape))
-    return n
-
-
-GNB_ROWS = 1024  # rows per chunk for bf16 logits: 200 MB of fp32 at GPT-2's vocabulary
-
-
-def hutchinson_backward(loss, params, scale, generator=None, probe="rademacher", probes=None):
-    """Hutchinson: p.grad += scale · u⊙(H u), u ~ Rademacher (±1) or Gaussian, H the Hessian of loss.
-
-    loss: scalar with the graph attached (built with create_graph-able ops). params: the tensors to
-    estimate for. generator: a torch.Generator on the params' device, or None. E[u⊙Hu] = diag(H).
-    Hu comes from double backward: grad of (∇loss · u) with u held constant. probes: the list this
-    function returned for an earlier part of the same batch, to use the same u again (Σ_parts
-    u⊙(H_part u) = u⊙(H u): a batch split into parts gets the estimate of one call), else None: drawn
-    here. Returns the probes used. Under DDP, all-reduce (average) p.grad afterwards."""
-    if probe not in ("rademacher", "gaussian"):
-        raise ValueError(f"probe must be 'rademacher' or 'gaussian', got {probe!r}")
-    params = [p for p in params if p.requires_grad]
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    pairs = [(p, g) for p, g in zip(params, grads) if g is not None and g.requires_grad]
-    if probes is None:
-        probes = []
-        for p, _ in pairs:
-            if probe == "rademacher":
-                u = torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
-            else:
-                u = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
-            probes.append(u)
-    hvps = torch.autograd.grad([g for _, g in pairs], [p for p, _ in pairs], grad_outputs=probes,
-                               allow_unused=True, materialize_grads=True)
-    with torch.no_grad():
-        for (p, _), u, hu in zip(pairs, probes, hvps):
-            estimate = u * hu * scale
-            if p.grad is None:
-                p.grad = estimate
-            else:
-                p.grad.add_(estimate)
-    return probes
 
 
 def __getattr__(name):

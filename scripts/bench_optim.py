@@ -32,6 +32,7 @@ import torch.nn.functional as F
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))  # `python scripts/x.py` puts scripts/, not the repo root, on the path
 
+import hessian
 import lion  # noqa: E402
 import muon
 import sophia
@@ -172,7 +173,7 @@ def bench_gnb():
 
     def ours_gnb():
         logits.grad = None
-        sophia.gnb_backward(logits, 1.0, gen)
+        hessian.gnb_backward(logits, 1.0, gen)
 
     def official_gnb():
         logits.grad = None
@@ -194,7 +195,7 @@ def bench_gnb():
         "gnb_backward (ours: softmax, two-level inverse CDF, gradient in place)": ours_gnb,
         "Categorical sample + CE fwd+bwd (official recipe)": official_gnb,
         "softmax + torch.multinomial + CE fwd+bwd": multinomial_gnb,
-        "sampler only: sample_categorical (ours)": lambda: sophia.sample_categorical(probs, gen),
+        "sampler only: sample_categorical (ours)": lambda: hessian.sample_categorical(probs, gen),
         "sampler only: cumsum + searchsorted": full_cdf_sample,
         "sampler only: torch.multinomial": lambda: torch.multinomial(probs, 1, generator=gen),
         "sampler only: Categorical(logits)":

@@ -6,7 +6,7 @@ preset's micro-batch size. optim.hess_micro_batch_size sets the refresh's micro-
     python scripts/hessian_memory.py                               # computed, every gpt2 preset, bf16 autocast
     python scripts/hessian_memory.py --models gpt2_small --micro 1,2 --dtype float32 --measure   # and measured
 
-Computed: the code train.py runs (model.py's forward, sophia.gnb_backward, sophia.hutchinson_backward) on the meta
+Computed: the code train.py runs (model.py's forward, hessian.gnb_backward, hessian.hutchinson_backward) on the meta
 device (shapes and dtypes, no data, no memory), every tensor it allocates counted from its allocation to its
 release: the peak of the bytes alive, over what existed before (the weights). Gradients of the weights, allocated
 by the backward, are part of it. Attention as the fused kernels of CPU and CUDA run it for the training and GNB
@@ -31,7 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import sophia
+import hessian
 from config_schema import compose_config
 from hessian import math_attention
 from model import GPT
@@ -76,11 +76,11 @@ def one_pass(model, kind, micro, autocast, generator):
     elif kind == "gnb":
         with autocast:
             logits, _ = model(idx)
-        sophia.gnb_backward(logits, 1.0, generator)
+        hessian.gnb_backward(logits, 1.0, generator)
     else:
         with math_attention(), autocast:
             _, loss = model(idx, idx)
-        sophia.hutchinson_backward(loss, list(model.parameters()), 1.0, generator)
+        hessian.hutchinson_backward(loss, list(model.parameters()), 1.0, generator)
 
 
 def counted_peak(model, kind, micro, dtype, device):

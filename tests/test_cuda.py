@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+import hessian
 import sophia
 from conftest import read_metrics, run_train
 from model import GPT, GPTConfig
@@ -95,11 +96,11 @@ def test_gnb_with_bf16_logits_equals_cross_entropy_on_the_same_labels():
     vocab = 50304  # GPT-2's padded vocabulary: blocks of 192 in the sampler
     logits0 = (torch.randn(2, 1024, vocab, device=DEVICE) * 4).to(torch.bfloat16)
     ours = logits0.clone().requires_grad_()
-    n = sophia.gnb_backward(ours, 0.5, torch.Generator(device=DEVICE).manual_seed(7))
-    assert n == 2048 > sophia.GNB_ROWS and ours.grad.dtype == torch.bfloat16  # filled in chunks
+    n = hessian.gnb_backward(ours, 0.5, torch.Generator(device=DEVICE).manual_seed(7))
+    assert n == 2048 > hessian.GNB_ROWS and ours.grad.dtype == torch.bfloat16  # filled in chunks
     # the same labels: the same generator state through the same sampler, on fp32 probabilities
     probs = torch.softmax(logits0.view(-1, vocab), dim=-1, dtype=torch.float32)
-    labels = sophia.sample_categorical(probs, torch.Generator(device=DEVICE).manual_seed(7))
+    labels = hessian.sample_categorical(probs, torch.Generator(device=DEVICE).manual_seed(7))
     assert labels.unique().numel() > 100  # real draws, not one label
     peer = logits0.float().requires_grad_()
     (0.5 * F.cross_entropy(peer.view(-1, vocab), labels)).backward()
@@ -118,7 +119,7 @@ def test_gnb_on_the_gpu_matches_the_gauss_newton_diagonal(dtype):
     probs = torch.softmax(xe @ we.T, dim=-1)
     gauss_newton = torch.einsum("nd,nv->vd", xe ** 2, probs * (1 - probs)) / n
     wr = w.expand(replicas, vocab, d).clone().requires_grad_()
-    sophia.gnb_backward(torch.einsum("nd,rvd->rnv", x, wr), 1.0, torch.Generator(device=DEVICE).manual_seed(1))
+    hessian.gnb_backward(torch.einsum("nd,rvd->rnv", x, wr), 1.0, torch.Generator(device=DEVICE).manual_seed(1))
     g_hat = replicas * wr.grad.double()
     torch.testing.assert_close((n * g_hat ** 2).mean(0), gauss_newton, rtol=0.05, atol=0)
     torch.testing.assert_close(g_hat.mean(0), torch.zeros_like(gauss_newton), rtol=0, atol=0.02)
@@ -133,14 +134,14 @@ def test_gnb_through_a_bf16_model_equals_the_official_recipe():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits, _ = model(x)
     assert logits.dtype == torch.bfloat16
-    sophia.gnb_backward(logits, 1.0, torch.Generator(device=DEVICE).manual_seed(3))
+    hessian.gnb_backward(logits, 1.0, torch.Generator(device=DEVICE).manual_seed(3))
     ours = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits, _ = model(x)
     vocab = logits.size(-1)
     probs = torch.softmax(logits.detach().reshape(-1, vocab), dim=-1, dtype=torch.float32)  # as gnb_backward
-    labels = sophia.sample_categorical(probs, torch.Generator(device=DEVICE).manual_seed(3))
+    labels = hessian.sample_categorical(probs, torch.Generator(device=DEVICE).manual_seed(3))
     F.cross_entropy(logits.float().view(-1, vocab), labels).backward()
     for name, p in model.named_parameters():
         assert torch.isfinite(ours[name]).all(), name
@@ -212,14 +213,14 @@ def test_hutchinson_on_the_gpu_matches_the_hessian_diagonal(probe):
     a = q @ q.T / n + torch.diag(torch.linspace(1.0, 5.0, n, dtype=torch.float64))
     x = torch.randn(replicas, n, generator=gen).to(DEVICE).requires_grad_()
     loss = 0.5 * ((x @ a.to(DEVICE, torch.float32)) * x).sum()
-    sophia.hutchinson_backward(loss, [x], 1.0, torch.Generator(device=DEVICE).manual_seed(2), probe=probe)
+    hessian.hutchinson_backward(loss, [x], 1.0, torch.Generator(device=DEVICE).manual_seed(2), probe=probe)
     estimate = x.grad.double().mean(0).cpu()
     variance = (a ** 2).sum(1) - torch.diag(a) ** 2 + (2 * torch.diag(a) ** 2 if probe == "gaussian" else 0)
     assert ((estimate - torch.diag(a)).abs() <= 5 * (variance / replicas).sqrt()).all()
 
     diag = torch.linspace(-2.0, 3.0, n, device=DEVICE)
     y = torch.randn(4, n, device=DEVICE, requires_grad=True)
-    sophia.hutchinson_backward(0.5 * (diag * y * y).sum(), [y], 1.0, torch.Generator(device=DEVICE).manual_seed(3))
+    hessian.hutchinson_backward(0.5 * (diag * y * y).sum(), [y], 1.0, torch.Generator(device=DEVICE).manual_seed(3))
     torch.testing.assert_close(y.grad, diag.expand(4, n), rtol=0, atol=1e-6)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hessian
 import sophia
 
 # the fused path must really be compiled here, not its eager fallback
@@ -138,7 +139,7 @@ def test_sophiah_rho_is_gamma_of_the_mean_loss_hessian(fused):
     for step in range(8):
         if step % 2 == 0:
             x.grad = None
-            sophia.hutchinson_backward(mean_loss(), [x], 1.0, gen)
+            hessian.hutchinson_backward(mean_loss(), [x], 1.0, gen)
             assert bool(opt.update_hessian())
             h = beta2 * h + (1 - beta2) * D
         x.grad = None
@@ -223,7 +224,7 @@ def test_bad_hyperparameters_raise_naming_the_fix(cls, kwargs, word):
 def test_bad_probe_raises():
     x = torch.ones(3, requires_grad=True)
     with pytest.raises(ValueError, match="rademacher"):
-        sophia.hutchinson_backward((x ** 3).sum(), [x], 1.0, probe="normal")
+        hessian.hutchinson_backward((x ** 3).sum(), [x], 1.0, probe="normal")
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
@@ -351,7 +352,7 @@ def test_hutchinson_converges_to_the_hessian_diagonal():
         a.grad = b.grad = None
         n_probes = 3000
         for _ in range(n_probes):
-            sophia.hutchinson_backward(loss(), [a, b], 1.0 / n_probes, gen, probe=probe)
+            hessian.hutchinson_backward(loss(), [a, b], 1.0 / n_probes, gen, probe=probe)
         estimate = torch.cat([a.grad.flatten(), b.grad])
         assert ((estimate - torch.diag(A)).abs() < 5 * (variance / n_probes).sqrt()).all()
 
@@ -359,7 +360,7 @@ def test_hutchinson_converges_to_the_hessian_diagonal():
     a.grad = b.grad = None
     D = torch.linspace(-2.0, 3.0, 10, dtype=torch.float64)
     x = torch.cat([a.flatten(), b])
-    sophia.hutchinson_backward(0.5 * (D * x * x).sum(), [a, b], 2.0, gen)
+    hessian.hutchinson_backward(0.5 * (D * x * x).sum(), [a, b], 2.0, gen)
     torch.testing.assert_close(torch.cat([a.grad.flatten(), b.grad]), 2.0 * D, rtol=1e-12, atol=0)
 
 
@@ -377,7 +378,7 @@ def test_gnb_matches_the_gauss_newton_diagonal_of_softmax_regression():
 
     Wr = W.expand(R, V, D).clone().requires_grad_()
     logits = torch.einsum("nd,rvd->rnv", x, Wr)                             # (R, N, V)
-    n = sophia.gnb_backward(logits, 1.0, gen)
+    n = hessian.gnb_backward(logits, 1.0, gen)
     assert n == R * N
     g_hat = R * Wr.grad                                                     # (R, V, D)
     estimate = (N * g_hat ** 2).mean(0)
@@ -391,17 +392,17 @@ def test_gnb_gradient_equals_autograd_cross_entropy_on_the_same_labels():
     logits0 = torch.randn(2, 7, V, generator=torch.Generator().manual_seed(0)) * 4
     ours = logits0.clone().requires_grad_()
     ours.grad = torch.ones_like(ours)  # gnb_backward accumulates, like loss.backward()
-    n = sophia.gnb_backward(ours, 0.25, torch.Generator().manual_seed(7))
+    n = hessian.gnb_backward(ours, 0.25, torch.Generator().manual_seed(7))
     assert n == 14
     # the same labels: the same generator state through the same sampler
-    labels = sophia.sample_categorical(torch.softmax(logits0.view(-1, V), -1), torch.Generator().manual_seed(7))
+    labels = hessian.sample_categorical(torch.softmax(logits0.view(-1, V), -1), torch.Generator().manual_seed(7))
     peer = logits0.clone().requires_grad_()
     (0.25 * F.cross_entropy(peer.view(-1, V), labels)).backward()
     torch.testing.assert_close(ours.grad, peer.grad + 1, rtol=1e-6, atol=1e-8)
 
 
 def test_gnb_with_bf16_logits_needs_no_fp32_buffer_of_their_size_and_draws_the_same_labels(monkeypatch):
-    """bf16 logits: the gradient is filled sophia.GNB_ROWS rows at a time, so the largest allocation (CPU
+    """bf16 logits: the gradient is filled hessian.GNB_ROWS rows at a time, so the largest allocation (CPU
     profiler) is the bf16 gradient itself, not an (N, V) fp32 softmax; the result does not depend on the
     chunking, and equals F.cross_entropy's gradient against the labels the sampler draws from the whole."""
     from torch.profiler import ProfilerActivity, profile
@@ -409,15 +410,15 @@ def test_gnb_with_bf16_logits_needs_no_fp32_buffer_of_their_size_and_draws_the_s
     logits0 = (torch.randn(n, vocab, generator=torch.Generator().manual_seed(0)) * 4).bfloat16()
     grads, largest = [], []
     for rows in (n, 8):  # one chunk, then eight
-        monkeypatch.setattr(sophia, "GNB_ROWS", rows)
+        monkeypatch.setattr(hessian, "GNB_ROWS", rows)
         ours = logits0.clone().requires_grad_()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            sophia.gnb_backward(ours, 0.25, torch.Generator().manual_seed(7))
+            hessian.gnb_backward(ours, 0.25, torch.Generator().manual_seed(7))
         largest.append(max(e.cpu_memory_usage for e in prof.events()))
         grads.append(ours.grad)
     assert largest == [n * vocab * 4, n * vocab * 2]  # an fp32 (N, V) softmax in one chunk; then only the bf16 grad
     assert grads[0].dtype == torch.bfloat16 and torch.equal(grads[0], grads[1])
-    labels = sophia.sample_categorical(torch.softmax(logits0.float(), -1), torch.Generator().manual_seed(7))
+    labels = hessian.sample_categorical(torch.softmax(logits0.float(), -1), torch.Generator().manual_seed(7))
     peer = logits0.float().requires_grad_()
     (0.25 * F.cross_entropy(peer, labels)).backward()
     torch.testing.assert_close(grads[1].float(), peer.grad.bfloat16().float(), rtol=1.6e-2, atol=1e-5)
@@ -429,7 +430,7 @@ def test_sample_categorical_draws_from_the_given_probabilities():
     p[[0, 7, 8, 29]] = 0.0  # never drawn, including the first and last entries and a block edge
     p = p * 7.0             # rows need not sum to 1
     n = 200000
-    draws = sophia.sample_categorical(p.expand(n, 30), gen, max_block=4)  # blocks of 3: both levels
+    draws = hessian.sample_categorical(p.expand(n, 30), gen, max_block=4)  # blocks of 3: both levels
     assert draws.shape == (n,) and draws.dtype == torch.int64
     freq = torch.bincount(draws, minlength=30).double() / n
     expected = (p / p.sum()).double()

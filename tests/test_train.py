@@ -234,6 +234,7 @@ def test_sophiag_run_equals_the_official_loop_by_hand(tmp_path, shakespeare_bins
     from (seed, step, micro-batch). The weights and the optimizer state must be equal."""
     import math
 
+    import hessian
     import sophia
     from data.common import open_split
     from data.stream import SequenceStream
@@ -278,7 +279,7 @@ def test_sophiag_run_equals_the_official_loop_by_hand(tmp_path, shakespeare_bins
             labels = torch.Generator().manual_seed(random_seed(1337, step, 0, "hessian"))
             x, _ = hessian_stream.batch(2 * (step // k), 2, cpu)
             logits, _ = model(x)
-            sophia.gnb_backward(logits, 1.0, labels)
+            hessian.gnb_backward(logits, 1.0, labels)
             hessian_grad_norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0).item())
             opt.update_hessian()
             opt.zero_grad(set_to_none=True)
@@ -449,12 +450,12 @@ def test_a_gpt2_run_without_a_gpu_is_refused_unless_device_cpu_is_given(tmp_path
 
 def hessian_after_one_refresh(tmp_path, name, args, monkeypatch):
     """Sophia's Hessian EMA after the refresh at step 0 (h = (1 - beta2) * the estimate), one flat tensor, and the
-    number of backward passes the refresh ran (calls of the estimator's sophia function)."""
-    import sophia
+    number of backward passes the refresh ran (calls of the estimator's function in hessian.py)."""
+    import hessian
     passes = []
     for function in ("gnb_backward", "hutchinson_backward"):
-        original = getattr(sophia, function)
-        monkeypatch.setattr(sophia, function, lambda *a, original=original, **k: passes.append(1) or original(*a, **k))
+        original = getattr(hessian, function)
+        monkeypatch.setattr(hessian, function, lambda *a, original=original, **k: passes.append(1) or original(*a, **k))
     status, _ = train_in_process(["max_steps=1", "optim.hess_interval=1", "warmup_steps=0", *args], tmp_path / name)
     assert status == 0
     state = torch.load(tmp_path / name / "ckpt.pt", weights_only=False)["optimizer"]["state"]
