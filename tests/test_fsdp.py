@@ -32,8 +32,11 @@ def sharded_weights(ckpt_dir):
 # two micro-batches per rank (accumulation without communication), a Hessian batch of two as well, an evaluation
 # that splits 2 + 1 over the ranks. No clipping: the clip coefficient comes from an fp32 norm whose round-off
 # differs between whole tensors and shards (~1e-5 here), and the sign-like Sophia step turns that into a full
-# lr on the odd coordinate whose momentum is ~0. Without it the weights agree bit for bit; clipping on shards
-# is checked on its own in test_optimizers_on_shards_equal_whole_tensors.
+# lr on the odd coordinate whose momentum is ~0; clipping on shards is checked on its own in
+# test_optimizers_on_shards_equal_whole_tensors. The weights agree to fp32 round-off, not bit for bit: FSDP
+# reduce-scatters each micro-batch's gradients and adds the averages (fsdp_grad_sync=micro_batch), DDP adds the
+# micro-batches before its all-reduce, the same sums in another order (up to ~3e-7 apart here, in the embedding
+# rows of rare tokens, whose tiny gradients AdamW's normalisation scales up to a full step).
 EQUAL_ARGS = ["max_steps=4", "total_batch_size=8", "micro_batch_size=2", "grad_clip=0", "eval_steps=3"]
 
 
@@ -62,12 +65,13 @@ def test_fsdp_equals_ddp_step_by_step(tmp_path, optim):
     got = sharded_weights(tmp_path / "fsdp" / "ckpt.dcp")
     assert sorted(got) == sorted(expected)
     for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # -----------------------------------------------------------------------------------------------------
 # One rank (force_distributed=true): the sharded code path, and its bf16 policy, on one GPU or CPU
 
+@pytest.mark.slow  # bf16 on a CPU without bf16 instructions: a minute or two
 @pytest.mark.usefixtures("shakespeare_bins")
 def test_fsdp_on_one_rank_runs_the_sharded_path_and_its_bf16_policy(tmp_path):
     """parallel=fsdp force_distributed=true in one process: FSDP2 over a gloo group of one. In float32 it computes
