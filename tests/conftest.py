@@ -83,13 +83,23 @@ def refusal_in_process(args, out_dir):
     import contextlib
     import io
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     import cli
     from config_schema import ConfigError
 
+    overrides = train_command(args, out_dir)[2:]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         try:
-            cli.check_command_line(train_command(args, out_dir)[2:])
+            cli.check_command_line(overrides)
+            try:  # Hydra's composition, whose errors cli.run_main turns into one line
+                cfg = config_schema.compose_config(None, overrides)
+            except (HydraException, OmegaConfBaseException) as e:
+                print(f"error: {cli.describe(e, cli.given_values(overrides))}", file=sys.stderr)
+                return 2, stderr.getvalue()
+            cli.check_composed(cfg, overrides)  # main()'s check of the composed config
             train_in_process(args, out_dir)
         except SystemExit as e:
             return e.code, stderr.getvalue()

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
 import cli
 import config_schema
@@ -185,7 +187,11 @@ def check_train_command(args, world_size, monkeypatch):
             parsed = cli.parse_command_line(args)
             if parsed is not None and not (parsed.help or parsed.multirun):
                 overrides = [o for o in parsed.overrides if not re.match(r"[+~]*hydra[./=]", o)]
-                cfg = config_schema.compose_config(None, overrides)
+                try:
+                    cfg = config_schema.compose_config(None, overrides)
+                except (HydraException, OmegaConfBaseException) as e:  # cli.run_main's one line
+                    print(f"error: {cli.describe(e, cli.given_values(overrides))}", file=sys.stderr)
+                    return 2, out.getvalue()
                 cli.check_composed(cfg, overrides)
                 config_schema.check_values(cfg, world_size)
         return 0, out.getvalue()

@@ -23,8 +23,13 @@ FORBIDDEN = {
 def comments_and_docstrings(source):
     """(line number, text) of every comment and docstring (a string that is a statement of its own)."""
     tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    depth = 0  # open brackets: a string inside them (a call's argument, a long string's pieces) is data
     for i, token in enumerate(tokens):
-        statement = token.type == tokenize.STRING and (i == 0 or tokens[i - 1].type in (
+        if token.type == tokenize.OP and token.string in "([{":
+            depth += 1
+        elif token.type == tokenize.OP and token.string in ")]}":
+            depth -= 1
+        statement = token.type == tokenize.STRING and depth == 0 and (i == 0 or tokens[i - 1].type in (
             tokenize.INDENT, tokenize.DEDENT, tokenize.NEWLINE, tokenize.NL))
         if token.type == tokenize.COMMENT or statement:
             for offset, line in enumerate(token.string.splitlines()):
