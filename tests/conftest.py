@@ -148,6 +148,17 @@ def write_synthetic_tokens(data_dir, vocab_size=50304, train_tokens=200_000, val
     return write(data_dir, walks, tokenizer="synthetic", source="synthetic")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def fresh_compile_caches():
+    """Every test module starts with dynamo's caches empty. A training run compiles each fused Sophia kernel a
+    few times (once per dtype and bundle length); the whole suite, in one process, builds hundreds of optimizers
+    over float32, float64, bfloat16 and complex tensors and several inductor option sets, which would otherwise
+    pass dynamo's limit of 8 variants per function and send the fused step down its eager fallback."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    yield
+
+
 @pytest.fixture(scope="session")
 def token_data(tmp_path_factory):
     """A synthetic prepared data directory, for runs that need data but not a real corpus (data.dir=)."""

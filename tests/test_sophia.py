@@ -463,6 +463,7 @@ def test_an_inductor_option_this_torch_lacks_is_left_out_not_a_fallback(monkeypa
     finally:
         sophia._inductor_options.cache_clear()
         sophia._compiled.cache_clear()
+        torch._dynamo.reset()  # the variant compiled with other options would count against dynamo's limit
 
 
 # ---- the fused step's fallback: on compile errors only
