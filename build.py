@@ -95,6 +95,12 @@ class Progress:
     elapsed_before: float = 0  # seconds spent before this process started (earlier jobs of a resumed run)
     wandb_run_id: str | None = None
 
+    def to_checkpoint(self, elapsed_s):
+        """The checkpoint's entries that from_checkpoint reads back. elapsed_s: the run's seconds so far, this
+        process's included (it becomes elapsed_before of the process that resumes)."""
+        return {"step": self.step, "data_state": {"train_seqs": self.train_seqs, "hess_seqs": self.hess_seqs},
+                "wandb_run_id": self.wandb_run_id, "elapsed_s": elapsed_s}
+
     @classmethod
     def from_checkpoint(cls, ckpt):
         return cls(step=ckpt["step"], train_seqs=ckpt["data_state"]["train_seqs"],
@@ -190,10 +196,11 @@ def build_run(cfg, env, plan):
         restore(ckpt, checkpoint_path(out_dir, cfg.parallel), raw_model, optimizer)
         progress = Progress.from_checkpoint(ckpt)
     model = wrap_model(raw_model, env, compile_enabled(cfg, env.device))
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    estimator = build_estimator(cfg, model, raw_model, params, env, plan.hess_micro)
     run = Run(cfg=cfg, env=env, plan=plan, out_dir=out_dir, streams=streams, raw_model=raw_model, model=model,
-              params=[p for p in raw_model.parameters() if p.requires_grad], optimizer=optimizer,
-              estimator=build_estimator(cfg), progress=progress, resumed=ckpt is not None, lock=lock,
-              hellaswag=hellaswag_examples,
+              params=params, optimizer=optimizer, estimator=estimator, progress=progress, resumed=ckpt is not None,
+              lock=lock, hellaswag=hellaswag_examples,
               peak_flops=peak_flops(env.device, env.dtype, cfg.cpu_peak_flops), since_log=SinceLog(env.device),
               hessian_skipped=torch.zeros((), device=env.device, dtype=torch.long))
     if env.is_master:

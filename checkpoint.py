@@ -243,11 +243,9 @@ def save_run(run, elapsed_s):
     if bad:
         raise RunError(f"step {run.progress.step}: {bad} holds NaN/inf: the run diverged. The last checkpoint in "
                        f"{run.out_dir} is kept; lower optim.lr (now {run.cfg.optim.lr}) and resume or start over")
-    p = run.progress
-    train_state = {"format": CHECKPOINT_FORMAT, "step": p.step,
-                   "data_state": {"train_seqs": p.train_seqs, "hess_seqs": p.hess_seqs},
+    train_state = {"format": CHECKPOINT_FORMAT, **run.progress.to_checkpoint(elapsed_s),
                    "config": OmegaConf.to_container(run.cfg, resolve=True, enum_to_str=True), "run_name": run.cfg.run_name,
-                   "wandb_run_id": p.wandb_run_id, "elapsed_s": elapsed_s, "torch_version": torch.__version__}
+                   "torch_version": torch.__version__}
     if run.cfg.parallel == "fsdp":  # every rank writes its shards
         save_sharded(run.ckpt_path, run.raw_model, run.optimizer, train_state, run.env)
     elif run.env.is_master:

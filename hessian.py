@@ -1,8 +1,9 @@
 """
 The Hessian estimators that refresh Sophia's diagonal Hessian every k steps, chosen once when the run is built:
 Gauss-Newton-Bartlett (SophiaG: labels sampled from the model) and Hutchinson (SophiaH: u * (H u) through a
-double backward). Each fills p.grad with its estimate over one micro-batch at a time; finish() averages it over
-the ranks the way its parallelism needs.
+double backward). Each holds what it works on (the model as trained and as built, the trainable tensors, the
+process group, the micro-batch size), fills p.grad with its estimate over one micro-batch at a time, and finish()
+averages it over the ranks the way its parallelism needs.
 """
 
 import torch
@@ -22,26 +23,28 @@ class GaussNewtonBartlett:
     """B * grad(L(sampled labels))^2: the gradient of the mean cross-entropy against labels sampled from the
     model's softmax; DDP/FSDP average it over the ranks, and the optimizer squares the average."""
 
-    def __init__(self, grad_clip):
+    def __init__(self, grad_clip, model, raw_model, params, env, micro_batch_size):
         self.grad_clip = grad_clip
+        self.model, self.raw_model, self.params, self.env = model, raw_model, params, env
+        self.micro_batch_size = micro_batch_size
 
-    def begin(self, run):
+    def begin(self):
         pass
 
-    def add(self, run, x, y, scale, generator, last):
+    def add(self, x, y, scale, generator, last):
         """One chunk x, y (B, T): its labels are drawn from one uniform per prediction, so the forward and backward
         may run in micro-batches of optim.hess_micro_batch_size and still sample the same labels."""
         uniform = torch.rand(x.numel(), 1, dtype=torch.float64, device=x.device, generator=generator)  # (B·T, 1)
-        pieces = micro_batches(x, y, run.plan.hess_micro)
+        pieces = micro_batches(x, y, self.micro_batch_size)
         for i, (xs, _, share, first_row) in enumerate(pieces):
-            with gradient_sync(run.model, run.raw_model, run.env, last and i == len(pieces) - 1):
-                with run.env.autocast():
-                    logits, _ = run.model(xs)  # (b, T, vocab): labels are sampled from these
+            with gradient_sync(self.model, self.raw_model, self.env, last and i == len(pieces) - 1):
+                with self.env.autocast():
+                    logits, _ = self.model(xs)  # (b, T, vocab): labels are sampled from these
                 gnb_backward(logits, scale * share, uniform=uniform[first_row:first_row + xs.numel()])
 
-    def finish(self, run):
+    def finish(self):
         """Clip the Hessian batch's gradient as the official loop does; returns its norm before the clip."""
-        return clip_gradients(run.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        return clip_gradients(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
 
 
 class Hutchinson:
@@ -51,36 +54,38 @@ class Hutchinson:
     double backward runs on the gathered weights (bf16 under dtype=bfloat16), so each rank sums full-size
     estimates, in fp32, then one reduce-scatter averages them and leaves each rank its slice."""
 
-    def __init__(self, probe):
+    def __init__(self, probe, raw_model, params, env, micro_batch_size):
         self.probe = probe
+        self.raw_model, self.params, self.env = raw_model, params, env
+        self.micro_batch_size = micro_batch_size
 
-    def begin(self, run):
+    def begin(self):
         self.estimates = None
-        if run.env.sharded:
-            hold_gathered(run.raw_model, True)
+        if self.env.sharded:
+            hold_gathered(self.raw_model, True)
 
-    def add(self, run, x, y, scale, generator, last):
+    def add(self, x, y, scale, generator, last):
         probes = None
-        for xs, ys, share, _ in micro_batches(x, y, run.plan.hess_micro):
-            with math_attention(), run.env.autocast():
-                _, loss = run.raw_model(xs, ys)
-            # under FSDP the parameters are the gathered weights now, in the order of run.params
-            params = list(run.raw_model.parameters()) if run.env.sharded else run.params
+        for xs, ys, share, _ in micro_batches(x, y, self.micro_batch_size):
+            with math_attention(), self.env.autocast():
+                _, loss = self.raw_model(xs, ys)
+            # under FSDP the parameters are the gathered weights now, in the order of self.params
+            params = list(self.raw_model.parameters()) if self.env.sharded else self.params
             probes = hutchinson_backward(loss, params, scale * share, generator, self.probe, probes)
-            if run.env.sharded:  # FSDP would take the gathered weights' .grad for its own accumulation: keep them
+            if self.env.sharded:  # FSDP would take the gathered weights' .grad for its own accumulation: keep them
                 grads = [q.grad.float() if q.grad is not None else torch.zeros(q.shape, device=q.device)
                          for q in params]
                 self.estimates = grads if self.estimates is None else [a + b for a, b in zip(self.estimates, grads)]
                 for q in params:
                     q.grad = None
 
-    def finish(self, run):
-        if run.env.sharded:
-            hold_gathered(run.raw_model, False)
-            shard_estimates(run.params, self.estimates, run.env)
+    def finish(self):
+        if self.env.sharded:
+            hold_gathered(self.raw_model, False)
+            shard_estimates(self.params, self.estimates, self.env)
             self.estimates = None
-        elif run.env.distributed:  # the DDP hooks did not run: average u*(Hu) over the ranks here
-            average_over_ranks([p.grad for p in run.params if p.grad is not None])
+        elif self.env.distributed:  # the DDP hooks did not run: average u*(Hu) over the ranks here
+            average_over_ranks([p.grad for p in self.params if p.grad is not None])
         return None
 
 
@@ -90,12 +95,13 @@ def math_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def build_estimator(cfg):
-    """The estimator of optim=sophiag or sophiah; None for the other optimizers."""
+def build_estimator(cfg, model, raw_model, params, env, micro_batch_size):
+    """The estimator of optim=sophiag or sophiah; None for the other optimizers. model: raw_model as the
+    training step runs it (compiled, DDP-wrapped); params: the trainable tensors, each once."""
     if cfg.optim.name == "sophiag":
-        return GaussNewtonBartlett(cfg.grad_clip)
+        return GaussNewtonBartlett(cfg.grad_clip, model, raw_model, params, env, micro_batch_size)
     if cfg.optim.name == "sophiah":
-        return Hutchinson(cfg.optim.probe)
+        return Hutchinson(cfg.optim.probe, raw_model, params, env, micro_batch_size)
     return None
 
 

@@ -144,7 +144,11 @@ def log_train(run, clock, lr, grad_norm):
         record["memory/reserved_mib"] = torch.cuda.max_memory_reserved(env.device) / 2**20
         torch.cuda.reset_peak_memory_stats(env.device)
     if run.plan.sophia:
-        record.update(sophia_record(run))
+        record.update(sophia_record(run.optimizer, run.raw_model.parts(), run.plan.step_bs, since))
+        if run.hessian_skipped.item():
+            record["optim/hessian_skipped"] = run.hessian_skipped.item()
+            if env.is_master:
+                print(f"step {step}: {run.hessian_skipped.item()} non-finite Hessian estimate(s) skipped so far")
     if run.skipped_steps:
         record["skipped_steps"] = run.skipped_steps
     if env.is_master:
@@ -162,21 +166,14 @@ def log_train(run, clock, lr, grad_norm):
     since.reset()
 
 
-def sophia_record(run):
-    """Sophia's keys: the win rate (overall and per part), the Hessian's norm, and the Hessian batch's gradient
-    norm before its clip and how often that clip fired, over the refreshes since the last log line."""
-    since = run.since_log
-    # the token embedding (also the head) holds most coordinates of a small model: its own win rate
-    parts = {"embedding": [run.raw_model.transformer.wte.weight],
-             "blocks": list(run.raw_model.transformer.h.parameters())}
-    record = {k: float(v) for k, v in run.optimizer.sophia_stats(run.plan.step_bs, parts).items()}
+def sophia_record(optimizer, parts, step_bs, since):
+    """Sophia's keys: the win rate (overall and per part: name -> its parameters), the Hessian's norm, and the
+    Hessian batch's gradient norm before its clip and how often that clip fired, over the refreshes since the last
+    log line (since: the SinceLog). step_bs: the predictions per step, the bs of optimizer.step."""
+    record = {k: float(v) for k, v in optimizer.sophia_stats(step_bs, parts).items()}
     if since.refreshes:
         record["optim/hessian_grad_norm"] = since.hessian_grad_norm_sum.item() / since.refreshes
         record["optim/hessian_clip_rate"] = since.hessian_clipped.item() / since.refreshes
-    if run.hessian_skipped.item():
-        record["optim/hessian_skipped"] = run.hessian_skipped.item()
-        if run.env.is_master:
-            print(f"step {run.progress.step}: {run.hessian_skipped.item()} non-finite Hessian estimate(s) skipped so far")
     return record
 
 

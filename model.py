@@ -317,6 +317,11 @@ class GPT(nn.Module):
         N = self.num_params(non_embedding=True)
         return 6 * N + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
 
+    def parts(self):
+        """The parameters by part, for statistics per part: the token embedding (also the head; most of a small
+        model's coordinates) and the transformer blocks."""
+        return {"embedding": [self.transformer.wte.weight], "blocks": list(self.transformer.h.parameters())}
+
     def configure_optimizer_groups(self, weight_decay):
         """Two param groups, as the official Sophia repository's configure_optimizers (both its scripts):
         only nn.Linear weights decay. The token embedding (tied with the head), the position embedding,

@@ -120,14 +120,14 @@ def refresh_hessian(run):
     """Fill p.grad with the estimator's sample over a fresh Hessian batch, then update Sophia's Hessian EMA."""
     cfg, env, plan, progress, since = run.cfg, run.env, run.plan, run.progress, run.since_log
     generator = torch.Generator(device=env.device)
-    run.estimator.begin(run)
+    run.estimator.begin()
     for i in range(plan.hess_accum):  # this rank's chunks; the estimator runs each in micro-batches of hess_micro
         chunk = env.rank * plan.hess_accum + i  # as in the training step: independent of the world size
         generator.manual_seed(random_seed(cfg.seed, progress.step, chunk, "hessian"))  # sampled labels or probes
         torch.manual_seed(random_seed(cfg.seed, progress.step, chunk, "hessian_dropout"))  # the forward's dropout
         x, y = run.streams.hessian.batch(progress.hess_seqs + chunk * plan.hess_chunk, plan.hess_chunk, env.device)
-        run.estimator.add(run, x, y, 1.0 / plan.hess_accum, generator, last=i == plan.hess_accum - 1)
-    grad_norm = run.estimator.finish(run)  # GNB: the Hessian batch's gradient norm before its clip
+        run.estimator.add(x, y, 1.0 / plan.hess_accum, generator, last=i == plan.hess_accum - 1)
+    grad_norm = run.estimator.finish()  # GNB: the Hessian batch's gradient norm before its clip
     if grad_norm is not None:
         since.hessian_grad_norm_sum += grad_norm
         if cfg.grad_clip > 0:

@@ -196,3 +196,16 @@ def test_a_read_only_out_dir_is_one_line(tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"cannot write to out_dir={read_only / 'run'} (Permission denied)" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_progress_comes_back_from_its_checkpoint_entries_as_it_went_in(tmp_path):
+    """Progress writes the checkpoint entries it reads back: every field survives a real save and load, and the
+    seconds this process ran become the next process's elapsed_before."""
+    import dataclasses
+
+    from build import Progress
+    from checkpoint import save_checkpoint
+    progress = Progress(step=7, train_seqs=112, hess_seqs=30, elapsed_before=1.5, wandb_run_id="abc123")
+    save_checkpoint(tmp_path / "ckpt.pt", progress.to_checkpoint(elapsed_s=9.25))
+    back = Progress.from_checkpoint(torch.load(tmp_path / "ckpt.pt", weights_only=False))
+    assert back == dataclasses.replace(progress, elapsed_before=9.25)
