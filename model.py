@@ -6,7 +6,9 @@ F.scaled_dot_product_attention (flash kernels on GPU), tanh-approximated GELU (G
 tied input/output embeddings, GPT-2 initialisation. Module names follow HF's GPT2LMHeadModel so that
 GPT.from_hf / model.to_hf are a transpose of the Conv1D weights and nothing else.
 
-Also here: the FLOP count per token (PaLM appendix B); the device's peak and MFU are in mfu.py.
+Also here: the FLOP count per token (PaLM appendix B); the device's peak and MFU are in mfu.py. The loss and
+the token lookup go through cpu_kernels.py, which takes faster paths for fp32 on the CPU and torch's own
+functions everywhere else.
 
 Double backward (Hessian-vector products for Sophia-H): the flash / memory-efficient SDPA kernels have
 no derivative of their backward, so run that forward under
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from cpu_kernels import cross_entropy, densify_grad, token_embedding
 
 
 @dataclass
@@ -37,59 +41,6 @@ class GPTConfig:
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}; "
                              f"pick n_embd as a multiple of n_head")
-
-
-def cross_entropy(logits, targets):
-    """Mean cross-entropy over the rows whose target is not -1. logits (N, V), targets (N,).
-    CrossEntropyCPU for fp32 CPU eager; F.cross_entropy elsewhere (fused kernels on GPU and under compile)."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not torch.compiler.is_compiling():
-        return CrossEntropyCPU.apply(logits, targets)
-    return F.cross_entropy(logits, targets, ignore_index=-1)
-
-
-class CrossEntropyCPU(torch.autograd.Function):
-    """F.cross_entropy(logits, targets, ignore_index=-1), faster on CPU: one exp pass serves loss and gradient."""
-
-    ROWS_PER_CHUNK = 128  # a chunk's passes stay in cache, and there are few small parallel regions
-
-    @staticmethod
-    def forward(ctx, logits, targets):
-        N, V = logits.shape
-        keep = targets != -1  # (N,)
-        safe_targets = targets.clamp(min=0)  # -1 would be an invalid index for gather/scatter
-        n_kept = keep.sum()
-        need_grad = ctx.needs_input_grad[0]
-        # exp(logits - rowmax): kept for backward, where it becomes the gradient in place
-        exps = torch.empty_like(logits) if need_grad else None  # (N, V)
-        row_max = torch.empty(N, 1, dtype=logits.dtype, device=logits.device)
-        row_sum = torch.empty(N, 1, dtype=logits.dtype, device=logits.device)
-        for i in range(0, N, CrossEntropyCPU.ROWS_PER_CHUNK):
-            rows = slice(i, i + CrossEntropyCPU.ROWS_PER_CHUNK)
-            chunk = logits[rows]
-            torch.amax(chunk, dim=1, keepdim=True, out=row_max[rows])
-            e = torch.sub(chunk, row_max[rows], out=exps[rows] if need_grad else None)
-            e.exp_()
-            torch.sum(e, dim=1, keepdim=True, out=row_sum[rows])
-        log_sum_exp = (row_max + row_sum.log()).squeeze(1)  # (N,)
-        target_logit = logits.gather(1, safe_targets[:, None]).squeeze(1)  # (N,)
-        loss = torch.where(keep, log_sum_exp - target_logit, 0.0).sum() / n_kept
-        if need_grad:
-            ctx.save_for_backward(logits, exps, row_sum, safe_targets, keep, n_kept)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, exps, row_sum, safe_targets, keep, n_kept = ctx.saved_tensors
-        # d loss / d logits = (softmax - onehot(target)) * grad_loss / n_kept on kept rows, 0 elsewhere
-        row_scale = (grad_loss / n_kept) * keep.to(logits.dtype)[:, None]  # (N, 1)
-        if torch.is_grad_enabled():
-            # create_graph=True (Hessian-vector products, Sophia-H): the same formula from differentiable
-            # ops on the saved logits, so that a second backward sees softmax's curvature
-            onehot = torch.zeros_like(logits).scatter_(1, safe_targets[:, None], 1.0)
-            return (torch.softmax(logits, dim=1) - onehot) * row_scale, None
-        grad = exps.mul_(row_scale / row_sum)  # softmax * scale, in the buffer forward filled
-        grad.scatter_add_(1, safe_targets[:, None], -row_scale)
-        return grad, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -149,11 +100,6 @@ class Block(nn.Module):
         return x
 
 
-def _densify_grad(param):
-    if param.grad.is_sparse:
-        param.grad = param.grad.to_dense()
-
-
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -168,8 +114,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding, as GPT-2
-        # the lookup's gradient may arrive sparse (see forward): optimizers and DDP need .grad dense
-        self.transformer.wte.weight.register_post_accumulate_grad_hook(_densify_grad)
+        # the lookup's gradient may arrive sparse (token_embedding): optimizers and DDP need .grad dense
+        self.transformer.wte.weight.register_post_accumulate_grad_hook(densify_grad)
 
         # GPT-2 init: N(0, 0.02) for weights, zero biases; the projections that write into the residual
         # stream get std 0.02 / sqrt(2 * n_layer) so the residual's variance does not grow with depth.
@@ -198,10 +144,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} > block_size {self.config.block_size}: "
                              f"shorten the input or build the model with block_size >= {T}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-        # On CPU (eager) the lookup's gradient is sparse: B*T rows added into the head's dense gradient
-        # of the tied weight, not a zero-filled (vocab, C) tensor. _densify_grad keeps .grad dense.
-        sparse_grad = idx.device.type == "cpu" and not torch.compiler.is_compiling()
-        tok_emb = F.embedding(idx, self.transformer.wte.weight, sparse=sparse_grad)  # (B, T, C)
+        tok_emb = token_embedding(idx, self.transformer.wte.weight)  # (B, T, C)
         x = tok_emb + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
         for block in self.transformer.h:

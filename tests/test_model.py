@@ -292,3 +292,24 @@ def test_from_hf_local_directory(tmp_path):
     idx = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert_logits_close(ours(idx)[0], hf(idx).logits)
+
+
+def test_the_cpu_token_lookup_gives_torchs_dense_gradient():
+    """cpu_kernels' token lookup (a sparse gradient on CPU, made dense by its hook) equals F.embedding, output and
+    gradient; model.py keeps the architecture and leaves such kernels to cpu_kernels.py."""
+    import cpu_kernels
+    import model
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 8, generator=gen, requires_grad=True)
+    weight.register_post_accumulate_grad_hook(cpu_kernels.densify_grad)
+    reference = weight.detach().clone().requires_grad_()
+    idx = torch.randint(0, 50, (3, 7), generator=gen)  # (B, T), repeated ids among them
+    upstream = torch.randn(3, 7, 8, generator=gen)
+    out = cpu_kernels.token_embedding(idx, weight)
+    (out * upstream).sum().backward()
+    expected = F.embedding(idx, reference)
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(out, expected)
+    assert not weight.grad.is_sparse
+    torch.testing.assert_close(weight.grad, reference.grad)
+    assert "autograd.Function" not in open(model.__file__).read()
