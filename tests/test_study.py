@@ -615,7 +615,8 @@ def test_cpu_plan_of_a_proxy_not_measured_yet_against_its_measured_runs(target, 
 def test_dry_run_prints_the_plan_of_the_whole_study(known_val_tokens, tmp_path, capsys):
     """A scale-axis point not started, beside the char proxy's record: the dry run lists its grid with each run's
     estimate, and the plan counts what waits on it: the grid extensions (3 per contender at most), the budget runs
-    (every contender at 1x and 1/2x, AdamW also at 2x, the point's 2 seeds, less each sweep's 1x run) and the timing runs."""
+    (every contender at 1x, AdamW also at 1/2x and 2x, the point's 2 seeds, less each sweep's 1x run) and the timing
+    runs."""
     out = tmp_path / "out"
     out.mkdir()
     record = studylib.read_record(studylib.load_study(CPU_STUDY).record)
@@ -629,7 +630,7 @@ def test_dry_run_prints_the_plan_of_the_whole_study(known_val_tokens, tmp_path, 
     plan = printed[printed.index("plan of study cpu (char_t3072):"):]
     assert "now: 12 run(s) (listed above), 24,000 steps: ~" in plan
     assert "extensions: 12 run(s)" in plan
-    assert f"later: {(3 * 2 - 1) + 3 * (2 * 2 - 1)} run(s)" in plan
+    assert f"later: {(3 * 2 - 1) + 3 * (1 * 2 - 1)} run(s)" in plan
     assert "time: 4 run(s)" in plan
     assert "char_t3072/sophiag from char/sophiag" in plan and "x4 the FLOPs per step" in plan
     minutes = sum(float(line.rsplit("~", 1)[1].removesuffix(" min")) for line in estimates)
