@@ -145,10 +145,11 @@ def log_train(run, clock, lr, grad_norm):
         torch.cuda.reset_peak_memory_stats(env.device)
     if run.plan.sophia:
         record.update(sophia_record(run.optimizer, run.raw_model.parts(), run.plan.step_bs, since))
-        if run.hessian_skipped.item():
-            record["optim/hessian_skipped"] = run.hessian_skipped.item()
+        hessian_skipped = run.hessian_skipped.item()
+        if hessian_skipped:
+            record["optim/hessian_skipped"] = hessian_skipped
             if env.is_master:
-                print(f"step {step}: {run.hessian_skipped.item()} non-finite Hessian estimate(s) skipped so far")
+                print(f"step {step}: {hessian_skipped} non-finite Hessian estimate(s) skipped so far")
     if run.skipped_steps:
         record["skipped_steps"] = run.skipped_steps
     if env.is_master:

@@ -22,6 +22,9 @@ BENCHMARKS = ["train_paths", "memory_refresh_vs_step", "cuda_tests", "two_gpus",
 NEEDS_CUDA = {"memory_refresh_vs_step", "cuda_tests", "two_gpus"}
 RESULT_KEYS = {"name", "status", "summary", "figures", "note", "reference", "seconds"}
 
+# with -n 2, on one worker: the smoke run (a module fixture, a dozen train.py runs) is then made once, not per worker
+pytestmark = pytest.mark.xdist_group("gpu_check")
+
 
 def run_script(args, env=None, timeout=600):
     return subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO_DIR, capture_output=True, text=True,
