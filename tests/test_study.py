@@ -625,10 +625,10 @@ def test_dry_run_prints_the_plan_of_the_whole_study(known_val_tokens, tmp_path, 
     printed = capsys.readouterr().out
     estimates = [line for line in printed.splitlines() if line.startswith("# char_t3072/")]
     commands = [line for line in printed.splitlines() if line.startswith("OMP_NUM_THREADS=1 python train.py")]
-    assert len(estimates) == len(commands) == 12  # the grids (the timing waits on the sweep: in the plan alone)
+    assert len(estimates) == len(commands) == 15  # the grids, SophiaG's over 2 rho (the timing: in the plan alone)
     assert all(line.endswith(" min") and "2000 steps, ~" in line for line in estimates)
     plan = printed[printed.index("plan of study cpu (char_t3072):"):]
-    assert "now: 12 run(s) (listed above), 24,000 steps: ~" in plan
+    assert "now: 15 run(s) (listed above), 30,000 steps: ~" in plan
     assert "extensions: 12 run(s)" in plan
     assert f"later: {(3 * 2 - 1) + 3 * (1 * 2 - 1)} run(s)" in plan
     assert "time: 4 run(s)" in plan
