@@ -120,9 +120,9 @@ def check_double_backward(model, device, autocast):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Hessian estimators. Each ACCUMULATES into p.grad, like loss.backward(): from zeroed grads, call one
-# per micro-batch of the Hessian batch with scale = 1 / (number of those micro-batches), so that p.grad
-# holds the estimate for the whole batch, then optimizer.update_hessian().
+# The estimates' math, which the estimators above run. Each function ACCUMULATES into p.grad, like
+# loss.backward(): from zeroed grads, call it once per micro-batch of the Hessian batch with scale = 1 / (number
+# of those micro-batches), so that p.grad holds the estimate for the whole batch, then optimizer.update_hessian().
 
 
 def sample_categorical(probs, generator=None, max_block=256, uniform=None):

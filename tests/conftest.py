@@ -83,23 +83,19 @@ def refusal_in_process(args, out_dir):
     import contextlib
     import io
 
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from hydra import initialize_config_dir
 
     import cli
-    from config_schema import ConfigError
+    from config_schema import CONFIG_DIR, ConfigError
 
     overrides = train_command(args, out_dir)[2:]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         try:
             cli.check_command_line(overrides)
-            try:  # Hydra's composition, whose errors cli.run_main turns into one line
-                cfg = config_schema.compose_config(None, overrides)
-            except (HydraException, OmegaConfBaseException) as e:
-                print(f"error: {cli.describe(e, cli.given_values(overrides))}", file=sys.stderr)
-                return 2, stderr.getvalue()
-            cli.check_composed(cfg, overrides)  # main()'s check of the composed config
+            # Hydra's composition (its errors as the one line cli.run_main prints) and main()'s check_composed
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="train"):
+                cli.compose_checked(overrides)
             train_in_process(args, out_dir)
         except SystemExit as e:
             return e.code, stderr.getvalue()

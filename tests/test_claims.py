@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
+from hydra import initialize_config_dir
 
 import cli
 import config_schema
@@ -187,12 +186,9 @@ def check_train_command(args, world_size, monkeypatch):
             parsed = cli.parse_command_line(args)
             if parsed is not None and not (parsed.help or parsed.multirun):
                 overrides = [o for o in parsed.overrides if not re.match(r"[+~]*hydra[./=]", o)]
-                try:
-                    cfg = config_schema.compose_config(None, overrides)
-                except (HydraException, OmegaConfBaseException) as e:  # cli.run_main's one line
-                    print(f"error: {cli.describe(e, cli.given_values(overrides))}", file=sys.stderr)
-                    return 2, out.getvalue()
-                cli.check_composed(cfg, overrides)
+                # Hydra's composition (its errors as the one line cli.run_main prints) and main()'s check_composed
+                with initialize_config_dir(config_dir=str(config_schema.CONFIG_DIR), version_base="1.3", job_name="train"):
+                    cfg = cli.compose_checked(overrides)
                 config_schema.check_values(cfg, world_size)
         return 0, out.getvalue()
     except SystemExit as e:

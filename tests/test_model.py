@@ -2,6 +2,7 @@
 F.cross_entropy, closed-form parameter and FLOP counts."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,4 +313,4 @@ def test_the_cpu_token_lookup_gives_torchs_dense_gradient():
     torch.testing.assert_close(out, expected)
     assert not weight.grad.is_sparse
     torch.testing.assert_close(weight.grad, reference.grad)
-    assert "autograd.Function" not in open(model.__file__).read()
+    assert "autograd.Function" not in Path(model.__file__).read_text()
