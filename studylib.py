@@ -2164,7 +2164,9 @@ def trend_statement(study, proxies_report, axis):
         (_, x0, m0), (_, x1, m1) = known[0], known[-1]
         both = (f"{format_interval(m0)} at {axis_value(axis, x0)} to {format_interval(m1)} at {axis_value(axis, x1)} "
                 f"{AXES[axis]}")
-        if m0.get("ci95") and m1.get("ci95") and (m1["ci95"][0] > m0["ci95"][1] or m1["ci95"][1] < m0["ci95"][0]):
+        if not (m0.get("ci95") and m1.get("ci95")):  # one seed: a mean without an interval cannot be judged
+            lines.append(f"- {name}: from {both}: one seed at one end, no interval there: no verdict yet.")
+        elif m1["ci95"][0] > m0["ci95"][1] or m1["ci95"][1] < m0["ci95"][0]:
             word = "rises" if m1["mean"] > m0["mean"] else "falls"
             lines.append(f"- {name}: its data multiplier {word} from {both} (the 95% intervals do not overlap).")
         else:

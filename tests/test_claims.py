@@ -479,6 +479,24 @@ def test_the_answer_table_is_the_studys_record():
                 assert ("†" in multiplier_cell) == stats["extrapolated"], (proxy, cells[0])
 
 
+def test_the_scale_table_is_the_studys_record():
+    """The README's model-size axis: each point's tokens per step and parameters, AdamW's and SophiaG's final loss
+    (mean, 95% interval) at 2,000 steps and SophiaG's data multiplier, as docs/study_cpu.json has them."""
+    record = json.loads((REPO_DIR / "docs" / "study_cpu.json").read_text())["proxies"]
+    rows = table_rows((REPO_DIR / "README.md").read_text(), "| scale point |")
+    assert [cells[0] for cells in rows] == ["char", "char_w256"]
+    for point, tokens, params, adamw_cell, sophiag_cell, multiplier_cell in rows:
+        assert (int(tokens.replace(",", "")), params) == \
+            (record[point]["tokens_per_step"], f"{record[point]['n_params'] / 1e6:.2f}M"), point
+        for name, cell in (("adamw", adamw_cell), ("sophiag", sophiag_cell)):
+            [stats] = [b for b in record[point]["contenders"][name]["budget_stats"] if b["steps"] == 2000]
+            numbers = [float(n) for n in re.findall(r"\d+\.\d+", cell)]
+            assert numbers == [round(x, 3) for x in (stats["final_mean"], *stats["final_ci95"])], (point, name)
+        multiplier = stats["data_multiplier"]
+        numbers = [float(n) for n in re.findall(r"\d+\.\d+", multiplier_cell)]
+        assert numbers == [round(x, 2) for x in (multiplier["mean"], *multiplier["ci95"])], point
+
+
 def test_the_sample_defaults_the_readme_names_are_sample_pys():
     """The README's `# defaults: ...` comment on the sample.py line lists sample.py's own defaults."""
     from scripts import sample

@@ -652,11 +652,12 @@ def test_the_scale_axes_report_says_what_each_trend_says_and_cannot_say(tmp_path
     multipliers = {"char": {"lion": (0.73, 0.70, 0.76), "sophiag": (0.54, 0.49, 0.59), "muon": (2.0, 1.9, 2.1)},
                    "char_t3072": {"lion": (0.85, 0.8, 0.9), "sophiag": (0.6, 0.4, 0.8), "muon": None},
                    "char_t6144": {"lion": (0.95, 0.9, 1.0), "sophiag": (0.62, 0.3, 0.9), "muon": (1.5, 1.4, 1.6)},
-                   "char_w256": {"lion": (0.7, 0.6, 0.8), "sophiag": None, "muon": None}}
+                   "char_w256": {"lion": (0.84, None, None), "sophiag": None, "muon": None}}
     for name, values in multipliers.items():
         size = studylib.model_size(study.proxies[name].contenders[0].preset, tuple(study.proxies[name].contenders[0].extra))
         report[name] = {"tokens_per_step": size["tokens_per_step"], "n_params": size["n_params"], "contenders": {
-            c: {"data_multiplier": None if m is None else {"mean": m[0], "ci95": [m[1], m[2]], "extrapolated": False}}
+            c: {"data_multiplier": None if m is None else {"mean": m[0], "ci95": None if m[1] is None else [m[1], m[2]],
+                                                           "extrapolated": False}}
             for c, m in values.items()}}
     assert [report[p]["tokens_per_step"] for p in ("char", "char_t3072", "char_t6144", "char_w256")] == \
         [768, 3072, 6144, 768]
@@ -674,6 +675,8 @@ def test_the_scale_axes_report_says_what_each_trend_says_and_cannot_say(tmp_path
                              "0.80M parameters, on one corpus: a direction on this proxy, not an extrapolation to "
                              "gpt2_small_adamw (124M parameters, 491,520 tokens per step).")
     assert "- sophiag: multipliers at 1 of 2 points so far: no trend yet." in out["n_params"]["statement"]
+    assert ("- lion: from 0.73× [0.70, 0.76] at 0.80M to 0.84× at 3.18M parameters: one seed at one end, no interval "
+            "there: no verdict yet.") in out["n_params"]["statement"]
     assert out["n_params"]["proxies"] == ["char", "char_w256"]
     assert (tmp_path / "report_scale.png").is_file()
 
