@@ -458,6 +458,11 @@ def test_the_presets_table_names_every_preset_with_its_values():
     assert sorted(named) == sorted(p.stem for p in (REPO_DIR / "configs" / "config").glob("*.yaml"))
 
 
+def cell_numbers(cell):
+    """The numbers of a table cell such as "1.713 [1.695, 1.730]" or "0.54× [0.49, 0.59] †"."""
+    return [float(n) for n in re.findall(r"\d+\.\d+", cell)]
+
+
 def test_the_answer_table_is_the_studys_record():
     """The README's answer: each optimizer's final loss (mean, 95% interval) and data multiplier at the proxy's
     preset budget (char 2,000 steps, BPE 500) as docs/study_cpu.json has them."""
@@ -470,11 +475,11 @@ def test_the_answer_table_is_the_studys_record():
                                                           ("bpe", 500, cells[3], cells[4])):
             contender = record[proxy]["contenders"][names[cells[0].split()[0].rstrip(",")]]
             [stats] = [b for b in contender["budget_stats"] if b["steps"] == steps]
-            numbers = [float(n) for n in re.findall(r"\d+\.\d+", loss_cell)]
+            numbers = cell_numbers(loss_cell)
             assert numbers == [round(x, 3) for x in (stats["final_mean"], *stats["final_ci95"])], (proxy, cells[0])
             if multiplier_cell != "1":  # the baseline
                 multiplier = stats["data_multiplier"]
-                numbers = [float(n) for n in re.findall(r"\d+\.\d+", multiplier_cell)]
+                numbers = cell_numbers(multiplier_cell)
                 assert numbers == [round(x, 2) for x in (multiplier["mean"], *multiplier["ci95"])], (proxy, cells[0])
                 assert ("†" in multiplier_cell) == stats["extrapolated"], (proxy, cells[0])
 
@@ -490,10 +495,10 @@ def test_the_scale_table_is_the_studys_record():
             (record[point]["tokens_per_step"], f"{record[point]['n_params'] / 1e6:.2f}M"), point
         for name, cell in (("adamw", adamw_cell), ("sophiag", sophiag_cell)):
             [stats] = [b for b in record[point]["contenders"][name]["budget_stats"] if b["steps"] == 2000]
-            numbers = [float(n) for n in re.findall(r"\d+\.\d+", cell)]
+            numbers = cell_numbers(cell)
             assert numbers == [round(x, 3) for x in (stats["final_mean"], *stats["final_ci95"])], (point, name)
         multiplier = stats["data_multiplier"]
-        numbers = [float(n) for n in re.findall(r"\d+\.\d+", multiplier_cell)]
+        numbers = cell_numbers(multiplier_cell)
         assert numbers == [round(x, 2) for x in (multiplier["mean"], *multiplier["ci95"])], point
 
 
